@@ -1,0 +1,1 @@
+"""snat-sync: conntrackd state replication for keepalived HA routers."""

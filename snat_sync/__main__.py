@@ -1,0 +1,3 @@
+from snat_sync.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""One router's conntrackd: start it in the router's namespace, talk to it, stop it.
+
+conntrackd is controlled through its UNIX socket, a path in the router's state
+directory, so control requests work from any network namespace. Each request runs
+under a timeout: conntrackd -c, for one, blocks for as long as the commit takes.
+
+The parsers at the bottom are pure; they read what conntrackd prints and logs.
+"""
+
+import dataclasses
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+
+import psutil
+
+from snat_sync import namespace as netns
+from snat_sync.errors import SnatSyncError
+
+LOG = logging.getLogger(__name__)
+
+
+class ConntrackdError(SnatSyncError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Conntrackd:
+    """The conntrackd of one router, as the options and its files describe it."""
+
+    binary: str
+    namespace: str
+    files: object
+    control_timeout: int
+    start_timeout: int
+    stop_timeout: int
+
+    def command(self, *arguments):
+        return [self.binary, "-C", str(self.files.conntrackd_config), *arguments]
+
+    # -- finding the daemon -------------------------------------------------------
+
+    def process(self):
+        """The live conntrackd serving this router's config in its namespace, if any.
+
+        Matched by its command line (this config file) and by the namespace it runs
+        in, so a daemon of another router, or one left in another namespace after a
+        rename, is never taken for ours.
+        """
+        return find_daemon(str(self.files.conntrackd_config), self.namespace)
+
+    def is_running(self):
+        return self.process() is not None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self, scheduler_policy="other"):
+        """Start the daemon unless it already runs; clean up after a crashed one."""
+        if self.is_running():
+            return False
+        self.remove_stale_files()
+        LOG.info("starting conntrackd for %s in namespace %s",
+                 self.files.directory.name, self.namespace)
+        try:
+            result = subprocess.run(
+                ["ip", "netns", "exec", self.namespace, *self.command("-d")],
+                capture_output=True,
+                text=True,
+                timeout=self.start_timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise ConntrackdError(
+                f"conntrackd for {self.files.directory.name} did not daemonise within "
+                f"{self.start_timeout} s"
+            ) from None
+        if result.returncode != 0:
+            raise ConntrackdError(
+                f"conntrackd for {self.files.directory.name} failed to start "
+                f"(exit {result.returncode}): "
+                f"{_last_lines(result.stderr) or self.log_tail()}"
+            )
+        process = self.wait_until_answering()
+        if scheduler_policy == "other":
+            _use_normal_scheduler(process)
+        return True
+
+    def wait_until_answering(self):
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            process = self.process()
+            if process is not None and self.files.control_socket.exists():
+                probe = self.control("-s", "cache", check=False)
+                if probe.returncode == 0:
+                    return process
+            time.sleep(0.05)
+        raise ConntrackdError(
+            f"conntrackd for {self.files.directory.name} did not answer on "
+            f"{self.files.control_socket} within {self.start_timeout} s: "
+            f"{self.log_tail()}"
+        )
+
+    def stop(self):
+        """Stop the daemon: ask it (-k), then SIGTERM, then SIGKILL. Idempotent."""
+        process = self.process()
+        if process is None:
+            self.remove_stale_files()
+            return False
+        LOG.info("stopping conntrackd pid %d of %s", process.pid,
+                 self.files.directory.name)
+        self.control("-k", check=False)
+        for escalation in (signal.SIGTERM, signal.SIGKILL):
+            if _exits_within(process, self.stop_timeout):
+                break
+            LOG.warning("conntrackd pid %d of %s still running after %d s, sending %s",
+                        process.pid, self.files.directory.name, self.stop_timeout,
+                        escalation.name)
+            try:
+                process.send_signal(escalation)
+            except psutil.NoSuchProcess:
+                break
+        else:
+            _exits_within(process, self.stop_timeout)
+        self.remove_stale_files()
+        return True
+
+    def remove_stale_files(self):
+        """Remove the lock file and socket a dead daemon left behind.
+
+        conntrackd creates its LockFile with O_EXCL and refuses to start while it
+        exists. Only called when no daemon of ours is alive.
+        """
+        for path in (self.files.lock_file, self.files.control_socket):
+            if path.exists() or path.is_symlink():
+                LOG.warning("removing stale %s", path)
+                path.unlink()
+
+    # -- control ------------------------------------------------------------------
+
+    def control(self, *arguments, timeout=None, check=True):
+        """Run one control request; raise ConntrackdError if it fails and check."""
+        timeout = timeout or self.control_timeout
+        try:
+            result = subprocess.run(
+                self.command(*arguments), capture_output=True, text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            if check:
+                raise ConntrackdError(
+                    f"conntrackd {' '.join(arguments)} did not answer within "
+                    f"{timeout} s"
+                ) from None
+            return subprocess.CompletedProcess(arguments, 124, "", "timed out")
+        if check and result.returncode != 0:
+            raise ConntrackdError(
+                f"conntrackd {' '.join(arguments)} failed (exit {result.returncode}): "
+                f"{_last_lines(result.stderr)}"
+            )
+        return result
+
+    def cache_stats(self):
+        """Internal and external cache figures, or None if the daemon is down."""
+        result = self.control("-s", "cache", check=False)
+        if result.returncode != 0:
+            return None
+        return parse_cache_stats(result.stdout)
+
+    def log_tail(self, lines=5):
+        try:
+            text = self.files.log_file.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return _last_lines(text, lines)
+
+
+def _conntrackd_processes():
+    """Every live conntrackd on the node, with its command line and namespace inode."""
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if process.info["name"] != "conntrackd":
+                continue
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            yield process, process.info["cmdline"] or [], netns.process_namespace_inode(
+                process.pid
+            )
+        except psutil.Error:
+            continue
+
+
+def find_daemon(config_path, namespace):
+    inode = netns.namespace_inode(namespace)
+    for process, cmdline, process_inode in _conntrackd_processes():
+        if config_path in cmdline and process_inode == inode:
+            return process
+    return None
+
+
+def daemons_with_config(config_path):
+    """Every conntrackd running config_path, in whatever namespace."""
+    return [process for process, cmdline, _inode in _conntrackd_processes()
+            if config_path in cmdline]
+
+
+def foreign_daemons(namespace, config_path):
+    """conntrackd processes in the namespace that do not run our config.
+
+    Neutron's in-tree conntrackd (ha_conntrackd_enabled) would fight ours for the
+    same connection table and sync traffic.
+    """
+    inode = netns.namespace_inode(namespace)
+    return [process for process, cmdline, process_inode in _conntrackd_processes()
+            if process_inode == inode and config_path not in cmdline]
+
+
+def _exits_within(process, timeout):
+    """Wait for a process that is not our child; a zombie counts as exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _use_normal_scheduler(process):
+    """conntrackd makes itself SCHED_RR 99 unless told a policy; undo that.
+
+    Its Scheduler section accepts only RR and FIFO, and hundreds of routers on one
+    node must not all run at real-time priority 99.
+    """
+    try:
+        for thread in process.threads():
+            os.sched_setscheduler(thread.id, os.SCHED_OTHER, os.sched_param(0))
+    except (OSError, psutil.Error) as error:
+        LOG.warning("cannot reset the scheduler of conntrackd pid %d: %s",
+                    process.pid, error)
+
+
+def _last_lines(text, lines=3):
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+# -- parsers (pure) -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStats:
+    internal_active: int
+    external_active: int
+    internal_no_space: int
+    external_no_space: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitResult:
+    committed: int | None
+    failed: int
+    seconds: float | None
+
+
+_CACHE_HEADER = re.compile(r"^cache:(internal|external)\s+active objects:\s+(\d+)")
+_NO_SPACE = re.compile(r"no space left in cache:\s+(\d+)")
+_COMMIT_START = "committing all external caches"
+_COMMITTED = re.compile(r"Committed (\d+) new entr")
+_CANNOT_COMMIT = re.compile(r"(\d+) entr(?:y|ies) can't be committed")
+_COMMIT_TOOK = re.compile(r"commit has taken (\d+(?:\.\d+)?) seconds")
+
+
+def parse_cache_stats(text):
+    """Parse `conntrackd -s cache`. Missing figures read as 0."""
+    active = {"internal": 0, "external": 0}
+    no_space = {"internal": 0, "external": 0}
+    current = None
+    for line in text.splitlines():
+        header = _CACHE_HEADER.match(line.strip())
+        if header:
+            current = header.group(1)
+            active[current] = int(header.group(2))
+            continue
+        full = _NO_SPACE.search(line)
+        if full and current:
+            no_space[current] = int(full.group(1))
+    return CacheStats(active["internal"], active["external"],
+                      no_space["internal"], no_space["external"])
+
+
+def parse_last_commit(log_text):
+    """The outcome of the latest commit in a conntrackd log, or None if none is logged.
+
+    conntrackd -c exits 0 even when entries fail to commit; only the log tells.
+    """
+    start = log_text.rfind(_COMMIT_START)
+    if start < 0:
+        return None
+    block = log_text[start:]
+    committed = _COMMITTED.search(block)
+    failed = _CANNOT_COMMIT.search(block)
+    took = _COMMIT_TOOK.search(block)
+    return CommitResult(
+        committed=int(committed.group(1)) if committed else None,
+        failed=int(failed.group(1)) if failed else 0,
+        seconds=float(took.group(1)) if took else None,
+    )

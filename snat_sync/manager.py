@@ -1,0 +1,289 @@
+"""The node manager: add, remove, transition and report the routers of this node.
+
+Adding a router is a pipeline in four stages, and nothing touches the system before
+the third:
+    get config  the router spec and the options (already validated)
+    verify      the namespace, interface and address exist; no other conntrackd
+    generate    render conntrackd.conf, the notify hook and the keepalived snippet
+    apply       write what changed, (re)start conntrackd; undo the writes on failure
+"""
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+
+from snat_sync import conntrackd
+from snat_sync import failover
+from snat_sync import namespace
+from snat_sync import render
+from snat_sync import statedir
+from snat_sync.errors import InvalidInput, SnatSyncError
+from snat_sync.router import RouterSpec, check_router_id
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedRouter:
+    """Every file of one router, as text, before anything is written."""
+
+    spec: RouterSpec
+    files: statedir.RouterFiles
+    conntrackd_config: str
+    notify_hook: str
+    keepalived_snippet: str
+
+    @property
+    def notify_command(self):
+        return str(self.files.notify_hook)
+
+    def contents(self):
+        """Path -> (content, mode), in the order they are written."""
+        return {
+            self.files.spec: (_spec_json(self.spec), 0o600),
+            self.files.conntrackd_config: (self.conntrackd_config, 0o600),
+            self.files.notify_hook: (self.notify_hook, 0o700),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class AddResult:
+    rendered: RenderedRouter
+    changed_files: tuple
+    conntrackd_started: bool
+    pid: int | None
+
+    def to_dict(self):
+        return {
+            "router": self.rendered.spec.router_id,
+            "namespace": self.rendered.spec.namespace,
+            "state_directory": str(self.rendered.files.directory),
+            "conntrackd_config": str(self.rendered.files.conntrackd_config),
+            "notify_command": self.rendered.notify_command,
+            "keepalived_snippet": self.rendered.keepalived_snippet,
+            "changed_files": [str(path) for path in self.changed_files],
+            "conntrackd_started": self.conntrackd_started,
+            "conntrackd_pid": self.pid,
+        }
+
+
+def router_files(conf, router_id):
+    files = statedir.RouterFiles.under(conf.state_path, check_router_id(router_id))
+    render.check_state_path(files.directory)
+    files.check_socket_path()
+    return files
+
+
+def daemon_for(conf, spec, files):
+    options = conf.conntrackd
+    return conntrackd.Conntrackd(
+        binary=options.binary,
+        namespace=spec.namespace,
+        files=files,
+        control_timeout=options.control_timeout,
+        start_timeout=options.start_timeout,
+        stop_timeout=options.stop_timeout,
+    )
+
+
+def generate(conf, spec, facts, files, snat_sync_command):
+    """Render every file of a router. Pure."""
+    settings = render.conntrackd_settings(spec, conf.conntrackd, facts, files)
+    return RenderedRouter(
+        spec=spec,
+        files=files,
+        conntrackd_config=render.render_conntrackd_config(settings),
+        notify_hook=render.render_notify_hook(
+            spec.router_id,
+            files,
+            conf.conntrackd.binary,
+            snat_sync_command,
+            conf.failover.lock_timeout,
+            conf.conntrackd.commit_timeout,
+        ),
+        keepalived_snippet=render.render_keepalived_snippet(
+            spec, str(files.notify_hook)
+        ),
+    )
+
+
+def verify(spec, files):
+    """Check the router against the system; return what generation needs to know."""
+    facts = namespace.gather_facts(spec)
+    others = conntrackd.foreign_daemons(spec.namespace, str(files.conntrackd_config))
+    if others:
+        described = ", ".join(
+            f"pid {process.pid} ({' '.join(process.cmdline())})" for process in others
+        )
+        raise InvalidInput(
+            "namespace",
+            spec.namespace,
+            f"another conntrackd already runs there: {described}. Is Neutron's "
+            "in-tree conntrackd (ha_conntrackd_enabled) on for this router? Running "
+            "both would corrupt the connection table; refusing",
+        )
+    return facts
+
+
+def render_router(conf, spec, snat_sync_command):
+    """What `router add` would write, without writing or starting anything."""
+    files = router_files(conf, spec.router_id)
+    return generate(conf, spec, verify(spec, files), files, snat_sync_command)
+
+
+def add_router(conf, spec, snat_sync_command):
+    """Add or reconcile a router; a repeat with the same arguments changes nothing."""
+    rendered = render_router(conf, spec, snat_sync_command)
+    files = rendered.files
+    previous_spec = _load_spec(files)
+    previous = {path: statedir.read_text(path) for path in rendered.contents()}
+    is_new = not files.directory.exists()
+    changed = [
+        path for path, (content, _mode) in rendered.contents().items()
+        if previous[path] != content
+    ]
+    daemon = daemon_for(conf, spec, files)
+    config_changed = files.conntrackd_config in changed or (
+        previous_spec is not None and previous_spec.namespace != spec.namespace
+    )
+    try:
+        statedir.ensure_directory(files.directory)
+        if config_changed and previous_spec is not None:
+            daemon_for(conf, previous_spec, files).stop()
+        for path in changed:
+            content, mode = rendered.contents()[path]
+            statedir.write_atomically(path, content, mode)
+        started = daemon.start(conf.conntrackd.scheduler)
+    except BaseException:
+        _undo_add(conf, files, is_new, previous, previous_spec)
+        raise
+    if changed or started:
+        LOG.info("router %s: %s; conntrackd %s", spec.router_id,
+                 "wrote " + ", ".join(path.name for path in changed) if changed
+                 else "files unchanged",
+                 "started" if started else "already running")
+    process = daemon.process()
+    return AddResult(rendered, tuple(changed), started, process and process.pid)
+
+
+def _undo_add(conf, files, is_new, previous, previous_spec):
+    """Leave the router as it was before a failed add."""
+    if is_new:
+        shutil.rmtree(files.directory, ignore_errors=True)
+        return
+    for path, content in previous.items():
+        if content is None:
+            path.unlink(missing_ok=True)
+        else:
+            mode = 0o700 if path == files.notify_hook else 0o600
+            statedir.write_atomically(path, content, mode)
+    if previous_spec is not None:
+        try:
+            daemon_for(conf, previous_spec, files).start(conf.conntrackd.scheduler)
+        except SnatSyncError as error:
+            LOG.error("router %s: could not restart the previous conntrackd: %s",
+                      previous_spec.router_id, error)
+
+
+def remove_router(conf, router_id):
+    """Stop the router's conntrackd and delete its directory. Idempotent."""
+    files = router_files(conf, router_id)
+    if not files.directory.exists():
+        return False
+    spec = _load_spec(files)
+    if spec is not None:
+        daemon_for(conf, spec, files).stop()
+    for process in conntrackd.daemons_with_config(str(files.conntrackd_config)):
+        LOG.warning("router %s: killing conntrackd pid %d outside its namespace",
+                    router_id, process.pid)
+        process.kill()
+    shutil.rmtree(files.directory)
+    LOG.info("router %s removed", router_id)
+    return True
+
+
+def notify(conf, router_id, arguments, arrived=None, hook_commit=None):
+    """Run the transition keepalived (or an operator) asks for."""
+    role = failover.parse_notify_arguments(arguments)
+    files = router_files(conf, router_id)
+    spec = _load_spec(files)
+    if spec is None:
+        raise InvalidInput("router", router_id, f"unknown here: no {files.spec}")
+    return failover.run_transition(
+        router_id,
+        role,
+        daemon_for(conf, spec, files),
+        files,
+        conf,
+        arrived if arrived is not None else time.time(),
+        hook_commit,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterStatus:
+    router: str
+    namespace: str
+    role: str
+    peers: tuple
+    conntrackd_pid: int | None
+    conntrackd_alive: bool
+    internal_cache: int | None
+    external_cache: int | None
+    cache_full_drops: int | None
+    last_transition: dict | None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def status(conf, router_id=None):
+    if router_id is not None:
+        ids = [check_router_id(router_id)]
+        if not router_files(conf, router_id).spec.exists():
+            raise InvalidInput("router", router_id, "unknown here")
+    else:
+        directory = statedir.routers_directory(conf.state_path)
+        ids = sorted(path.name for path in directory.iterdir()) if directory.is_dir() else []
+    return [_router_status(conf, each) for each in ids]
+
+
+def _router_status(conf, router_id):
+    files = router_files(conf, router_id)
+    spec = _load_spec(files)
+    last = statedir.read_json(files.last_transition)
+    process = daemon = stats = None
+    if spec is not None:
+        daemon = daemon_for(conf, spec, files)
+        process = daemon.process()
+        stats = daemon.cache_stats() if process else None
+    return RouterStatus(
+        router=router_id,
+        namespace=spec.namespace if spec else "",
+        role=last["role"] if last else "unknown",
+        peers=tuple(str(peer) for peer in spec.peer_addresses) if spec else (),
+        conntrackd_pid=process.pid if process else None,
+        conntrackd_alive=process is not None,
+        internal_cache=stats.internal_active if stats else None,
+        external_cache=stats.external_active if stats else None,
+        cache_full_drops=(stats.internal_no_space + stats.external_no_space)
+        if stats else None,
+        last_transition=last,
+    )
+
+
+def _load_spec(files):
+    data = statedir.read_json(files.spec)
+    if data is None:
+        return None
+    try:
+        return RouterSpec.from_dict(data)
+    except (InvalidInput, KeyError) as error:
+        LOG.error("ignoring unreadable %s: %s", files.spec, error)
+        return None
+
+
+def _spec_json(spec):
+    return json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n"

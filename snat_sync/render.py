@@ -1,0 +1,189 @@
+"""Rendering: from a router spec, the options and facts about its namespace to text.
+
+Everything here is pure. `conntrackd_settings` decides what goes into a router's
+conntrackd.conf; the templates only lay it out.
+"""
+
+import dataclasses
+import ipaddress
+import pathlib
+import shlex
+import sys
+import sysconfig
+
+import jinja2
+
+from snat_sync.errors import InvalidInput
+
+LOOPBACK_NETWORKS = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NamespaceFacts:
+    """What verification learned from the router's namespace."""
+
+    ha_network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    nf_conntrack_max: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduler:
+    policy: str
+    priority: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ConntrackdSettings:
+    router_id: str
+    sync_mode: str
+    channel: object
+    ha_interface: str
+    local_address: object
+    peer_addresses: tuple
+    socket_buffer_size: int
+    netlink_buffer_size: int
+    netlink_buffer_max_size: int
+    hash_size: int
+    hash_limit: int
+    scheduler: Scheduler | None
+    protocols: tuple
+    ignored_networks: tuple
+    purge_timeout: int
+    files: object
+
+
+def hash_limit(configured, nf_conntrack_max):
+    """Entries each conntrackd cache may hold.
+
+    At least twice nf_conntrack_max: the kernel table can be full and the cache also
+    keeps dead entries waiting for acknowledgement. Below that, entries beyond the
+    limit are dropped silently and their flows are reset at failover.
+    """
+    return max(configured, 2 * nf_conntrack_max)
+
+
+def conntrackd_settings(spec, conntrackd_options, facts, files):
+    """Decide the content of a router's conntrackd.conf."""
+    options = conntrackd_options
+    scheduler = None
+    if options.scheduler != "other":
+        scheduler = Scheduler(options.scheduler, options.scheduler_priority)
+    return ConntrackdSettings(
+        router_id=spec.router_id,
+        sync_mode=options.sync_mode,
+        channel=spec.sync_channel(
+            options.transport, options.base_port, options.multicast_group
+        ),
+        ha_interface=spec.ha_interface,
+        local_address=spec.local_address,
+        peer_addresses=spec.peer_addresses,
+        socket_buffer_size=options.socket_buffer_size,
+        netlink_buffer_size=options.netlink_buffer_size,
+        netlink_buffer_max_size=max(
+            options.netlink_buffer_size, options.netlink_buffer_max_size
+        ),
+        hash_size=options.hash_size,
+        hash_limit=hash_limit(options.hash_limit, facts.nf_conntrack_max),
+        scheduler=scheduler,
+        protocols=tuple(options.protocols),
+        ignored_networks=(*LOOPBACK_NETWORKS, facts.ha_network),
+        purge_timeout=options.purge_timeout,
+        files=files,
+    )
+
+
+def render_conntrackd_config(settings):
+    context = {
+        field.name: getattr(settings, field.name)
+        for field in dataclasses.fields(settings)
+    }
+    return _render("conntrackd.conf.j2", context)
+
+
+def snat_sync_command(config_files, config_dirs, state_path):
+    """The command line a hook uses to call back into snat-sync, as a list."""
+    command = [sys.executable, "-m", "snat_sync"]
+    for path in config_files:
+        command += ["--config-file", str(pathlib.Path(path).absolute())]
+    for path in config_dirs:
+        command += ["--config-dir", str(pathlib.Path(path).absolute())]
+    command += ["--state-path", str(pathlib.Path(state_path).absolute())]
+    return command
+
+
+def render_notify_hook(router_id, files, conntrackd_binary, command, lock_timeout,
+                       commit_timeout):
+    return _render(
+        "notify.sh.j2",
+        {
+            "router_id": router_id,
+            "files": files,
+            "conntrackd_binary": conntrackd_binary,
+            "snat_sync_command": command,
+            "lock_timeout": lock_timeout,
+            "commit_timeout": commit_timeout,
+        },
+    )
+
+
+def render_keepalived_snippet(spec, notify_command):
+    return _render(
+        "keepalived.conf.j2",
+        {
+            "router_id": spec.router_id,
+            "instance_name": f"VR_{spec.vrid}",
+            "vrid": spec.vrid,
+            "notify_command": notify_command,
+        },
+    )
+
+
+def templates_directory():
+    """Where the templates are: beside the source tree, or installed as data files.
+
+    An editable install or a source checkout has them next to the package; a wheel
+    installs them under <prefix>/share/snat-sync/templates.
+    """
+    candidates = [
+        pathlib.Path(__file__).resolve().parent.parent / "templates",
+        pathlib.Path(sysconfig.get_path("data")) / "share" / "snat-sync" / "templates",
+        pathlib.Path(sys.prefix) / "share" / "snat-sync" / "templates",
+        pathlib.Path("/usr/share/snat-sync/templates"),
+        pathlib.Path("/usr/local/share/snat-sync/templates"),
+    ]
+    for candidate in candidates:
+        if (candidate / "conntrackd.conf.j2").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "snat-sync templates not found in any of: "
+        + ", ".join(str(candidate) for candidate in candidates)
+    )
+
+
+def _environment():
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_directory())),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    environment.filters["quote"] = lambda value: shlex.quote(str(value))
+    return environment
+
+
+def _render(template_name, context):
+    return _environment().get_template(template_name).render(context)
+
+
+def check_state_path(state_path):
+    """conntrackd's config parser takes a path up to the first blank: refuse others."""
+    text = str(state_path)
+    if any(character.isspace() or character in '{}"#;' for character in text):
+        raise InvalidInput(
+            "state path", text, "must not contain spaces, quotes, braces, ';' or '#'"
+        )
