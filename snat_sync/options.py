@@ -51,9 +51,11 @@ conntrackd_opts = [
         ],
         help="How sync messages travel on the HA network.",
     ),
-    cfg.PortOpt(
+    cfg.IntOpt(
         "base_port",
         default=3780,
+        min=1,
+        max=65535 - 254,
         help="A router's sync traffic uses UDP port base_port + VRID, so routers "
         "that share one HA network never mix their messages.",
     ),
