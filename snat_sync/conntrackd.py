@@ -154,6 +154,13 @@ class Conntrackd:
                     f"{timeout} s"
                 ) from None
             return subprocess.CompletedProcess(arguments, 124, "", "timed out")
+        except OSError as error:
+            if check:
+                raise ConntrackdError(
+                    f"conntrackd {' '.join(arguments)}: cannot run {self.binary}: "
+                    f"{error}"
+                ) from None
+            return subprocess.CompletedProcess(arguments, 127, "", str(error))
         if check and result.returncode != 0:
             raise ConntrackdError(
                 f"conntrackd {' '.join(arguments)} failed (exit {result.returncode}): "

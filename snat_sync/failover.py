@@ -66,7 +66,7 @@ def parse_notify_arguments(arguments):
             raise InvalidInput(
                 "notify state", state, f"must be one of {', '.join(KEEPALIVED_STATES)}"
             )
-        if not priority.isdigit() or int(priority) > 255:
+        if not (priority.isascii() and priority.isdigit()) or int(priority) > 255:
             raise InvalidInput("notify priority", priority, "must be 0 to 255")
         return KEEPALIVED_STATES[state]
     raise InvalidInput(

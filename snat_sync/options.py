@@ -7,6 +7,7 @@ the file it came from and the value.
 """
 
 import glob
+import ipaddress
 
 from oslo_config import cfg
 from oslo_config import types
@@ -210,6 +211,15 @@ def validate(conf):
                 getattr(section, opt.dest)
             except (cfg.ConfigFileValueError, ValueError) as error:
                 raise _invalid_option(conf, group, opt, error) from None
+    if not ipaddress.ip_address(conf.conntrackd.multicast_group).is_multicast:
+        raise _invalid_option(
+            conf, "conntrackd", _opt("conntrackd", "multicast_group"),
+            ValueError("is not valid: not a multicast address"))
+
+
+def _opt(group, name):
+    return next(opt for each, opts in list_opts() if each == group
+                for opt in opts if opt.name == name)
 
 
 def _invalid_option(conf, group, opt, error):

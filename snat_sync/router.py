@@ -140,6 +140,8 @@ def _address(field, value):
         address = ipaddress.ip_address(str(value).strip())
     except ValueError:
         raise InvalidInput(field, value, "not an IPv4 or IPv6 address") from None
+    if getattr(address, "scope_id", None) is not None:
+        raise InvalidInput(field, value, "must not carry a %scope")
     if address.is_multicast or address.is_unspecified or address.is_loopback:
         raise InvalidInput(field, value, "must be a unicast address of the HA network")
     return address

@@ -93,7 +93,8 @@ def ensure_directory(path):
     for directory in reversed([path, *path.parents]):
         if directory.is_symlink():
             raise InvalidInput("state path", str(directory), "is a symbolic link")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not directory.exists():
+            directory.mkdir(mode=0o700)
     os.chmod(path, 0o700)
 
 

@@ -1,0 +1,258 @@
+"""The command line: exit statuses, messages, and commands that touch nothing."""
+
+import json
+import secrets
+import time
+
+import pytest
+
+from snat_sync import cli
+from snat_sync import manager
+from snat_sync import statedir
+
+RENDER = ["render", "r1", "--namespace", "ns", "--ha-interface", "ha-x",
+          "--local-address", "169.254.192.1", "--peer-address", "169.254.192.2",
+          "--vrid", "7", "--ha-network", "169.254.192.0/18",
+          "--nf-conntrack-max", "262144"]
+
+
+def run(state_path, *arguments):
+    return cli.main(["--state-path", str(state_path), *arguments])
+
+
+def add_router_files(state_path, spec):
+    """A router as `router add` leaves it on disk (without a daemon)."""
+    files = statedir.RouterFiles.under(state_path, spec.router_id)
+    statedir.ensure_directory(files.directory)
+    statedir.write_json(files.spec, spec.to_dict())
+    return files
+
+
+def everything_under(path):
+    return sorted(str(each.relative_to(path)) for each in path.rglob("*")) \
+        if path.exists() else []
+
+
+# -- notify -------------------------------------------------------------------------
+
+
+def test_notify_with_a_bad_state_exits_2(state_path, capsys):
+    status = run(state_path, "notify", "r1", "INSTANCE", "VR_7", "BOGUS", "50")
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "snat-sync: invalid notify state 'BOGUS'" in err
+    assert "MASTER" in err
+    assert not state_path.exists()
+
+
+def test_notify_for_an_unknown_router_exits_2(state_path, capsys):
+    status = run(state_path, "notify", "nosuchrouter", "INSTANCE", "VR_7", "MASTER",
+                 "50")
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "invalid router 'nosuchrouter'" in err
+    assert "unknown here" in err
+    assert not (state_path / "routers" / "nosuchrouter").exists()
+
+
+def test_notify_with_a_bad_router_id_exits_2(state_path, capsys):
+    assert run(state_path, "notify", "../../etc", "primary") == 2
+    assert "invalid router id '../../etc'" in capsys.readouterr().err
+
+
+def test_notify_with_a_bad_hook_commit_exits_2(state_path, spec, capsys):
+    add_router_files(state_path, spec)
+    assert run(state_path, "notify", "r1", "primary", "--hook-commit", "soon") == 2
+    assert "invalid hook commit 'soon'" in capsys.readouterr().err
+
+
+def conntrackd_command(files, flag):
+    return ["conntrackd", "-C", str(files.conntrackd_config), flag]
+
+
+def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp):
+    files = add_router_files(state_path, spec)
+    for flag in ("-c", "-f", "-R", "-B"):
+        fp.register(conntrackd_command(files, flag))
+    status = run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
+                 "--arrived", "1234.5")
+    assert status == 0
+    assert list(fp.calls) == [conntrackd_command(files, flag)
+                              for flag in ("-c", "-f", "-R", "-B")]
+    record = statedir.read_json(files.last_transition)
+    assert (record["role"], record["outcome"], record["arrived"]) == (
+        "primary", "done", 1234.5)
+
+
+def test_notify_with_the_hook_commit_skips_the_commit(state_path, spec, fp):
+    files = add_router_files(state_path, spec)
+    for flag in ("-f", "-R", "-B"):
+        fp.register(conntrackd_command(files, flag))
+    status = run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
+                 "--arrived", "1000.0", "--hook-commit", "1000.1,1000.3,0")
+    assert status == 0
+    assert len(fp.calls) == 3
+    steps = statedir.read_json(files.last_transition)["steps"]
+    assert steps[0]["run_by"] == "notify-hook"
+    assert steps[0]["duration_ms"] == pytest.approx(200, abs=0.01)
+
+
+def test_notify_exits_1_when_the_transition_fails(state_path, spec, fp):
+    files = add_router_files(state_path, spec)
+    fp.register(conntrackd_command(files, "-c"), returncode=1)
+    assert run(state_path, "notify", "r1", "MASTER") == 1
+    assert statedir.read_json(files.last_transition)["outcome"] == "failed"
+
+
+# -- router add -----------------------------------------------------------------------
+
+
+def router_add(state_path, **overrides):
+    arguments = {"--namespace": "qrouter-r1", "--ha-interface": "ha-x",
+                 "--local-address": "169.254.192.1",
+                 "--peer-address": "169.254.192.2", "--vrid": "7"}
+    arguments.update(overrides)
+    flat = [item for pair in arguments.items() for item in pair]
+    return run(state_path, "router", "add", "r1", *flat)
+
+
+@pytest.mark.parametrize("vrid", ["0", "255", "7a"])
+def test_router_add_with_a_bad_vrid_exits_2_and_creates_nothing(
+        state_path, capsys, vrid):
+    assert router_add(state_path, **{"--vrid": vrid}) == 2
+    assert f"invalid VRID '{vrid}'" in capsys.readouterr().err
+    assert not state_path.exists()
+
+
+def test_router_add_for_a_missing_namespace_exits_2_and_creates_nothing(
+        state_path, capsys):
+    namespace = f"snat-sync-test-absent-{secrets.token_hex(4)}"
+    assert router_add(state_path, **{"--namespace": namespace}) == 2
+    err = capsys.readouterr().err
+    assert f"invalid namespace '{namespace}'" in err
+    assert "no such network namespace" in err
+    assert not state_path.exists()
+
+
+# -- render ---------------------------------------------------------------------------
+
+
+def test_render_prints_the_config_and_touches_nothing(state_path, capsys):
+    assert run(state_path, *RENDER) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# conntrackd configuration for router r1")
+    assert "\tUDP {\n" in out
+    assert "Port 3787" in out
+    assert "IPv4_Destination_Address 169.254.192.2" in out
+    assert "HashLimit 524288" in out
+    assert "IPv4_address 169.254.192.0/18" in out
+    router_directory = state_path.absolute() / "routers" / "r1"
+    assert f"LockFile {router_directory / 'conntrackd.lock'}" in out
+    assert out.endswith("}\n")
+    assert not state_path.exists()
+
+
+def test_render_with_a_bad_ha_network_exits_2(state_path, capsys):
+    arguments = list(RENDER)
+    arguments[arguments.index("169.254.192.0/18")] = "not-a-network"
+    assert run(state_path, *arguments) == 2
+    assert "invalid HA network 'not-a-network'" in capsys.readouterr().err
+
+
+def test_render_refuses_a_state_path_conntrackd_cannot_parse(tmp_path, capsys):
+    assert run(tmp_path / "snat sync", *RENDER) == 2
+    err = capsys.readouterr().err
+    assert "invalid state path" in err
+    assert "snat sync" in err
+
+
+def test_render_refuses_a_state_path_too_long_for_the_socket(tmp_path, capsys):
+    assert run(tmp_path / ("x" * 100), *RENDER) == 2
+    assert "UNIX socket paths must stay under 108 bytes" in capsys.readouterr().err
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+def test_status_without_routers(state_path, capsys):
+    assert run(state_path, "status") == 0
+    assert capsys.readouterr().out == "no routers\n"
+
+
+def test_status_json_without_routers(state_path, capsys):
+    assert run(state_path, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_status_json_of_a_router_whose_daemon_is_down(state_path, spec, capsys):
+    files = add_router_files(state_path, spec)
+    statedir.write_json(files.last_transition, {
+        "router": "r1", "role": "backup", "arrived": 1000.0, "started": 1000.0,
+        "finished": 1000.1, "outcome": "done", "steps": [], "commit": None,
+        "errors": []})
+    assert run(state_path, "status", "--json") == 0
+    (router,) = json.loads(capsys.readouterr().out)
+    assert router["router"] == "r1"
+    assert router["namespace"] == "qrouter-r1"
+    assert router["role"] == "backup"
+    assert router["peers"] == ["169.254.192.2"]
+    assert router["conntrackd_alive"] is False
+    assert router["conntrackd_pid"] is None
+    assert router["last_transition"]["outcome"] == "done"
+
+
+def test_status_of_an_unknown_router_exits_2(state_path, capsys):
+    assert run(state_path, "status", "r9") == 2
+    assert "invalid router 'r9'" in capsys.readouterr().err
+
+
+def router_status(**overrides):
+    values = {
+        "router": "r1", "namespace": "qrouter-r1", "role": "primary",
+        "peers": ("169.254.192.2",), "conntrackd_pid": 4242,
+        "conntrackd_alive": True, "internal_cache": 16, "external_cache": 0,
+        "cache_full_drops": 0, "last_transition": None,
+    }
+    values.update(overrides)
+    return manager.RouterStatus(**values)
+
+
+def test_format_status_shows_step_timings_and_commit_counts():
+    arrived = time.mktime((2026, 11, 24, 20, 13, 56, 0, 0, -1))
+    record = {
+        "role": "primary", "outcome": "done", "arrived": arrived,
+        "steps": [
+            {"name": "commit", "duration_ms": 461.25},
+            {"name": "flush-caches", "duration_ms": 0.44},
+            {"name": "resync-from-kernel", "duration_ms": 12.0},
+            {"name": "bulk-send", "duration_ms": 3.06},
+        ],
+        "commit": {"committed": 99993, "failed": 7, "seconds": 0.46125},
+    }
+    text = cli.format_status([router_status(last_transition=record)])
+    header, row = text.splitlines()
+    assert header.split() == ["ROUTER", "NAMESPACE", "ROLE", "CONNTRACKD", "INTERNAL",
+                              "EXTERNAL", "LAST", "TRANSITION"]
+    assert row.startswith("r1  ")
+    assert "pid 4242" in row
+    assert ("primary done at 20:13:56: commit=461.2ms flush-caches=0.4ms "
+            "resync-from-kernel=12.0ms bulk-send=3.1ms committed=99993 failed=7") in row
+
+
+def test_format_status_of_a_router_that_is_down_and_never_switched():
+    text = cli.format_status([router_status(router="a-much-longer-router-name",
+                                            conntrackd_pid=None,
+                                            conntrackd_alive=False,
+                                            internal_cache=None,
+                                            external_cache=None,
+                                            role="unknown")])
+    header, row = text.splitlines()
+    assert row.split() == ["a-much-longer-router-name", "qrouter-r1", "unknown", "DOWN",
+                           "-", "-", "none"]
+    # columns line up: every header starts where its cell starts
+    assert header.index("NAMESPACE") == row.index("qrouter-r1")
+    assert header.index("CONNTRACKD") == row.index("DOWN")
+
+
+def test_format_status_without_routers():
+    assert cli.format_status([]) == "no routers"

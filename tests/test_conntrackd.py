@@ -1,0 +1,362 @@
+"""conntrackd: the output and log parsers, and the commands sent to the daemon
+(faked with pytest-subprocess; no real conntrackd runs)."""
+
+import signal
+import subprocess
+
+import psutil
+import pytest
+
+from snat_sync import conntrackd
+from snat_sync.conntrackd import (CacheStats, CommitResult, Conntrackd,
+                                  ConntrackdError)
+from snat_sync.errors import SnatSyncError
+
+CACHE_STATS = """\
+cache:internal	active objects:		           0
+	active/total entries:		           0/           0
+	creation OK/failed:		           0/           0
+		no memory available:	           0
+		no space left in cache:	           0
+	update OK/failed:		           0/           0
+		entry not found:	           0
+	deletion created/failed:	           0/           0
+		entry not found:	           0
+
+cache:external	active objects:		           1
+	active/total entries:		           1/           1
+	creation OK/failed:		           1/           0
+		no memory available:	           0
+		no space left in cache:	           0
+	update OK/failed:		           0/           0
+		entry not found:	           0
+	deletion created/failed:	           0/           0
+		entry not found:	           0
+"""
+
+
+def commit_block(committed, seconds, failed=None, time="20:13:56"):
+    prefix = f"[Tue Nov 24 {time} 2026] (pid=3092) [notice] "
+    lines = [f"{prefix}committing all external caches",
+             f"{prefix}Committed {committed} new entries"]
+    if failed is not None:
+        lines.append(f"{prefix}{failed} entries can't be committed")
+    lines.append(f"{prefix}commit has taken {seconds} seconds")
+    return "\n".join(lines) + "\n"
+
+
+# -- parse_cache_stats --------------------------------------------------------------
+
+
+def test_parse_cache_stats_of_real_output():
+    assert conntrackd.parse_cache_stats(CACHE_STATS) == CacheStats(
+        internal_active=0, external_active=1, internal_no_space=0, external_no_space=0)
+
+
+def cache_stats_text(internal, internal_no_space, external, external_no_space):
+    """`conntrackd -s cache` output, in the layout of CACHE_STATS."""
+    def section(name, active, no_space):
+        return (f"cache:{name}\tactive objects:\t\t{active:12d}\n"
+                f"\tactive/total entries:\t\t{active:12d}/{active:12d}\n"
+                f"\tcreation OK/failed:\t\t{active:12d}/{0:12d}\n"
+                f"\t\tno memory available:\t{0:12d}\n"
+                f"\t\tno space left in cache:\t{no_space:12d}\n"
+                f"\tupdate OK/failed:\t\t{0:12d}/{0:12d}\n"
+                f"\t\tentry not found:\t{0:12d}\n"
+                f"\tdeletion created/failed:\t{0:12d}/{0:12d}\n"
+                f"\t\tentry not found:\t{0:12d}\n")
+    return (section("internal", internal, internal_no_space) + "\n"
+            + section("external", external, external_no_space))
+
+
+def test_parse_cache_stats_reports_dropped_entries_per_cache():
+    assert cache_stats_text(0, 0, 1, 0) == CACHE_STATS  # same layout as the sample
+    text = cache_stats_text(131072, 69000, 42, 5)
+    assert conntrackd.parse_cache_stats(text) == CacheStats(131072, 42, 69000, 5)
+
+
+def test_parse_cache_stats_of_nothing_is_zero():
+    assert conntrackd.parse_cache_stats("") == CacheStats(0, 0, 0, 0)
+
+
+# -- parse_last_commit --------------------------------------------------------------
+
+
+def test_parse_last_commit_of_the_sample():
+    assert conntrackd.parse_last_commit(commit_block(0, "0.000022")) == CommitResult(
+        committed=0, failed=0, seconds=0.000022)
+
+
+def test_parse_last_commit_takes_the_last_of_several():
+    log = (commit_block(10, "0.000100", time="20:10:00")
+           + "[Tue Nov 24 20:11:00 2026] (pid=3092) [notice] resync requested\n"
+           + commit_block(99993, "0.461250", failed=7, time="20:12:00")
+           + commit_block(123, "0.001500", time="20:13:00")
+           + "[Tue Nov 24 20:13:01 2026] (pid=3092) [notice] flushing caches\n")
+    assert conntrackd.parse_last_commit(log) == CommitResult(123, 0, 0.0015)
+
+
+def test_parse_last_commit_reports_entries_that_could_not_be_committed():
+    log = commit_block(99993, "0.461250", failed=7)
+    assert conntrackd.parse_last_commit(log) == CommitResult(99993, 7, 0.46125)
+    singular = log.replace("7 entries can't", "1 entry can't")
+    assert conntrackd.parse_last_commit(singular).failed == 1
+
+
+@pytest.mark.parametrize("log", ["", "[Tue Nov 24 20:13:56 2026] (pid=1) [notice] "
+                                     "-- starting in daemon mode --\n"])
+def test_parse_last_commit_without_a_commit(log):
+    assert conntrackd.parse_last_commit(log) is None
+
+
+def test_parse_last_commit_of_a_commit_still_running_or_truncated():
+    earlier = commit_block(10, "0.000100", time="20:10:00")
+    running = earlier + commit_block(5, "0.1").splitlines(keepends=True)[0]
+    assert conntrackd.parse_last_commit(running) == CommitResult(None, 0, None)
+    cut = earlier + commit_block(5, "0.1")[:-len("0.1 seconds\n") - 20]
+    result = conntrackd.parse_last_commit(cut)
+    assert result.committed == 5
+    assert result.seconds is None
+
+
+# -- control requests ---------------------------------------------------------------
+
+
+@pytest.fixture
+def daemon(router_files):
+    return Conntrackd(binary="/usr/sbin/conntrackd", namespace="qrouter-r1",
+                      files=router_files, control_timeout=10, start_timeout=2,
+                      stop_timeout=0.05)
+
+
+def cmd(daemon, *arguments):
+    return ["/usr/sbin/conntrackd", "-C", str(daemon.files.conntrackd_config),
+            *arguments]
+
+
+def test_command_names_the_routers_config(daemon):
+    assert daemon.command("-s", "cache") == cmd(daemon, "-s", "cache")
+
+
+def test_control_runs_exactly_one_command(daemon, fp):
+    fp.register(cmd(daemon, "-c"), stdout="")
+    result = daemon.control("-c", timeout=60)
+    assert result.returncode == 0
+    assert list(fp.calls) == [cmd(daemon, "-c")]
+
+
+def test_control_passes_the_timeout(daemon, monkeypatch):
+    seen = []
+
+    def fake_run(command, **kwargs):
+        seen.append((command, kwargs["timeout"]))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(conntrackd.subprocess, "run", fake_run)
+    daemon.control("-c", timeout=60)
+    daemon.control("-f")
+    assert seen == [(cmd(daemon, "-c"), 60), (cmd(daemon, "-f"), 10)]
+
+
+def raise_timeout(process):
+    raise subprocess.TimeoutExpired(process.args, 0.2)
+
+
+def test_a_request_that_does_not_answer_becomes_a_conntrackd_error(daemon, fp):
+    fp.register(cmd(daemon, "-c"), callback=raise_timeout)
+    with pytest.raises(ConntrackdError) as caught:
+        daemon.control("-c", timeout=0.2)
+    assert str(caught.value) == "conntrackd -c did not answer within 0.2 s"
+    assert isinstance(caught.value, SnatSyncError)
+
+
+def test_an_unanswered_request_without_check_reads_as_exit_124(daemon, fp):
+    fp.register(cmd(daemon, "-s", "cache"), callback=raise_timeout)
+    result = daemon.control("-s", "cache", check=False)
+    assert result.returncode == 124
+
+
+def test_a_failed_request_names_it_and_says_why(daemon, fp):
+    fp.register(cmd(daemon, "-f"), returncode=1,
+                stderr="[ERROR] connect: No such file or directory\n"
+                       "[ERROR] cannot connect to conntrackd\n")
+    with pytest.raises(ConntrackdError) as caught:
+        daemon.control("-f")
+    message = str(caught.value)
+    assert message.startswith("conntrackd -f failed (exit 1): ")
+    assert "cannot connect to conntrackd" in message
+
+
+def test_a_failed_request_without_check_returns_the_result(daemon, fp):
+    fp.register(cmd(daemon, "-k"), returncode=1)
+    assert daemon.control("-k", check=False).returncode == 1
+
+
+def test_a_missing_binary_is_a_conntrackd_error(router_files, tmp_path):
+    """A wrong [conntrackd] binary must fail like any other request (and so be
+    recorded as a failed step), not escape as FileNotFoundError."""
+    daemon = Conntrackd(binary=str(tmp_path / "no-such-conntrackd"),
+                        namespace="qrouter-r1", files=router_files,
+                        control_timeout=1, start_timeout=1, stop_timeout=1)
+    with pytest.raises(ConntrackdError, match="no-such-conntrackd"):
+        daemon.control("-c")
+
+
+def test_cache_stats(daemon, fp):
+    fp.register(cmd(daemon, "-s", "cache"), stdout=CACHE_STATS)
+    assert daemon.cache_stats() == CacheStats(0, 1, 0, 0)
+    fp.register(cmd(daemon, "-s", "cache"), returncode=1)
+    assert daemon.cache_stats() is None
+
+
+def test_log_tail(daemon):
+    assert daemon.log_tail() == "(no log)"
+    daemon.files.log_file.write_text("".join(f"line {n}\n" for n in range(10)))
+    assert daemon.log_tail(2) == "line 8 | line 9"
+
+
+# -- lifecycle ------------------------------------------------------------------------
+
+
+class FakeProcess:
+    """Enough of a psutil.Process for start and stop."""
+
+    def __init__(self, exits_on=("-k",)):
+        self.pid = 4242
+        self.exits_on = exits_on
+        self.running = True
+        self.signals = []
+
+    def status(self):
+        return psutil.STATUS_SLEEPING if self.running else psutil.STATUS_ZOMBIE
+
+    def send_signal(self, number):
+        self.signals.append(number)
+        if number in self.exits_on:
+            self.running = False
+
+    def threads(self):
+        return []
+
+
+def leave_stale_files(files):
+    files.lock_file.write_text("")
+    files.control_socket.write_text("")
+
+
+def test_start_cleans_up_daemonises_and_waits_for_an_answer(daemon, fp, monkeypatch):
+    process = FakeProcess()
+    found = []
+    monkeypatch.setattr(conntrackd, "find_daemon",
+                        lambda config, namespace: found[-1] if found else None)
+    reset = []
+    monkeypatch.setattr(conntrackd, "_use_normal_scheduler", reset.append)
+    leave_stale_files(daemon.files)
+
+    def daemonise(fake):
+        # conntrackd would refuse to start with the old lock file still there
+        assert not daemon.files.lock_file.exists()
+        daemon.files.lock_file.write_text("")
+        daemon.files.control_socket.write_text("")
+        found.append(process)
+
+    start = ["ip", "netns", "exec", "qrouter-r1", *cmd(daemon, "-d")]
+    fp.register(start, callback=daemonise)
+    fp.register(cmd(daemon, "-s", "cache"), stdout=CACHE_STATS)
+    assert daemon.start() is True
+    assert list(fp.calls) == [start, cmd(daemon, "-s", "cache")]
+    assert reset == [process]
+
+
+def test_start_keeps_a_real_time_scheduler_when_configured(daemon, fp, monkeypatch):
+    process = FakeProcess()
+    calls = iter([None, process])
+    monkeypatch.setattr(conntrackd, "find_daemon", lambda *_: next(calls, process))
+    reset = []
+    monkeypatch.setattr(conntrackd, "_use_normal_scheduler", reset.append)
+    fp.register(["ip", "netns", "exec", "qrouter-r1", *cmd(daemon, "-d")],
+                callback=lambda fake: daemon.files.control_socket.write_text(""))
+    fp.register(cmd(daemon, "-s", "cache"))
+    assert daemon.start("rr") is True
+    assert reset == []
+
+
+def test_start_does_nothing_when_already_running(daemon, fp, monkeypatch):
+    monkeypatch.setattr(conntrackd, "find_daemon", lambda *_: FakeProcess())
+    assert daemon.start() is False
+    assert list(fp.calls) == []
+
+
+def test_start_failure_reports_conntrackds_complaint(daemon, fp, monkeypatch):
+    monkeypatch.setattr(conntrackd, "find_daemon", lambda *_: None)
+    fp.register(["ip", "netns", "exec", "qrouter-r1", *cmd(daemon, "-d")],
+                returncode=1,
+                stderr="[ERROR] lockfile `x' exists, perhaps conntrackd already "
+                       "running?\n")
+    with pytest.raises(ConntrackdError) as caught:
+        daemon.start()
+    assert "failed to start (exit 1)" in str(caught.value)
+    assert "perhaps conntrackd already running" in str(caught.value)
+
+
+def test_start_that_never_daemonises(daemon, fp, monkeypatch):
+    monkeypatch.setattr(conntrackd, "find_daemon", lambda *_: None)
+    fp.register(["ip", "netns", "exec", "qrouter-r1", *cmd(daemon, "-d")],
+                callback=raise_timeout)
+    with pytest.raises(ConntrackdError, match="did not daemonise within 2 s"):
+        daemon.start()
+
+
+def test_stop_asks_then_cleans_up(daemon, fp, monkeypatch):
+    process = FakeProcess()
+    monkeypatch.setattr(conntrackd, "find_daemon", lambda *_: process)
+    leave_stale_files(daemon.files)
+    fp.register(cmd(daemon, "-k"),
+                callback=lambda fake: setattr(process, "running", False))
+    assert daemon.stop() is True
+    assert list(fp.calls) == [cmd(daemon, "-k")]
+    assert process.signals == []
+    assert not daemon.files.lock_file.exists()
+    assert not daemon.files.control_socket.exists()
+
+
+def test_stop_escalates_to_sigterm_then_sigkill(daemon, fp, monkeypatch):
+    stubborn = FakeProcess(exits_on=(signal.SIGKILL,))
+    monkeypatch.setattr(conntrackd, "find_daemon", lambda *_: stubborn)
+    fp.register(cmd(daemon, "-k"), returncode=1)
+    assert daemon.stop() is True
+    assert stubborn.signals == [signal.SIGTERM, signal.SIGKILL]
+
+
+def test_stop_stops_escalating_once_it_exits(daemon, fp, monkeypatch):
+    process = FakeProcess(exits_on=(signal.SIGTERM,))
+    monkeypatch.setattr(conntrackd, "find_daemon", lambda *_: process)
+    fp.register(cmd(daemon, "-k"))
+    daemon.stop()
+    assert process.signals == [signal.SIGTERM]
+
+
+def test_stop_when_not_running_only_cleans_up(daemon, fp, monkeypatch):
+    monkeypatch.setattr(conntrackd, "find_daemon", lambda *_: None)
+    leave_stale_files(daemon.files)
+    assert daemon.stop() is False
+    assert list(fp.calls) == []
+    assert not daemon.files.lock_file.exists()
+
+
+def test_remove_stale_files_removes_lock_and_socket_only(daemon):
+    files = daemon.files
+    leave_stale_files(files)
+    files.conntrackd_config.write_text("General {\n}\n")
+    files.log_file.write_text("log\n")
+    daemon.remove_stale_files()
+    assert not files.lock_file.exists()
+    assert not files.control_socket.exists()
+    assert files.conntrackd_config.exists() and files.log_file.exists()
+
+
+def test_remove_stale_files_removes_a_dangling_symlink(daemon, tmp_path):
+    daemon.files.control_socket.symlink_to(tmp_path / "gone")
+    daemon.remove_stale_files()
+    assert not daemon.files.control_socket.is_symlink()
+    daemon.remove_stale_files()  # nothing left: no error

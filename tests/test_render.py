@@ -1,0 +1,360 @@
+"""Rendering conntrackd.conf, the notify hook and the keepalived snippet."""
+
+import ipaddress
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from snat_sync import failover
+from snat_sync import render
+from snat_sync import statedir
+from snat_sync.errors import InvalidInput
+from snat_sync.router import RouterSpec
+
+HA_NETWORK = ipaddress.ip_network("169.254.192.0/18")
+FACTS = render.NamespaceFacts(HA_NETWORK, 262144)
+
+
+def parse_blocks(text):
+    """conntrackd.conf as nested dicts: {"Sync": {"UDP": {"_lines": [...]}}}.
+
+    Raises AssertionError on an unbalanced brace, so every parse checks balance.
+    """
+    root = {"_lines": []}
+    stack = [root]
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("{"):
+            name = line[:-1].strip()
+            block = {"_lines": []}
+            assert name not in stack[-1], f"line {number}: block {name} twice"
+            stack[-1][name] = block
+            stack.append(block)
+        elif line == "}":
+            assert len(stack) > 1, f"line {number}: '}}' closes nothing"
+            stack.pop()
+        else:
+            assert "{" not in line and "}" not in line, f"line {number}: {raw!r}"
+            stack[-1]["_lines"].append(line)
+    assert len(stack) == 1, "unclosed block at end of file"
+    return root
+
+
+def make_spec(peers=("169.254.192.2",), local="169.254.192.1", vrid=7,
+              router_id="r1"):
+    return RouterSpec.create(router_id, f"qrouter-{router_id}", "ha-1a2b3c4d-5e",
+                             local, list(peers), vrid)
+
+
+def render_config(conf, spec, facts=FACTS):
+    files = statedir.RouterFiles.under(conf.state_path, spec.router_id)
+    settings = render.conntrackd_settings(spec, conf.conntrackd, facts, files)
+    return render.render_conntrackd_config(settings), files
+
+
+def test_templates_are_found_in_the_source_tree():
+    directory = render.templates_directory()
+    assert directory.is_dir()
+    for name in ("conntrackd.conf.j2", "notify.sh.j2", "keepalived.conf.j2"):
+        assert (directory / name).is_file()
+
+
+def test_udp_config(conf):
+    text, files = render_config(conf, make_spec())
+    blocks = parse_blocks(text)
+    assert set(blocks) == {"_lines", "Sync", "General"}
+    sync = blocks["Sync"]
+    assert set(sync) == {"_lines", "Mode FTFW", "UDP"}
+    assert "DisableExternalCache Off" in sync["Mode FTFW"]["_lines"]
+    assert "PurgeTimeout 60" in sync["Mode FTFW"]["_lines"]
+    udp = sync["UDP"]["_lines"]
+    assert "IPv4_address 169.254.192.1" in udp
+    assert "IPv4_Destination_Address 169.254.192.2" in udp
+    assert "Port 3787" in udp
+    assert "Interface ha-1a2b3c4d-5e" in udp
+    assert not any(line.startswith(("Group", "IPv6")) for line in udp)
+
+
+def test_udp_config_over_ipv6(conf):
+    text, _files = render_config(conf, make_spec(local="fd00:a::1",
+                                                 peers=["fd00:a::2"]),
+                                 render.NamespaceFacts(
+                                     ipaddress.ip_network("fd00:a::/64"), 1000))
+    blocks = parse_blocks(text)
+    udp = blocks["Sync"]["UDP"]["_lines"]
+    assert "IPv6_address fd00:a::1" in udp
+    assert "IPv6_Destination_Address fd00:a::2" in udp
+    assert "IPv6_address fd00:a::/64" in blocks["General"]["Filter From Kernelspace"][
+        "Address Ignore"]["_lines"]
+
+
+def test_multicast_config_for_several_peers(conf):
+    text, _files = render_config(conf, make_spec(peers=["169.254.192.2",
+                                                        "169.254.192.3"], vrid=9))
+    sync = parse_blocks(text)["Sync"]
+    assert "UDP" not in sync
+    multicast = sync["Multicast"]["_lines"]
+    assert "IPv4_address 225.0.0.50" in multicast
+    assert "Group 3789" in multicast
+    assert "IPv4_interface 169.254.192.1" in multicast
+    assert "Interface ha-1a2b3c4d-5e" in multicast
+    assert not any("169.254.192.2" in line or "169.254.192.3" in line
+                   for line in multicast)
+
+
+def test_multicast_group_and_base_port_come_from_the_options(make_conf, write_config):
+    conf = make_conf(write_config(
+        "[conntrackd]\ntransport = multicast\nmulticast_group = 239.1.2.3\n"
+        "base_port = 5000\n"))
+    multicast = parse_blocks(render_config(conf, make_spec(vrid=7))[0])["Sync"][
+        "Multicast"]["_lines"]
+    assert "IPv4_address 239.1.2.3" in multicast
+    assert "Group 5007" in multicast
+
+
+def test_general_uses_the_routers_own_files(conf):
+    text, files = render_config(conf, make_spec())
+    general = parse_blocks(text)["General"]
+    assert f"LogFile {files.log_file}" in general["_lines"]
+    assert f"LockFile {files.lock_file}" in general["_lines"]
+    assert general["UNIX"]["_lines"] == [f"Path {files.control_socket}"]
+    for path in (files.log_file, files.lock_file, files.control_socket):
+        assert path.parent == files.directory
+        assert path.is_absolute()
+    assert files.directory == statedir.routers_directory(conf.state_path) / "r1"
+
+
+def test_two_routers_share_no_file_and_no_port(conf):
+    first = parse_blocks(render_config(conf, make_spec(router_id="r1", vrid=1))[0])
+    second = parse_blocks(render_config(conf, make_spec(router_id="r2", vrid=2))[0])
+    for key in ("LogFile", "LockFile"):
+        lines = [next(line for line in blocks["General"]["_lines"]
+                      if line.startswith(key)) for blocks in (first, second)]
+        assert lines[0] != lines[1]
+    assert first["General"]["UNIX"] != second["General"]["UNIX"]
+    assert "Port 3781" in first["Sync"]["UDP"]["_lines"]
+    assert "Port 3782" in second["Sync"]["UDP"]["_lines"]
+
+
+def test_filter_syncs_tcp_udp_icmp_and_ignores_local_and_ha_traffic(conf):
+    filter_block = parse_blocks(render_config(conf, make_spec())[0])["General"][
+        "Filter From Kernelspace"]
+    assert filter_block["Protocol Accept"]["_lines"] == ["TCP", "UDP", "ICMP",
+                                                         "IPv6-ICMP"]
+    assert filter_block["Address Ignore"]["_lines"] == [
+        "IPv4_address 127.0.0.0/8",
+        "IPv6_address ::1/128",
+        "IPv4_address 169.254.192.0/18",
+    ]
+
+
+def test_protocols_come_from_the_options(make_conf, write_config):
+    conf = make_conf(write_config("[conntrackd]\nprotocols = TCP,SCTP\n"))
+    filter_block = parse_blocks(render_config(conf, make_spec())[0])["General"][
+        "Filter From Kernelspace"]
+    assert filter_block["Protocol Accept"]["_lines"] == ["TCP", "SCTP"]
+
+
+@pytest.mark.parametrize("configured, nf_conntrack_max, expected", [
+    (0, 262144, 524288),
+    (100000, 262144, 524288),
+    (1000000, 262144, 1000000),
+    (0, 65536, 131072),
+])
+def test_hash_limit_is_at_least_twice_nf_conntrack_max(
+        make_conf, write_config, configured, nf_conntrack_max, expected):
+    assert render.hash_limit(configured, nf_conntrack_max) == expected
+    conf = make_conf(write_config(f"[conntrackd]\nhash_limit = {configured}\n"))
+    text, _files = render_config(conf, make_spec(),
+                                 render.NamespaceFacts(HA_NETWORK, nf_conntrack_max))
+    general = parse_blocks(text)["General"]["_lines"]
+    assert f"HashLimit {expected}" in general
+    assert "HashSize 8192" in general
+
+
+def test_no_scheduler_section_by_default(conf):
+    general = parse_blocks(render_config(conf, make_spec())[0])["General"]
+    assert "Scheduler" not in general
+    assert render.conntrackd_settings(make_spec(), conf.conntrackd, FACTS,
+                                      None).scheduler is None
+
+
+@pytest.mark.parametrize("policy", ["rr", "fifo"])
+def test_scheduler_section_for_real_time_policies(make_conf, write_config, policy):
+    conf = make_conf(write_config(
+        f"[conntrackd]\nscheduler = {policy}\nscheduler_priority = 5\n"))
+    general = parse_blocks(render_config(conf, make_spec())[0])["General"]
+    assert general["Scheduler"]["_lines"] == [f"Type {policy.upper()}", "Priority 5"]
+
+
+def test_notrack_mode_has_no_external_cache_switch(make_conf, write_config):
+    conf = make_conf(write_config("[conntrackd]\nsync_mode = notrack\n"))
+    sync = parse_blocks(render_config(conf, make_spec())[0])["Sync"]
+    assert sync["Mode NOTRACK"]["_lines"] == ["PurgeTimeout 60"]
+
+
+def test_netlink_max_growth_is_never_below_the_initial_size(make_conf, write_config):
+    conf = make_conf(write_config(
+        "[conntrackd]\nnetlink_buffer_size = 4194304\n"
+        "netlink_buffer_max_size = 1048576\n"))
+    general = parse_blocks(render_config(conf, make_spec())[0])["General"]["_lines"]
+    assert "NetlinkBufferSize 4194304" in general
+    assert "NetlinkBufferSizeMaxGrowth 4194304" in general
+
+
+@pytest.mark.parametrize("peers", [["169.254.192.2"],
+                                   ["169.254.192.2", "169.254.192.3"]])
+def test_output_is_clean(make_conf, write_config, peers):
+    conf = make_conf(write_config("[conntrackd]\nscheduler = rr\n"))
+    text, _files = render_config(conf, make_spec(peers=peers))
+    assert text.endswith("}\n")
+    assert "\n\n" not in text
+    assert all(line.strip() for line in text.splitlines())
+    for leftover in ("{{", "}}", "{%", "%}", "{#"):
+        assert leftover not in text
+    assert text.count("{") == text.count("}")
+    parse_blocks(text)
+
+
+# -- the notify hook ----------------------------------------------------------------
+
+
+def render_hook(files, binary="/usr/sbin/conntrackd", command=None, lock_timeout=120,
+                commit_timeout=60):
+    command = command or render.snat_sync_command([], [], files.directory.parent.parent)
+    return render.render_notify_hook(files.directory.name, files, binary, command,
+                                     lock_timeout, commit_timeout)
+
+
+def test_hook_is_a_bash_script_that_bash_accepts(state_path):
+    files = statedir.RouterFiles.under(state_path, "r1")
+    hook = render_hook(files)
+    assert hook.startswith("#!/bin/bash\n")
+    result = subprocess.run(["bash", "-n"], input=hook, text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert "{{" not in hook and "{%" not in hook
+    assert "--timeout 120" in hook
+    assert "timeout 60 /usr/sbin/conntrackd" in hook
+    assert f"-C {files.conntrackd_config} -c" in hook
+
+
+@pytest.mark.parametrize("path", ["/var/lib/snat sync", "/tmp/a\tb", "/tmp/a{b",
+                                  "/tmp/a}b", '/tmp/a"b', "/tmp/a#b", "/tmp/a;b"])
+def test_check_state_path_rejects_what_conntrackd_cannot_parse(path):
+    with pytest.raises(InvalidInput) as caught:
+        render.check_state_path(path)
+    assert caught.value.field == "state path"
+    assert repr(path) in str(caught.value)
+
+
+def test_check_state_path_accepts_an_ordinary_path(tmp_path):
+    render.check_state_path(tmp_path / "state")
+    render.check_state_path("/var/lib/snat-sync")
+
+
+SPECIAL = "st$te'(x)&`y`!"
+
+
+def write_executable(path, text):
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def hook_setup(tmp_path):
+    """A hook rendered for a state path full of shell characters, with a fake
+    conntrackd and a fake snat-sync that record their arguments."""
+    state = tmp_path / SPECIAL
+    render.check_state_path(state)  # allowed: only the hook must quote it
+    files = statedir.RouterFiles.under(state, "r1")
+    statedir.ensure_directory(files.directory)
+    conntrackd_calls = tmp_path / "conntrackd-calls"
+    fake_conntrackd = write_executable(
+        tmp_path / "fake conntrackd$1",
+        f"#!/bin/bash\nprintf '%s\\n' \"$@\" >> '{conntrackd_calls}'\n"
+        "exit ${FAKE_CONNTRACKD_STATUS:-0}\n")
+    fake_snat_sync = write_executable(
+        tmp_path / "fake snat-sync", "#!/bin/bash\nprintf '%s\\0' \"$0\" \"$@\"\n")
+    command = [str(fake_snat_sync), "--state-path", str(state)]
+    hook = write_executable(files.notify_hook,
+                            render_hook(files, str(fake_conntrackd), command))
+    return files, hook, conntrackd_calls, command
+
+
+def run_hook(hook, *arguments, env=None):
+    environment = dict(os.environ, **(env or {}))
+    subprocess.run([str(hook), *arguments], check=True, timeout=10, env=environment)
+
+
+def hook_handover(files):
+    """The arguments the hook passed to snat-sync (what it wrote to notify.log)."""
+    return files.notify_log.read_text().split("\0")[:-1]
+
+
+@pytest.mark.skipif(not shutil.which("flock") or not shutil.which("timeout"),
+                    reason="needs util-linux flock and coreutils timeout")
+class TestHookRuns:
+    def test_backup_hands_over_without_committing(self, hook_setup):
+        files, hook, conntrackd_calls, command = hook_setup
+        run_hook(hook, "INSTANCE", "VR_7", "BACKUP", "100")
+        arguments = hook_handover(files)
+        assert arguments[:len(command)] == command
+        rest = arguments[len(command):]
+        assert rest[:2] == ["notify", "--arrived"]
+        float(rest[2])
+        assert rest[3:] == ["r1", "INSTANCE", "VR_7", "BACKUP", "100"]
+        assert not conntrackd_calls.exists()
+
+    def test_master_commits_first_and_reports_it(self, hook_setup):
+        files, hook, conntrackd_calls, command = hook_setup
+        run_hook(hook, "INSTANCE", "VR_7", "MASTER", "100",
+                 env={"FAKE_CONNTRACKD_STATUS": "3"})
+        assert conntrackd_calls.read_text().splitlines() == [
+            "-C", str(files.conntrackd_config), "-c"]
+        rest = hook_handover(files)[len(command):]
+        assert rest[0:2] == ["notify", "--arrived"]
+        arrived = float(rest[2])
+        assert rest[3] == "--hook-commit"
+        hook_commit = failover.HookCommit.parse(rest[4])
+        assert arrived <= hook_commit.started <= hook_commit.finished
+        assert hook_commit.exit_status == 3
+        assert rest[5:] == ["r1", "INSTANCE", "VR_7", "MASTER", "100"]
+
+    def test_master_waits_for_the_transition_lock(self, tmp_path, hook_setup):
+        files, _hook, conntrackd_calls, command = hook_setup
+        fake_conntrackd = tmp_path / "fake conntrackd$1"
+        hook = write_executable(files.notify_hook, render_hook(
+            files, str(fake_conntrackd), command, lock_timeout=0))
+        with failover.transition_lock(files.transition_lock, 5):
+            run_hook(hook, "INSTANCE", "VR_7", "MASTER", "100")
+        rest = hook_handover(files)[len(command):]
+        assert failover.HookCommit.parse(rest[4]).exit_status == 1
+        assert not conntrackd_calls.exists()
+
+
+# -- keepalived snippet and the command line the hook uses ------------------------
+
+
+def test_keepalived_snippet_names_the_hook(spec, state_path):
+    files = statedir.RouterFiles.under(state_path, spec.router_id)
+    snippet = render.render_keepalived_snippet(spec, str(files.notify_hook))
+    assert "vrrp_instance VR_7 {" in snippet
+    assert f'notify "{files.notify_hook}"' in snippet
+    assert "enable_script_security" in snippet
+    assert snippet.count("{") == snippet.count("}")
+
+
+def test_snat_sync_command_uses_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = render.snat_sync_command(["a.conf"], ["conf.d"], "state")
+    assert command[1:3] == ["-m", "snat_sync"]
+    assert command[3:] == [
+        "--config-file", str(tmp_path / "a.conf"),
+        "--config-dir", str(tmp_path / "conf.d"),
+        "--state-path", str(tmp_path / "state"),
+    ]
