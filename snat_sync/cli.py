@@ -74,9 +74,9 @@ def _add_parsers(subparsers):
         help="primary|backup|fault|stop, or keepalived's TYPE NAME STATE PRIORITY")
     notify.add_argument("--arrived", type=float,
                         help="(notify hook) time the transition arrived, epoch seconds")
-    notify.add_argument("--hook-commit",
-                        help="(notify hook) STARTED,FINISHED,EXIT_STATUS of the "
-                        "commit the hook already ran")
+    notify.add_argument("--hook-step", action="append", default=[],
+                        help="(notify hook) NAME,STARTED,FINISHED,EXIT_STATUS of a "
+                        "step the hook already ran; repeatable")
 
     status = subparsers.add_parser("status", help="show each router's conntrackd, "
                                    "caches and last transition")
@@ -146,10 +146,9 @@ def _dispatch(conf, arrived):
         print(_render(conf, command), end="")
         return 0
     if command.name == "notify":
-        hook_commit = (failover.HookCommit.parse(command.hook_commit)
-                       if command.hook_commit else None)
+        hook_steps = [failover.HookStep.parse(text) for text in command.hook_step]
         record = manager.notify(conf, command.router, command.state,
-                                command.arrived or arrived, hook_commit)
+                                command.arrived or arrived, hook_steps)
         return 1 if record.outcome == "failed" else 0
     if command.name == "status":
         statuses = manager.status(conf, command.router)

@@ -268,6 +268,7 @@ class CacheStats:
 @dataclasses.dataclass(frozen=True)
 class CommitResult:
     committed: int | None
+    already_present: int
     failed: int
     seconds: float | None
 
@@ -276,6 +277,7 @@ _CACHE_HEADER = re.compile(r"^cache:(internal|external)\s+active objects:\s+(\d+
 _NO_SPACE = re.compile(r"no space left in cache:\s+(\d+)")
 _COMMIT_START = "committing all external caches"
 _COMMITTED = re.compile(r"Committed (\d+) new entr")
+_ALREADY_PRESENT = re.compile(r"(\d+) entr(?:y|ies) ignored, already exist")
 _CANNOT_COMMIT = re.compile(r"(\d+) entr(?:y|ies) can't be committed")
 _COMMIT_TOOK = re.compile(r"commit has taken (\d+(?:\.\d+)?) seconds")
 
@@ -309,9 +311,11 @@ def parse_last_commit(log_text):
     block = log_text[start:]
     committed = _COMMITTED.search(block)
     failed = _CANNOT_COMMIT.search(block)
+    already_present = _ALREADY_PRESENT.search(block)
     took = _COMMIT_TOOK.search(block)
     return CommitResult(
         committed=int(committed.group(1)) if committed else None,
+        already_present=int(already_present.group(1)) if already_present else 0,
         failed=int(failed.group(1)) if failed else 0,
         seconds=float(took.group(1)) if took else None,
     )

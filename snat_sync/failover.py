@@ -18,6 +18,7 @@ import os
 import time
 
 from snat_sync import conntrackd as conntrackd_module
+from snat_sync import guard
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
 
@@ -79,41 +80,50 @@ def parse_notify_arguments(arguments):
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One step of a transition: a conntrackd control request, or starting it."""
+    """One step of a transition.
+
+    action is "control" (a conntrackd request with arguments), "start-daemon",
+    "raise-guard" or "lift-guard".
+    """
 
     name: str
+    action: str = "control"
     arguments: tuple = ()
     uses_commit_timeout: bool = False
-
-    @property
-    def starts_daemon(self):
-        return not self.arguments
+    discards_replicated_entries: bool = False
 
 
-COMMIT = Step("commit", ("-c",), uses_commit_timeout=True)
-FLUSH_CACHES = Step("flush-caches", ("-f",))
-RESYNC_FROM_KERNEL = Step("resync-from-kernel", ("-R",))
-BULK_SEND = Step("bulk-send", ("-B",))
-ENSURE_RUNNING = Step("ensure-running")
-SHORTEN_TIMERS = Step("shorten-timers", ("-t",))
-REQUEST_RESYNC = Step("request-resync", ("-n",))
+COMMIT = Step("commit", arguments=("-c",), uses_commit_timeout=True)
+LIFT_GUARD = Step("lift-guard", action="lift-guard")
+FLUSH_CACHES = Step("flush-caches", arguments=("-f",),
+                    discards_replicated_entries=True)
+RESYNC_FROM_KERNEL = Step("resync-from-kernel", arguments=("-R",))
+BULK_SEND = Step("bulk-send", arguments=("-B",))
+ENSURE_RUNNING = Step("ensure-running", action="start-daemon")
+RAISE_GUARD = Step("raise-guard", action="raise-guard")
+SHORTEN_TIMERS = Step("shorten-timers", arguments=("-t",))
+REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
 
 
-def plan(role, resync_on_backup=True):
+def plan(role, resync_on_backup=True, guard=True):
     """The steps that take a router's conntrackd into role, in order.
 
-    primary: put the replicated entries into the kernel, then start over from the
-             kernel's table and send all of it to the peers, which are backups now.
-    backup:  make sure the daemon runs, let entries this node forwarded as primary
-             expire (PurgeTimeout), and ask the primary for its whole table.
-    fault, stop: this node forwards nothing; let its entries expire.
+    primary: put the replicated entries into the kernel and lift the guard, then
+             start over from the kernel's table and send all of it to the peers,
+             which are backups now.
+    backup:  make sure the daemon runs, raise the guard, let entries this node
+             forwarded as primary expire (PurgeTimeout), and ask the primary for
+             its whole table.
+    fault, stop: this node forwards nothing: raise the guard, let entries expire.
     """
     if role is Role.PRIMARY:
-        return (COMMIT, FLUSH_CACHES, RESYNC_FROM_KERNEL, BULK_SEND)
-    if role is Role.BACKUP:
-        steps = (ENSURE_RUNNING, SHORTEN_TIMERS)
-        return steps + (REQUEST_RESYNC,) if resync_on_backup else steps
-    return (SHORTEN_TIMERS,)
+        return (COMMIT, *(LIFT_GUARD,) * guard, FLUSH_CACHES, RESYNC_FROM_KERNEL,
+                BULK_SEND)
+    steps = (*(ENSURE_RUNNING,) * (role is Role.BACKUP), *(RAISE_GUARD,) * guard,
+             SHORTEN_TIMERS)
+    if role is Role.BACKUP and resync_on_backup:
+        steps += (REQUEST_RESYNC,)
+    return steps
 
 
 def is_superseded(last_record, arrived):
@@ -121,10 +131,29 @@ def is_superseded(last_record, arrived):
     return bool(last_record) and last_record.get("arrived", 0) > arrived
 
 
-@dataclasses.dataclass(frozen=True)
-class HookCommit:
-    """The commit the notify hook already ran before handing over to Python."""
+def commit_problems(commit, expected):
+    """What went wrong with a commit, judged from its log lines and the cache size.
 
+    conntrackd -c exits 0 even when entries fail; `expected` is the external cache's
+    size after the commit (it still holds every replicated entry until the flush).
+    """
+    if commit is None:
+        return ["conntrackd logged no commit"]
+    problems = []
+    if commit.failed:
+        problems.append(f"{commit.failed} of {expected} entries could not be committed")
+    accounted = (commit.committed or 0) + commit.already_present + commit.failed
+    if expected is not None and accounted < expected:
+        problems.append(f"only {accounted} of {expected} replicated entries were "
+                        "accounted for by the commit")
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class HookStep:
+    """A step the notify hook already ran before handing over to Python."""
+
+    name: str
     started: float
     finished: float
     exit_status: int
@@ -132,11 +161,11 @@ class HookCommit:
     @classmethod
     def parse(cls, text):
         try:
-            started, finished, status = text.split(",")
-            return cls(float(started), float(finished), int(status))
+            name, started, finished, status = text.split(",")
+            return cls(name, float(started), float(finished), int(status))
         except ValueError:
             raise InvalidInput(
-                "hook commit", text, "expected STARTED,FINISHED,EXIT_STATUS"
+                "hook step", text, "expected NAME,STARTED,FINISHED,EXIT_STATUS"
             ) from None
 
 
@@ -166,11 +195,12 @@ class TransitionRecord:
         return dataclasses.asdict(self)
 
 
-def run_transition(router_id, role, daemon, files, options, arrived, hook_commit=None):
+def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=()):
     """Run the plan for role against daemon under the router's transition lock.
 
     Returns the TransitionRecord; a superseded transition is returned unrecorded.
     """
+    done_by_hook = {step.name: step for step in hook_steps}
     with transition_lock(files.transition_lock, options.failover.lock_timeout):
         record = TransitionRecord(router_id, role.value, arrived, time.time())
         last = statedir.read_json(files.last_transition)
@@ -183,17 +213,24 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_commit
                 router_id, role.value, arrived, last.get("role"), last.get("arrived"),
             )
             return record
-        for step in plan(role, options.failover.resync_on_backup):
-            if step is COMMIT and hook_commit is not None:
-                step_record = _hook_commit_record(hook_commit)
+        commit_failed = False
+        steps = plan(role, options.failover.resync_on_backup,
+                     options.failover.reset_window_guard)
+        for step in steps:
+            if step.discards_replicated_entries and commit_failed:
+                step_record = StepRecord(step.name, time.time(), 0.0, False,
+                                         "skipped: it would discard the entries "
+                                         "the commit left out")
+            elif step.name in done_by_hook:
+                step_record = _hook_step_record(done_by_hook[step.name])
             else:
                 step_record = _run_step(step, daemon, options)
             record.steps.append(step_record)
-            if step is COMMIT:
-                record.commit = _commit_outcome(daemon)
             if not step_record.ok:
                 record.errors.append(f"{step.name}: {step_record.error}")
-                break
+            if step is COMMIT:
+                problems = _check_commit(record, daemon)
+                commit_failed = not step_record.ok or bool(problems)
         record.finished = time.time()
         record.outcome = "failed" if record.errors else "done"
         statedir.write_json(files.last_transition, record.to_dict())
@@ -201,13 +238,33 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_commit
     return record
 
 
+def _check_commit(record, daemon):
+    """Account for the commit in the record; return what went wrong with it."""
+    commit = conntrackd_module.parse_last_commit(
+        statedir.read_text(daemon.files.log_file) or "")
+    stats = daemon.cache_stats()
+    expected = stats.external_active if stats else None
+    record.commit = {**(dataclasses.asdict(commit) if commit else {}),
+                     "expected": expected}
+    problems = commit_problems(commit, expected) if record.steps[-1].ok else []
+    if stats and stats.external_no_space:
+        problems.append(f"the external cache was full: {stats.external_no_space} "
+                        "replicated entries were dropped before the failover")
+    record.errors.extend(f"commit: {problem}" for problem in problems)
+    return problems
+
+
 def _run_step(step, daemon, options):
     started = time.time()
     clock = time.monotonic()
     error = None
     try:
-        if step.starts_daemon:
+        if step.action == "start-daemon":
             daemon.start(options.conntrackd.scheduler)
+        elif step.action == "raise-guard":
+            guard.raise_guard(daemon.namespace, daemon.files)
+        elif step.action == "lift-guard":
+            guard.lift_guard(daemon.namespace, daemon.files)
         else:
             timeout = (options.conntrackd.commit_timeout if step.uses_commit_timeout
                        else options.conntrackd.control_timeout)
@@ -218,36 +275,30 @@ def _run_step(step, daemon, options):
                       error is None, error)
 
 
-def _hook_commit_record(hook_commit):
-    ok = hook_commit.exit_status == 0
+def _hook_step_record(hook_step):
+    ok = hook_step.exit_status == 0
     error = None
     if not ok:
-        error = {124: "timed out", 1: "conntrackd unreachable or lock timeout"}.get(
-            hook_commit.exit_status, f"exit status {hook_commit.exit_status}"
+        error = {124: "timed out", 1: "failed, or the transition lock timed out"}.get(
+            hook_step.exit_status, f"exit status {hook_step.exit_status}"
         )
     return StepRecord(
-        COMMIT.name,
-        hook_commit.started,
-        _ms(hook_commit.finished - hook_commit.started),
+        hook_step.name,
+        hook_step.started,
+        _ms(hook_step.finished - hook_step.started),
         ok,
         error,
         run_by="notify-hook",
     )
 
 
-def _commit_outcome(daemon):
-    result = conntrackd_module.parse_last_commit(
-        statedir.read_text(daemon.files.log_file) or ""
-    )
-    return dataclasses.asdict(result) if result else None
-
-
 def _log_record(record):
     timings = ", ".join(f"{step.name} {step.duration_ms:.1f} ms" for step in record.steps)
     committed = ""
     if record.commit:
-        committed = (f"; committed {record.commit['committed']}, "
-                     f"failed {record.commit['failed']}")
+        committed = (f"; committed {record.commit.get('committed')} of "
+                     f"{record.commit.get('expected')} expected, "
+                     f"failed {record.commit.get('failed')}")
     level = logging.ERROR if record.errors else logging.INFO
     LOG.log(level, "router %s: %s transition %s in %.1f ms (%s)%s%s",
             record.router, record.role, record.outcome,

@@ -16,6 +16,7 @@ import time
 
 from snat_sync import conntrackd
 from snat_sync import failover
+from snat_sync import guard
 from snat_sync import namespace
 from snat_sync import render
 from snat_sync import statedir
@@ -34,6 +35,8 @@ class RenderedRouter:
     conntrackd_config: str
     notify_hook: str
     keepalived_snippet: str
+    guard_raise: str
+    guard_lift: str
 
     @property
     def notify_command(self):
@@ -44,6 +47,8 @@ class RenderedRouter:
         return {
             self.files.spec: (_spec_json(self.spec), 0o600),
             self.files.conntrackd_config: (self.conntrackd_config, 0o600),
+            self.files.guard_raise: (self.guard_raise, 0o600),
+            self.files.guard_lift: (self.guard_lift, 0o600),
             self.files.notify_hook: (self.notify_hook, 0o700),
         }
 
@@ -91,6 +96,7 @@ def daemon_for(conf, spec, files):
 def generate(conf, spec, facts, files, snat_sync_command):
     """Render every file of a router. Pure."""
     settings = render.conntrackd_settings(spec, conf.conntrackd, facts, files)
+    guard_raise, guard_lift = render.render_guard(spec, guard.TABLE)
     return RenderedRouter(
         spec=spec,
         files=files,
@@ -102,10 +108,13 @@ def generate(conf, spec, facts, files, snat_sync_command):
             snat_sync_command,
             conf.failover.lock_timeout,
             conf.conntrackd.commit_timeout,
+            spec.namespace if conf.failover.reset_window_guard else None,
         ),
         keepalived_snippet=render.render_keepalived_snippet(
             spec, str(files.notify_hook)
         ),
+        guard_raise=guard_raise,
+        guard_lift=guard_lift,
     )
 
 
@@ -195,6 +204,8 @@ def remove_router(conf, router_id):
     spec = _load_spec(files)
     if spec is not None:
         daemon_for(conf, spec, files).stop()
+        if namespace.namespace_inode(spec.namespace) is not None:
+            guard.lift_guard(spec.namespace, files)
     for process in conntrackd.daemons_with_config(str(files.conntrackd_config)):
         LOG.warning("router %s: killing conntrackd pid %d outside its namespace",
                     router_id, process.pid)
@@ -204,7 +215,7 @@ def remove_router(conf, router_id):
     return True
 
 
-def notify(conf, router_id, arguments, arrived=None, hook_commit=None):
+def notify(conf, router_id, arguments, arrived=None, hook_steps=()):
     """Run the transition keepalived (or an operator) asks for."""
     role = failover.parse_notify_arguments(arguments)
     files = router_files(conf, router_id)
@@ -218,7 +229,7 @@ def notify(conf, router_id, arguments, arrived=None, hook_commit=None):
         files,
         conf,
         arrived if arrived is not None else time.time(),
-        hook_commit,
+        hook_steps,
     )
 
 

@@ -86,11 +86,14 @@ conntrackd_opts = [
     ),
     cfg.IntOpt(
         "hash_size",
-        default=8192,
-        min=1024,
+        default=12289,
+        min=8193,
         max=1048576,
-        help="Buckets in each conntrackd cache hash table. Memory grows with it: "
-        "2.7 MB RSS at 8192, 4.3 MB at 32768.",
+        help="Buckets in each conntrackd cache hash table. Must exceed 8192: "
+        "conntrackd 1.4 commits 8192 buckets per step, and a commit that ends in "
+        "its first step leaves it believing a commit is still running, so it "
+        "refuses every later cache flush. Memory grows with it: conntrackd RSS "
+        "2.9 MB at 12289, 4.3 MB at 32768.",
     ),
     cfg.IntOpt(
         "hash_limit",
@@ -160,6 +163,15 @@ conntrackd_opts = [
 ]
 
 failover_opts = [
+    cfg.BoolOpt(
+        "reset_window_guard",
+        default=True,
+        help="While a router is not primary, drop (never reject) packets on its "
+        "interfaces that conntrack cannot place, until the commit at failover has "
+        "finished. Without it, packets of replicated flows that arrive between "
+        "keepalived raising the addresses and the end of the commit are answered "
+        "with TCP resets or get a fresh SNAT mapping.",
+    ),
     cfg.IntOpt(
         "lock_timeout",
         default=120,

@@ -115,7 +115,8 @@ def snat_sync_command(config_files, config_dirs, state_path):
 
 
 def render_notify_hook(router_id, files, conntrackd_binary, command, lock_timeout,
-                       commit_timeout):
+                       commit_timeout, guard_namespace=None):
+    """The hook keepalived runs; guard_namespace set means it lifts the guard."""
     return _render(
         "notify.sh.j2",
         {
@@ -125,8 +126,17 @@ def render_notify_hook(router_id, files, conntrackd_binary, command, lock_timeou
             "snat_sync_command": command,
             "lock_timeout": lock_timeout,
             "commit_timeout": commit_timeout,
+            "guard_namespace_path": guard_namespace and f"/run/netns/{guard_namespace}",
         },
     )
+
+
+def render_guard(spec, table):
+    """The rulesets that raise and lift the router's reset-window guard."""
+    context = {"router_id": spec.router_id, "ha_interface": spec.ha_interface,
+               "table": table}
+    return (_render("guard-raise.nft.j2", context),
+            _render("guard-lift.nft.j2", context))
 
 
 def render_keepalived_snippet(spec, notify_command):

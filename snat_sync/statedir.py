@@ -8,6 +8,8 @@
         conntrackd.log        conntrackd's log
         notify.sh             the hook keepalived runs on every VRRP transition
         notify.log            what snat-sync logged while running the hook
+        guard-raise.nft       nftables ruleset of the reset-window guard, and
+        guard-lift.nft        the one that removes it (see guard.py)
         transition.lock       serialises transitions of this router
         last-transition.json  what the latest transition did, step by step
 
@@ -63,6 +65,14 @@ class RouterFiles:
     @property
     def notify_log(self):
         return self.directory / "notify.log"
+
+    @property
+    def guard_raise(self):
+        return self.directory / "guard-raise.nft"
+
+    @property
+    def guard_lift(self):
+        return self.directory / "guard-lift.nft"
 
     @property
     def transition_lock(self):
