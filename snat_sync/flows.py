@@ -1,7 +1,9 @@
 """Long-lived TCP and UDP test flows through the lab's SNAT router, and their verdicts.
 
-    python3 -m snat_sync.flows server --address 203.0.113.100 --duration 20 --output S.json
-    python3 -m snat_sync.flows client --server 203.0.113.100 --duration 14 --output C.json
+    python3 -m snat_sync.flows server --address 203.0.113.100 --duration 20 \
+        --output server.json
+    python3 -m snat_sync.flows client --server 203.0.113.100 --duration 14 \
+        --output client.json
 
 Each client flow sends a small numbered message every 50-100 ms and the server echoes
 it, adding the public address:port it saw the message come from. The client records
@@ -23,6 +25,7 @@ import dataclasses
 import json
 import pathlib
 import random
+import signal
 import socket
 import sys
 import time
@@ -94,8 +97,8 @@ class TrafficSummary:
     udp_alive: int
     udp_alive_same_endpoint: int
     all_same_endpoint: bool
-    longest_gap_ms: float
-    longest_gap_ms_alive: float
+    tcp_longest_gap_ms: float
+    udp_longest_gap_ms: float
 
 
 # --- pure helpers ---------------------------------------------------------------------
@@ -172,9 +175,10 @@ def merge_reports(client_report, server_report):
 
 
 def summarize(results):
+    """Counts per protocol; the longest gaps are those of flows still alive at the end
+    (a dead flow's gap only says how long the run went on after it died)."""
     tcp = [result for result in results if result.protocol == "tcp"]
     udp = [result for result in results if result.protocol == "udp"]
-    alive_gaps = [result.longest_gap_ms for result in results if result.alive]
     return TrafficSummary(
         tcp_total=len(tcp),
         tcp_alive=sum(result.alive for result in tcp),
@@ -184,9 +188,14 @@ def summarize(results):
             result.alive and result.same_public_endpoint for result in udp
         ),
         all_same_endpoint=all(result.same_public_endpoint for result in results),
-        longest_gap_ms=max((result.longest_gap_ms for result in results), default=0.0),
-        longest_gap_ms_alive=max(alive_gaps, default=0.0),
+        tcp_longest_gap_ms=longest_alive_gap(tcp),
+        udp_longest_gap_ms=longest_alive_gap(udp),
     )
+
+
+def longest_alive_gap(results):
+    gaps = [result.longest_gap_ms for result in results if result.alive]
+    return max(gaps, default=0.0)
 
 
 # --- server ---------------------------------------------------------------------------
@@ -226,22 +235,27 @@ class EchoDatagram(asyncio.DatagramProtocol):
             self.transport.sendto(encode_reply(data, public_endpoint), address)
 
 
-async def echo_stream(record, reader, writer):
+async def echo_stream(record, connections, reader, writer):
     public_endpoint = endpoint(*writer.get_extra_info("peername")[:2])
+    connections.add(writer)
     with contextlib.suppress(ConnectionError, OSError, ValueError):
         while line := await reader.readline():
             flow_id, _ = line.decode().split()
             record.saw(flow_id, "tcp", public_endpoint)
             writer.write(encode_reply(line, public_endpoint) + b"\n")
             await writer.drain()
+    connections.discard(writer)
     writer.close()
 
 
 async def serve(address, port, duration, ready_file):
+    """Echo for `duration` seconds, or until SIGTERM or SIGINT; return the report."""
     record = ServerRecord()
+    stop = asyncio.Event()
+    connections = set()
     loop = asyncio.get_running_loop()
     server = await asyncio.start_server(
-        lambda reader, writer: echo_stream(record, reader, writer),
+        lambda reader, writer: echo_stream(record, connections, reader, writer),
         address,
         port,
         reuse_address=True,
@@ -249,11 +263,17 @@ async def serve(address, port, duration, ready_file):
     transport, _ = await loop.create_datagram_endpoint(
         lambda: EchoDatagram(record), local_addr=(address, port)
     )
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
     if ready_file:
         pathlib.Path(ready_file).write_text("ready\n")
-    await asyncio.sleep(duration)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), duration)
     transport.close()
     server.close()
+    for writer in list(connections):
+        writer.transport.abort()
+    await asyncio.sleep(0.1)  # let each handler see its EOF and finish on its own
     return record.report()
 
 
@@ -379,13 +399,26 @@ async def run_udp_flow(clock, server, deadline):
         transport.close()
 
 
+async def bounded(flow, clock, duration):
+    """Run one flow, but never past duration plus a grace period (a write that blocks
+    on a stalled connection must not keep the client alive)."""
+    try:
+        await asyncio.wait_for(flow, duration + 5)
+    except asyncio.TimeoutError:
+        clock.error = clock.error or "timeout"
+
+
 async def run_flows(server_address, server_port, specs, duration):
     started = time.monotonic()
     clocks = [FlowClock(spec, started) for spec in specs]
     server = (server_address, server_port)
     runners = {"tcp": run_tcp_flow, "udp": run_udp_flow}
     await asyncio.gather(
-        *(runners[clock.spec.protocol](clock, server, duration) for clock in clocks)
+        *(
+            bounded(runners[clock.spec.protocol](clock, server, duration), clock,
+                    duration)
+            for clock in clocks
+        )
     )
     end = min(time.monotonic() - started, duration)
     return {
@@ -411,7 +444,9 @@ def parse_arguments(argv):
         prog="python3 -m snat_sync.flows", description=__doc__.split("\n\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    server = commands.add_parser("server", help="echo server that records public endpoints")
+    server = commands.add_parser(
+        "server", help="echo server that records the public endpoints it sees"
+    )
     server.add_argument("--address", required=True)
     server.add_argument("--port", type=int, default=DEFAULT_PORT)
     server.add_argument("--duration", type=float, required=True)
@@ -432,9 +467,9 @@ def parse_arguments(argv):
 def main(argv=None):
     arguments = parse_arguments(argv)
     if arguments.command == "server":
-        report = asyncio.run(
-            serve(arguments.address, arguments.port, arguments.duration, arguments.ready_file)
-        )
+        report = asyncio.run(serve(
+            arguments.address, arguments.port, arguments.duration, arguments.ready_file
+        ))
     else:
         specs = plan_flows(
             arguments.addresses.split(","),

@@ -5,14 +5,13 @@ Read `build_lab` top to bottom like a runbook. Everything lives in namespaces na
 rule is added there), so several labs, and whatever else runs on the machine, do not
 see each other.
 
-    <prefix>-client  eth0 192.168.100.11-18/24, default via 192.168.100.1
-          |
-    <prefix>-sw      br-int ---- br-ha ---- br-ext     (three Linux bridges)
-          |              |          |          |
-    <prefix>-r1/-r2  qr-...     ha-...     qg-...      keepalived moves the VIPs
-                     .100.1     169.254.192.1/.2  203.0.113.10, SNAT out of qg
-          |
-    <prefix>-server  eth0 203.0.113.100/24
+    namespace        device        bridge (in <prefix>-sw)  addresses
+    <prefix>-client  eth0          br-int    192.168.100.11-18/24, default via .1
+    <prefix>-r1/r2   qr-<tag>-in   br-int    VIP 192.168.100.1/24 on the primary only
+                     ha-<tag>-rN   br-ha     169.254.192.1/18 (r1), .2/18 (r2)
+                     qg-<tag>-ex   br-ext    VIP 203.0.113.10/24 on the primary only;
+                                             SNAT to it for everything leaving qg
+    <prefix>-server  eth0          br-ext    203.0.113.100/24
 
 Every veth pair is created inside the switch namespace with its peer end sent straight
 into the node's namespace, so no interface ever exists in the root namespace, not even
@@ -29,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import psutil
 
@@ -70,6 +70,7 @@ class Router:
     peer_ha_address: str
     priority: int
     keepalived: subprocess.Popen | None = None
+    crashed: bool = False
 
     @property
     def legs(self):
@@ -79,6 +80,7 @@ class Router:
 @dataclasses.dataclass
 class Lab:
     prefix: str
+    tag: str
     workdir: pathlib.Path
     router_id: str
     vrid: int
@@ -88,9 +90,6 @@ class Lab:
     routers: tuple[Router, Router]
     namespaces: list[str] = dataclasses.field(default_factory=list)
     processes: list[subprocess.Popen] = dataclasses.field(default_factory=list)
-
-    def router(self, name):
-        return next(router for router in self.routers if router.name == name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +125,8 @@ def router_legs(tag, router_name):
     """
     return (
         Leg(f"{router_name}-qr", check_interface_name(f"qr-{tag}-in"), "br-int"),
-        Leg(f"{router_name}-ha", check_interface_name(f"ha-{tag}-{router_name}"), "br-ha"),
+        Leg(f"{router_name}-ha", check_interface_name(f"ha-{tag}-{router_name}"),
+            "br-ha"),
         Leg(f"{router_name}-qg", check_interface_name(f"qg-{tag}-ex"), "br-ext"),
     )
 
@@ -138,7 +138,7 @@ def port_mac(tag, port):
     failover the client's and the server's neighbour entries stay valid, and the
     switch relearns the MAC from the new primary's gratuitous ARP.
     """
-    digits = f"{int(tag, 16) & 0xFFFF:04x}{port:02x}"
+    digits = f"{zlib.crc32(tag.encode()) & 0xFFFF:04x}{port:02x}"
     return f"fa:16:3e:{digits[0:2]}:{digits[2:4]}:{digits[4:6]}"
 
 
@@ -208,13 +208,12 @@ def wait_until(predicate, timeout, interval=0.05):
 def build_lab(workdir, prefix=None, vrid=1):
     """Build the whole topology; on any failure, tear down what was built and raise."""
     prefix = prefix or new_prefix()
-    tag = prefix.rsplit("-", 1)[-1][:6]
+    tag = prefix.rsplit("-", 1)[-1][:6]  # keeps interface names within 15 bytes
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    r1_legs = router_legs(tag, "r1")
-    r2_legs = router_legs(tag, "r2")
     lab = Lab(
         prefix=prefix,
+        tag=tag,
         workdir=workdir,
         router_id=f"router-{tag}",
         vrid=vrid,
@@ -222,8 +221,9 @@ def build_lab(workdir, prefix=None, vrid=1):
         client_namespace=f"{prefix}-client",
         server_namespace=f"{prefix}-server",
         routers=(
-            Router("r1", f"{prefix}-r1", *r1_legs, HA_ADDRESSES[0], HA_ADDRESSES[1], 150),
-            Router("r2", f"{prefix}-r2", *r2_legs, HA_ADDRESSES[1], HA_ADDRESSES[0], 100),
+            Router("r1", f"{prefix}-r1", *router_legs(tag, "r1"), *HA_ADDRESSES, 150),
+            Router("r2", f"{prefix}-r2", *router_legs(tag, "r2"),
+                   *reversed(HA_ADDRESSES), 100),
         ),
     )
     try:
@@ -231,7 +231,7 @@ def build_lab(workdir, prefix=None, vrid=1):
         create_client(lab)
         create_server(lab)
         for router in lab.routers:
-            create_router(lab, router, tag)
+            create_router(lab, router)
     except BaseException:
         teardown(lab)
         raise
@@ -248,17 +248,20 @@ def create_namespace(lab, namespace):
     ip("netns", "add", namespace)
     lab.namespaces.append(namespace)
     if pathlib.Path("/proc/sys/net/ipv6").exists():
-        run(
-            [
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ],
-            namespace=namespace,
+        sysctl(
+            namespace,
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
         )
     ip("link", "set", "lo", "up", namespace=namespace)
+
+
+def sysctl(namespace, *settings):
+    run(["sysctl", "-q", "-w", *settings], namespace=namespace)
+
+
+def add_address(namespace, device, address, prefixlen):
+    ip("addr", "add", f"{address}/{prefixlen}", "dev", device, namespace=namespace)
 
 
 def create_switch(lab):
@@ -289,7 +292,7 @@ def create_client(lab):
     create_namespace(lab, namespace)
     add_leg(lab, namespace, Leg("client", "eth0", "br-int"))
     for address in CLIENT_ADDRESSES:
-        ip("addr", "add", f"{address}/{INTERNAL_PREFIXLEN}", "dev", "eth0", namespace=namespace)
+        add_address(namespace, "eth0", address, INTERNAL_PREFIXLEN)
     ip("route", "add", "default", "via", INTERNAL_VIP, namespace=namespace)
 
 
@@ -297,10 +300,10 @@ def create_server(lab):
     namespace = lab.server_namespace
     create_namespace(lab, namespace)
     add_leg(lab, namespace, Leg("server", "eth0", "br-ext"))
-    ip("addr", "add", f"{SERVER_ADDRESS}/{EXTERNAL_PREFIXLEN}", "dev", "eth0", namespace=namespace)
+    add_address(namespace, "eth0", SERVER_ADDRESS, EXTERNAL_PREFIXLEN)
 
 
-def create_router(lab, router, tag):
+def create_router(lab, router):
     """A router namespace as a Neutron L3 agent leaves it before keepalived starts:
     legs up, only the HA address configured, forwarding on, SNAT out of qg.
 
@@ -309,11 +312,11 @@ def create_router(lab, router, tag):
     """
     namespace = router.namespace
     create_namespace(lab, namespace)
-    add_leg(lab, namespace, router.internal, mac=port_mac(tag, 1))
+    add_leg(lab, namespace, router.internal, mac=port_mac(lab.tag, 1))
     add_leg(lab, namespace, router.ha)
-    add_leg(lab, namespace, router.external, mac=port_mac(tag, 2))
-    ip("addr", "add", f"{router.ha_address}/{HA_PREFIXLEN}", "dev", router.ha.device, namespace=namespace)
-    run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], namespace=namespace)
+    add_leg(lab, namespace, router.external, mac=port_mac(lab.tag, 2))
+    add_address(namespace, router.ha.device, router.ha_address, HA_PREFIXLEN)
+    sysctl(namespace, "net.ipv4.ip_forward=1")
     run(
         [
             "iptables", "-t", "nat", "-A", "POSTROUTING",
@@ -357,7 +360,7 @@ def keepalived_config(lab, router, notify_command=None, advert_int=1):
     ]
     if notify_command is not None:
         if '"' in notify_command:
-            raise ValueError(f"notify command {notify_command!r} contains a double quote")
+            raise ValueError(f"notify command {notify_command!r} has a double quote")
         lines.append(f'    notify "{notify_command}"')
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -404,8 +407,14 @@ def has_vip(router):
 
 
 def primary(lab):
-    """The router holding the VIP, or None."""
-    holders = [router for router in lab.routers if has_vip(router)]
+    """The one live router holding the VIP, or None.
+
+    A crashed router keeps its addresses (nobody removed them), but it is off the
+    wire, so it does not count.
+    """
+    holders = [
+        router for router in lab.routers if not router.crashed and has_vip(router)
+    ]
     return holders[0] if len(holders) == 1 else None
 
 
@@ -416,7 +425,9 @@ def wait_for_primary(lab, router, timeout=15):
             other.name: read_tail(keepalived_directory(lab, other) / "keepalived.log")
             for other in lab.routers
         }
-        raise LabError(f"{router.name} did not become primary within {timeout}s: {logs}")
+        raise LabError(
+            f"{router.name} did not become primary within {timeout}s: {logs}"
+        )
 
 
 def read_tail(path, limit=3000):
@@ -431,7 +442,8 @@ def read_tail(path, limit=3000):
 
 def snat_sync(state_path, *args, check=True):
     """Run `python3 -m snat_sync --state-path STATE ARGS...` and return the result."""
-    return run(python_module("snat_sync", "--state-path", state_path, *args), check=check)
+    argv = python_module("snat_sync", "--state-path", state_path, *args)
+    return run(argv, check=check)
 
 
 def snat_sync_router_add(lab, router, state_path):
@@ -458,6 +470,96 @@ def snat_sync_router_add(lab, router, state_path):
 
 def snat_sync_status(state_path, router_id):
     return json.loads(snat_sync(state_path, "status", router_id, "--json").stdout)
+
+
+# --- connection tracking -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SnatEntry:
+    """A connection from a client through the gateway's SNAT, as conntrack lists it:
+    original client:port -> server:port, reply server:port -> gateway:public_port."""
+
+    protocol: str
+    client_address: str
+    client_port: int
+    public_port: int
+    server_address: str = SERVER_ADDRESS
+    server_port: int = 9000
+
+    def insert_arguments(self, timeout=300):
+        """`conntrack -I` arguments that create this entry as an established flow.
+
+        --src-nat makes it a real source-NAT entry, the way the SNAT rule would have
+        made it. Spelling out the reply tuple instead would list the same, but carry
+        no NAT binding, and conntrackd would replicate it as a plain entry.
+        """
+        arguments = [
+            "conntrack", "-I", "-p", self.protocol,
+            "-s", self.client_address, "-d", self.server_address,
+            "--sport", self.client_port, "--dport", self.server_port,
+            "--src-nat", f"{GATEWAY_ADDRESS}:{self.public_port}",
+            "-u", "SEEN_REPLY,ASSURED", "-t", timeout,
+        ]
+        if self.protocol == "tcp":
+            arguments += ["--state", "ESTABLISHED"]
+        return [str(argument) for argument in arguments]
+
+    def matches(self, line):
+        """Whether one line of `conntrack -L` is this entry, public port included."""
+        original, reply = conntrack_tuples(line)
+        return self.matches_original(line) and reply == {
+            "src": self.server_address, "dst": GATEWAY_ADDRESS,
+            "sport": str(self.server_port), "dport": str(self.public_port),
+        }
+
+    def matches_original(self, line):
+        """Whether one listing line has this entry's original tuple.
+
+        conntrackd's cache dumps (-i, -e) print only the original tuple of a
+        replicated entry: the NAT mapping travels as attributes that it does not
+        show, so the public port can only be checked once the entry is committed.
+        """
+        original, _ = conntrack_tuples(line)
+        return line.split()[:1] == [self.protocol] and original == {
+            "src": self.client_address, "dst": self.server_address,
+            "sport": str(self.client_port), "dport": str(self.server_port),
+        }
+
+
+def conntrack_tuples(line):
+    """The original and reply tuples of one conntrack listing line, as two dicts.
+
+    Each key (src, dst, sport, dport) appears twice on a line: first for the
+    original direction, then for the reply.
+    """
+    original, reply = {}, {}
+    for token in line.split():
+        key, separator, value = token.partition("=")
+        if separator and key in ("src", "dst", "sport", "dport"):
+            (reply if key in original else original)[key] = value
+    return original, reply
+
+
+def insert_entry(router, entry):
+    run(entry.insert_arguments(), namespace=router.namespace)
+
+
+def conntrackd_cache(router, conntrackd_config, cache="external"):
+    """Lines of conntrackd's internal (-i) or external (-e) cache dump."""
+    option = {"internal": "-i", "external": "-e"}[cache]
+    argv = ["conntrackd", "-C", str(conntrackd_config), option]
+    return run(argv, namespace=router.namespace).stdout.splitlines()
+
+
+def commit_external_cache(router, conntrackd_config):
+    """What a new primary does first: `conntrackd -c`, the external cache into the
+    kernel table."""
+    run(["conntrackd", "-C", str(conntrackd_config), "-c"], namespace=router.namespace)
+
+
+def kernel_entries(router):
+    return run(["conntrack", "-L"], namespace=router.namespace).stdout.splitlines()
 
 
 # --- processes in a namespace ---------------------------------------------------------
@@ -497,27 +599,48 @@ def named_processes_in_namespace(namespace, name):
 
 
 def kill_processes(processes, timeout=5):
-    """SIGKILL each process by pid and wait for them to go."""
+    """SIGKILL each process by pid and wait until each is gone or a zombie.
+
+    Daemons started by snat-sync are not our children: their parent is whatever
+    reaps orphans here, which may take its time, and a zombie already holds no
+    namespace, socket or file.
+    """
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.kill()
-    psutil.wait_procs(processes, timeout=timeout)
+    wait_until(lambda: not any(map(is_running, processes)), timeout, interval=0.01)
+
+
+def is_running(process):
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # --- failures -------------------------------------------------------------------------
 
 
 def crash_router(lab, router):
-    """Make router's node die the hard way: its switch ports go down (the node is off
-    the wire) and keepalived and conntrackd in its namespace get SIGKILL, so nothing
-    it runs sends a last word (no VRRP priority-0 advert, no conntrackd goodbye)."""
-    for leg in router.legs:
-        ip("link", "set", leg.switch_port, "down", namespace=lab.switch_namespace)
+    """Make router's node die the hard way, as a power cut would.
+
+    keepalived and conntrackd in its namespace are frozen first (SIGSTOP), so that
+    none of them reacts to what follows: no VRRP priority-0 advert, no FAULT
+    transition, no conntrackd goodbye. Then the node's switch ports go down, and the
+    frozen processes get SIGKILL. The peer learns of the death only from missing
+    adverts, after about 3 x advert_int.
+    """
     victims = [
         process
         for name in ("keepalived", "conntrackd")
         for process in named_processes_in_namespace(router.namespace, name)
     ]
+    for process in victims:
+        with contextlib.suppress(psutil.Error):
+            process.suspend()
+    for leg in router.legs:
+        ip("link", "set", leg.switch_port, "down", namespace=lab.switch_namespace)
+    router.crashed = True
     kill_processes(victims)
     if router.keepalived is not None:
         router.keepalived.wait(timeout=5)
@@ -564,13 +687,4 @@ def running_lab(workdir, prefix=None, vrid=1):
         yield lab
     finally:
         teardown(lab)
-
-
-def ensure_root():
-    """Raise LabError unless running as root: namespaces, veth and iptables need it."""
-    if os.geteuid() != 0:
-        raise LabError(
-            "the snat-sync lab creates network namespaces, veth pairs, bridges and "
-            "iptables rules: run it as root"
-        )
 

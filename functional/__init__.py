@@ -1,0 +1,1 @@
+"""Functional tests: real namespaces, keepalived and conntrackd (root only)."""

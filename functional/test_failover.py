@@ -1,0 +1,35 @@
+"""A crash of the primary router, with and without snat-sync (about 20 s each)."""
+
+from snat_sync import demo
+
+
+def describe(flows):
+    return "\n".join(
+        f"{flow.flow_id} {flow.client_endpoint}: alive={flow.alive} "
+        f"gap={flow.longest_gap_ms:.0f}ms public={','.join(flow.public_endpoints)} "
+        f"error={flow.error}"
+        for flow in flows
+    )
+
+
+def test_snat_sync_keeps_flows(tmp_path):
+    result = demo.run_scenario(tmp_path, with_snat_sync=True)
+
+    broken = [flow for flow in result.flows if not flow.alive]
+    assert not broken, f"flows lost despite snat-sync:\n{describe(broken)}"
+    moved = [flow for flow in result.flows if not flow.same_public_endpoint]
+    assert not moved, f"flows seen from another public address:port:\n{describe(moved)}"
+    assert result.summary.tcp_alive == result.summary.tcp_total == 16
+    assert result.summary.udp_alive_same_endpoint == result.summary.udp_total == 16
+    transition = result.last_transition
+    assert transition["role"] == "primary" and transition["outcome"] == "done", transition
+
+
+def test_keepalived_alone_loses_flows(tmp_path):
+    result = demo.run_scenario(tmp_path, with_snat_sync=False)
+
+    summary = result.summary
+    assert summary.tcp_total == summary.udp_total == 16
+    assert summary.tcp_alive < summary.tcp_total, describe(result.flows)
+    assert summary.udp_alive_same_endpoint < summary.udp_total, describe(result.flows)
+    assert result.new_primary_status is None

@@ -1,0 +1,123 @@
+"""Lifecycle of a router's conntrackd: stale lock, removal, status after a failover."""
+
+import os
+import re
+import signal
+import time
+
+from snat_sync import demo
+from snat_sync import lab as lab_module
+
+
+def conntrackd_paths(config):
+    """LockFile and UNIX socket Path named in a rendered conntrackd.conf."""
+    text = config.read_text()
+    lock = re.search(r"^\s*LockFile\s+(\S+)", text, re.MULTILINE).group(1)
+    socket = re.search(r"^\s*Path\s+(\S+)", text, re.MULTILINE).group(1)
+    return lock, socket
+
+
+def conntrackd_pids(router):
+    processes = lab_module.named_processes_in_namespace(router.namespace, "conntrackd")
+    return {process.pid for process in processes}
+
+
+def crash_conntrackd(router, config):
+    """kill -9 the router's conntrackd; it leaves its lock file and socket behind."""
+    pids = conntrackd_pids(router)
+    assert len(pids) == 1, pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert lab_module.wait_until(lambda: not conntrackd_pids(router), timeout=5)
+    lock, socket = conntrackd_paths(config)
+    assert os.path.exists(lock), "the killed conntrackd should have left its lock file"
+    assert os.path.exists(socket), "the killed conntrackd should have left its socket"
+    return pids
+
+
+def test_router_add_recovers_stale_lock(lab, add_router, state_paths):
+    r1 = lab.routers[0]
+    registration = add_router(r1)
+    old = crash_conntrackd(r1, registration.conntrackd_config)
+
+    add_router(r1)
+
+    new = conntrackd_pids(r1)
+    assert new and not new & old
+    status = lab_module.snat_sync_status(state_paths["r1"], lab.router_id)[0]
+    assert status["conntrackd_alive"] and status["conntrackd_pid"] in new
+
+
+def test_notify_backup_recovers_stale_lock(lab, add_router, state_paths):
+    r1 = lab.routers[0]
+    registration = add_router(r1)
+    old = crash_conntrackd(r1, registration.conntrackd_config)
+
+    lab_module.snat_sync(state_paths["r1"], "notify", lab.router_id, "backup")
+
+    new = conntrackd_pids(r1)
+    assert new and not new & old
+    status = lab_module.snat_sync_status(state_paths["r1"], lab.router_id)[0]
+    assert status["conntrackd_alive"]
+    assert status["last_transition"]["role"] == "backup"
+    assert status["last_transition"]["outcome"] == "done"
+
+
+def test_router_remove_leaves_nothing(lab, add_router, state_paths):
+    r1 = lab.routers[0]
+    registration = add_router(r1)
+    lock, socket = conntrackd_paths(registration.conntrackd_config)
+    router_directory = registration.conntrackd_config.parent
+
+    lab_module.snat_sync(state_paths["r1"], "router", "remove", lab.router_id)
+
+    assert not conntrackd_pids(r1)
+    for path in (registration.conntrackd_config, lock, socket):
+        assert not os.path.exists(path), path
+    leftovers = sorted(router_directory.rglob("*")) if router_directory.exists() else []
+    assert not leftovers, leftovers
+    assert not [
+        path for path in state_paths["r1"].rglob("*") if lab.router_id in str(path)
+    ]
+
+
+def test_status_after_failover(lab, add_router, state_paths):
+    r1, r2 = lab.routers
+    notify = {router.name: add_router(router).notify_command for router in lab.routers}
+    for router in lab.routers:
+        lab_module.start_keepalived(lab, router, notify[router.name])
+    lab_module.wait_for_primary(lab, r1)
+    demo.wait_for_role(state_paths["r1"], lab.router_id, "primary")
+    demo.wait_for_role(state_paths["r2"], lab.router_id, "backup")
+    entries = [
+        lab_module.SnatEntry("udp", address, 40001, 50000 + index)
+        for index, address in enumerate(lab_module.CLIENT_ADDRESSES)
+    ]
+    for entry in entries:
+        lab_module.insert_entry(r1, entry)
+
+    def peer_has_them():
+        status = lab_module.snat_sync_status(state_paths["r2"], lab.router_id)[0]
+        return (status["external_cache"] or 0) >= len(entries)
+
+    assert lab_module.wait_until(peer_has_them, timeout=10, interval=0.2)
+
+    crashed_at = time.time()
+    lab_module.crash_router(lab, r1)
+    lab_module.wait_for_primary(lab, r2)
+    demo.wait_for_role(state_paths["r2"], lab.router_id, "primary")
+
+    status = lab_module.snat_sync_status(state_paths["r2"], lab.router_id)[0]
+    transition = status["last_transition"]
+    assert status["role"] == "primary"
+    assert transition["outcome"] == "done", transition
+    assert transition["arrived"] > crashed_at
+    assert transition["commit"]["committed"] >= len(entries), transition
+    assert transition["commit"]["failed"] == 0, transition
+    steps = {step["name"]: step for step in transition["steps"]}
+    assert "commit" in steps, transition
+    for step in transition["steps"]:
+        assert step["ok"] and step["duration_ms"] >= 0, step
+    kernel = lab_module.kernel_entries(r2)
+    for entry in entries:
+        assert any(entry.matches(line) for line in kernel), (entry, kernel)

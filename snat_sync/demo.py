@@ -1,0 +1,396 @@
+"""The failover demo: the same crash, once with keepalived alone, once with snat-sync.
+
+Each scenario builds a fresh lab (see `snat_sync.lab`), lets r1 win the VRRP
+election, starts long-lived TCP and UDP flows from the client through r1's SNAT to the
+server, crashes r1 a few seconds in, keeps the flows going for a while after r2 has
+taken over, and then asks every flow whether it is still alive and whether the server
+saw it from one public address:port the whole time.
+
+With snat-sync, r1 and r2 are each registered with `snat-sync router add` (each with
+its own state path, as two separate nodes would have) before keepalived starts, and
+keepalived's notify line is the command that `router add` printed.
+
+    python3 -m snat_sync.demo [--flows N]      (root; cleans up after itself)
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from snat_sync import flows
+from snat_sync import lab as lab_module
+
+DEFAULT_FLOWS = 16
+REQUIRED_BINARIES = (
+    "ip", "sysctl", "iptables", "keepalived", "conntrackd", "conntrack",
+)
+SERVER_PORT = flows.DEFAULT_PORT
+
+
+@dataclasses.dataclass(frozen=True)
+class ScenarioSettings:
+    """Timing of one scenario.
+
+    run_after_crash must cover TCP's retransmission backoff: a segment lost at the
+    crash is retried 0.2, 0.6, 1.4, 3.0 and 6.2 s later. A failover takes 2.7 to 3.6 s
+    with advert_int 1, so surviving TCP flows resume about 3 s or, when the failover
+    missed the 3.0 s retry, about 6.2 s after the crash; then they need a reply in
+    the run's last second to count as alive.
+    """
+
+    flows: int = DEFAULT_FLOWS
+    crash_after: float = 3.0
+    run_after_crash: float = 10.0
+    advert_int: int = 1
+
+    @property
+    def client_duration(self):
+        return self.crash_after + self.run_after_crash
+
+
+@dataclasses.dataclass(frozen=True)
+class ScenarioResult:
+    name: str
+    with_snat_sync: bool
+    flows: tuple
+    summary: flows.TrafficSummary
+    failover_seconds: float
+    new_primary_status: dict | None
+
+    @property
+    def last_transition(self):
+        """The new primary's last snat-sync transition record, if snat-sync ran."""
+        return (self.new_primary_status or {}).get("last_transition")
+
+
+def scenario_name(with_snat_sync):
+    return "with snat-sync" if with_snat_sync else "keepalived only"
+
+
+def node_state_path(workdir, router):
+    """Each router namespace stands for a separate node with its own state path.
+
+    Kept short on purpose: conntrackd's control socket lives below it, and UNIX
+    socket paths must stay under 108 bytes even inside a deep pytest tmp_path.
+    """
+    return pathlib.Path(workdir) / router.name
+
+
+def register_with_snat_sync(lab, workdir):
+    """`router add` on both nodes; return each router's keepalived notify command."""
+    return {
+        router.name: lab_module.snat_sync_router_add(
+            lab, router, node_state_path(workdir, router)
+        ).notify_command
+        for router in lab.routers
+    }
+
+
+def wait_for_role(state_path, router_id, role, timeout=15):
+    """Wait until snat-sync's last transition for router_id is `role` and done."""
+
+    def reached():
+        statuses = lab_module.snat_sync_status(state_path, router_id)
+        transition = statuses[0].get("last_transition") or {}
+        return transition.get("role") == role and transition.get("outcome") == "done"
+
+    if not lab_module.wait_until(reached, timeout, interval=0.2):
+        raise lab_module.LabError(
+            f"snat-sync in {state_path} did not finish a {role} transition of "
+            f"{router_id} within {timeout}s"
+        )
+
+
+def start_server(lab, workdir, duration):
+    ready = workdir / "server.ready"
+    server = lab_module.start_process(
+        lab,
+        lab.server_namespace,
+        lab_module.python_module(
+            "snat_sync.flows", "server",
+            "--address", lab_module.SERVER_ADDRESS,
+            "--port", SERVER_PORT,
+            "--duration", duration,
+            "--ready-file", ready,
+            "--output", workdir / "server.json",
+        ),
+        workdir / "server.log",
+    )
+    if not lab_module.wait_until(ready.exists, timeout=10):
+        raise lab_module.LabError(
+            f"flow server did not start: {lab_module.read_tail(workdir / 'server.log')}"
+        )
+    return server
+
+
+def start_client(lab, workdir, settings):
+    return lab_module.start_process(
+        lab,
+        lab.client_namespace,
+        lab_module.python_module(
+            "snat_sync.flows", "client",
+            "--server", lab_module.SERVER_ADDRESS,
+            "--port", SERVER_PORT,
+            "--addresses", ",".join(lab_module.CLIENT_ADDRESSES),
+            "--tcp-flows", settings.flows,
+            "--udp-flows", settings.flows,
+            "--duration", settings.client_duration,
+            "--output", workdir / "client.json",
+        ),
+        workdir / "client.log",
+    )
+
+
+def wait_for_exit(process, log_path, timeout):
+    """Wait for a flow program; raise LabError with its log if it fails or hangs."""
+    command = " ".join(map(str, process.args))
+    try:
+        status = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise lab_module.LabError(f"{command} still runs after {timeout}s") from None
+    if status != 0:
+        raise lab_module.LabError(
+            f"{command} exited {status}: {lab_module.read_tail(log_path)}"
+        )
+
+
+def start_routers(lab, workdir, with_snat_sync, settings):
+    """keepalived on both routers (notifying snat-sync when it is used) until r1 is
+    primary and, with snat-sync, both transitions have run."""
+    r1, r2 = lab.routers
+    notify_commands = register_with_snat_sync(lab, workdir) if with_snat_sync else {}
+    for router in lab.routers:
+        lab_module.start_keepalived(
+            lab, router, notify_commands.get(router.name), settings.advert_int
+        )
+    lab_module.wait_for_primary(lab, r1)
+    if with_snat_sync:
+        wait_for_role(node_state_path(workdir, r1), lab.router_id, "primary")
+        wait_for_role(node_state_path(workdir, r2), lab.router_id, "backup")
+
+
+def crash_primary(lab):
+    """Crash r1 and return the seconds until r2 holds the VIPs."""
+    r1, r2 = lab.routers
+    crashed_at = time.monotonic()
+    lab_module.crash_router(lab, r1)
+    if not lab_module.wait_until(lambda: lab_module.primary(lab) is r2, timeout=15):
+        raise lab_module.LabError("r2 did not take over after r1 crashed")
+    return time.monotonic() - crashed_at
+
+
+def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=None,
+                 progress=None):
+    """Build a lab in workdir, run the crash scenario and tear everything down.
+
+    progress, when given, is called with one line of text per step.
+    """
+    say = progress or (lambda line: None)
+    workdir = pathlib.Path(workdir)
+    with lab_module.running_lab(workdir, prefix=prefix) as lab:
+        say(f"lab {lab.prefix}: namespaces {', '.join(lab.namespaces)}")
+        start_routers(lab, workdir, with_snat_sync, settings)
+        say("r1 is primary" + (", snat-sync runs conntrackd on r1 and r2"
+                               if with_snat_sync else ""))
+        server = start_server(lab, workdir, settings.client_duration + 10)
+        client = start_client(lab, workdir, settings)
+        say(f"{settings.flows} TCP + {settings.flows} UDP flows running; "
+            f"crashing r1 in {settings.crash_after:.0f} s")
+        time.sleep(settings.crash_after)
+        failover_seconds = crash_primary(lab)
+        say(f"r1 crashed; r2 primary after {failover_seconds:.2f} s; "
+            f"flows run {settings.run_after_crash:.0f} s more")
+        wait_for_exit(client, workdir / "client.log", settings.client_duration + 20)
+        stop_server(server, workdir / "server.log")
+        new_primary_status = None
+        if with_snat_sync:
+            r2_state = node_state_path(workdir, lab.routers[1])
+            wait_for_role(r2_state, lab.router_id, "primary")
+            new_primary_status = lab_module.snat_sync_status(r2_state, lab.router_id)[0]
+    results = flows.merge_reports(
+        json.loads((workdir / "client.json").read_text()),
+        json.loads((workdir / "server.json").read_text()),
+    )
+    return ScenarioResult(
+        name=scenario_name(with_snat_sync),
+        with_snat_sync=with_snat_sync,
+        flows=tuple(results),
+        summary=flows.summarize(results),
+        failover_seconds=failover_seconds,
+        new_primary_status=new_primary_status,
+    )
+
+
+def stop_server(server, log_path):
+    """Ask the flow server to write its report now instead of waiting its duration."""
+    server.send_signal(signal.SIGTERM)
+    wait_for_exit(server, log_path, timeout=10)
+
+
+# --- presentation ---------------------------------------------------------------------
+
+
+def format_table(results):
+    """The comparison table, one row per scenario."""
+    header = (
+        "scenario", "TCP alive", "UDP alive (same public port)",
+        "longest gap TCP / UDP", "failover",
+    )
+    rows = [header]
+    for result in results:
+        summary = result.summary
+        rows.append((
+            result.name,
+            f"{summary.tcp_alive}/{summary.tcp_total}",
+            f"{summary.udp_alive_same_endpoint}/{summary.udp_total}",
+            f"{seconds(summary.tcp_longest_gap_ms, summary.tcp_alive)} / "
+            f"{seconds(summary.udp_longest_gap_ms, summary.udp_alive)}",
+            f"{result.failover_seconds:.2f} s",
+        ))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+        for row in rows
+    )
+
+
+def seconds(milliseconds, alive):
+    """A gap in seconds, or "-" when no flow survived to have one."""
+    return f"{milliseconds / 1000:.2f} s" if alive else "-"
+
+
+def describe_transition(result):
+    """One line on what snat-sync did on the new primary, or None without snat-sync."""
+    transition = result.last_transition
+    if not transition:
+        return None
+    steps = ", ".join(
+        f"{step['name']} {step['duration_ms']:.1f} ms" for step in transition["steps"]
+    )
+    commit = transition.get("commit") or {}
+    committed = ""
+    if commit.get("committed") is not None:
+        committed = (
+            f"; committed {commit['committed']} entries, {commit.get('failed')} failed"
+        )
+    outcome = f"{transition['role']} transition {transition['outcome']}"
+    return f"r2 {outcome}: {steps}{committed}"
+
+
+# --- running the demo -----------------------------------------------------------------
+
+
+def missing_prerequisites():
+    """Why the demo cannot run here, or an empty list."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append(
+            "it must run as root: it creates network namespaces, veth pairs, "
+            "bridges and iptables rules (inside its own namespaces only)"
+        )
+    missing = [binary for binary in REQUIRED_BINARIES if shutil.which(binary) is None]
+    if missing:
+        problems.append(f"missing programs: {', '.join(missing)}")
+    return problems
+
+
+def run_demo(flows=DEFAULT_FLOWS, workdir=None, out=sys.stdout):
+    """Run both scenarios, print progress and the table to out; return the results."""
+    settings = ScenarioSettings(flows=flows)
+
+    def say(line):
+        print(f"  {line}", file=out, flush=True)
+
+    with contextlib.ExitStack() as cleanup:
+        if workdir is None:
+            workdir = tempfile.mkdtemp(prefix="snat-sync-demo-")
+            cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        results = []
+        for with_snat_sync in (False, True):
+            name = scenario_name(with_snat_sync)
+            print(f"scenario: {name}", file=out, flush=True)
+            results.append(
+                run_scenario(
+                    pathlib.Path(workdir) / name.replace(" ", "-"),
+                    with_snat_sync,
+                    settings,
+                    progress=say,
+                )
+            )
+    print(file=out)
+    print(format_table(results), file=out)
+    for result in results:
+        line = describe_transition(result)
+        if line:
+            print(line, file=out)
+    return results
+
+
+@contextlib.contextmanager
+def interrupts_raise():
+    """Turn SIGTERM (and SIGINT) into KeyboardInterrupt once, so that every `finally`
+    and context manager on the way out tears the labs down; a second signal during
+    the teardown is ignored rather than allowed to cut it short."""
+
+    def interrupted(signal_number, frame):
+        for each in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(each, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signal_number).name)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {each: signal.getsignal(each) for each in handled}
+    for each in previous:
+        signal.signal(each, interrupted)
+    try:
+        yield
+    finally:
+        for each, handler in previous.items():
+            signal.signal(each, handler)
+
+
+def main(flows=DEFAULT_FLOWS):
+    """Run the demo; exit status 0 when snat-sync kept every flow, 1 when it did
+    not, 2 when the demo cannot run here, 130 when interrupted."""
+    problems = missing_prerequisites()
+    if problems:
+        for problem in problems:
+            print(f"snat-sync demo: {problem}", file=sys.stderr)
+        return 2
+    try:
+        with interrupts_raise():
+            results = run_demo(flows=flows)
+    except KeyboardInterrupt:
+        print("snat-sync demo: interrupted; everything it built was removed",
+              file=sys.stderr)
+        return 130
+    except lab_module.LabError as error:
+        print(f"snat-sync demo: {error}", file=sys.stderr)
+        return 1
+    protected = next(result for result in results if result.with_snat_sync).summary
+    kept_all = (
+        protected.tcp_alive == protected.tcp_total
+        and protected.udp_alive_same_endpoint == protected.udp_total
+    )
+    return 0 if kept_all else 1
+
+
+def command_line(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python3 -m snat_sync.demo", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--flows", type=int, default=DEFAULT_FLOWS,
+                        help=f"TCP flows and UDP flows each (default {DEFAULT_FLOWS})")
+    return main(flows=parser.parse_args(argv).flows)
+
+
+if __name__ == "__main__":
+    sys.exit(command_line())

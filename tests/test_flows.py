@@ -1,0 +1,150 @@
+"""snat_sync.flows: the flow plan, the verdicts, and a short run over loopback."""
+
+import json
+import socket
+import subprocess
+import sys
+
+from hypothesis import given
+from hypothesis import strategies
+
+from snat_sync import flows
+
+ADDRESSES = tuple(f"192.168.100.{host}" for host in range(11, 19))
+
+
+def test_plan_shares_source_ports_across_addresses():
+    plan = flows.plan_flows(ADDRESSES, tcp_flows=16, udp_flows=16)
+
+    tcp = [spec for spec in plan if spec.protocol == "tcp"]
+    assert len(tcp) == 16 and len(plan) == 32
+    assert {spec.client_port for spec in tcp} == {40001, 40002}
+    first_port = {spec.client_address for spec in tcp if spec.client_port == 40001}
+    assert first_port == set(ADDRESSES)
+    endpoints = {
+        (spec.protocol, spec.client_address, spec.client_port) for spec in plan
+    }
+    assert len(endpoints) == len(plan)
+    assert len({spec.flow_id for spec in plan}) == len(plan)
+
+
+def test_longest_gap_counts_the_silence_after_the_last_reply():
+    assert flows.longest_gap(0.0, [0.1, 0.2, 3.2, 3.3], 10.0) == (10.0 - 3.3, 3.3)
+    assert flows.longest_gap(0.0, [0.5, 1.0, 4.0, 6.0, 8.0, 9.5], 10.0) == (3.0, 1.0)
+    assert flows.longest_gap(0.0, [], 5.0) == (5.0, 0.0)
+
+
+@given(
+    strategies.lists(strategies.floats(0, 100, allow_nan=False), max_size=50),
+    strategies.floats(0, 100, allow_nan=False),
+)
+def test_longest_gap_bounds(times, extra):
+    end = max(times, default=0.0) + extra
+    length, start = flows.longest_gap(0.0, sorted(times), end)
+    assert 0.0 <= length <= end
+    assert 0.0 <= start <= end - length + 1e-9
+
+
+def test_alive_needs_a_recent_reply_and_no_error():
+    assert flows.is_alive([1.0, 9.5], 10.0, None)
+    assert not flows.is_alive([1.0, 8.5], 10.0, None)
+    assert not flows.is_alive([9.9], 10.0, "ConnectionResetError")
+    assert not flows.is_alive([], 10.0, None)
+
+
+def test_reply_round_trip():
+    message = flows.encode_message("udp-03", 17)
+    reply = flows.encode_reply(message, "203.0.113.10:52002")
+    assert flows.decode_reply(reply) == ("udp-03", 17, "203.0.113.10:52002")
+
+
+def client_flow(flow_id, protocol, alive, gap=80.0, error=None):
+    return {
+        "flow_id": flow_id,
+        "protocol": protocol,
+        "client_endpoint": "192.168.100.11:40001",
+        "alive": alive,
+        "longest_gap_ms": gap,
+        "longest_gap_start": 3.0,
+        "error": error,
+    }
+
+
+def test_merge_and_summarize():
+    client = {"flows": [
+        client_flow("tcp-00", "tcp", True, gap=3400.0),
+        client_flow("tcp-01", "tcp", False, gap=9000.0, error="ConnectionResetError"),
+        client_flow("udp-00", "udp", True, gap=3100.0),
+        client_flow("udp-01", "udp", True),
+    ]}
+    server = {"flows": [
+        {"flow_id": "tcp-00", "public_endpoints": ["203.0.113.10:40001"]},
+        {"flow_id": "tcp-01", "public_endpoints": ["203.0.113.10:50001"]},
+        {"flow_id": "udp-00", "public_endpoints": ["203.0.113.10:40001"]},
+        {"flow_id": "udp-01", "public_endpoints": ["203.0.113.10:5", "203.0.113.10:6"]},
+    ]}
+
+    results = flows.merge_reports(client, server)
+    summary = flows.summarize(results)
+
+    same = [result.same_public_endpoint for result in results]
+    assert same == [True, True, True, False]
+    assert (summary.tcp_alive, summary.tcp_total) == (1, 2)
+    assert (summary.udp_alive, summary.udp_alive_same_endpoint) == (2, 1)
+    assert not summary.all_same_endpoint
+    assert summary.tcp_longest_gap_ms == 3400.0
+    assert summary.udp_longest_gap_ms == 3100.0
+
+
+def test_flow_without_server_sighting_is_not_same_endpoint():
+    results = flows.merge_reports({"flows": [client_flow("udp-00", "udp", True)]}, {})
+    assert not results[0].same_public_endpoint
+
+
+def free_port(kind):
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_short_run_over_loopback(tmp_path):
+    """Server and client as the lab runs them, on loopback addresses (no root)."""
+    port = free_port(socket.SOCK_STREAM)
+    base_port = free_port(socket.SOCK_STREAM)
+    ready = tmp_path / "ready"
+    server = subprocess.Popen([
+        sys.executable, "-m", "snat_sync.flows", "server", "--address", "127.0.0.1",
+        "--port", str(port), "--duration", "10", "--ready-file", str(ready),
+        "--output", str(tmp_path / "server.json"),
+    ])
+    try:
+        for _ in range(100):
+            if ready.exists():
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        client = subprocess.run(
+            [
+                sys.executable, "-m", "snat_sync.flows", "client",
+                "--server", "127.0.0.1",
+                "--port", str(port), "--addresses", "127.0.0.11,127.0.0.12",
+                "--tcp-flows", "2", "--udp-flows", "2", "--base-port", str(base_port),
+                "--duration", "1.5",
+            ],
+            capture_output=True, text=True, timeout=20, check=True,
+        )
+        server.terminate()
+        assert server.wait(timeout=10) == 0
+    finally:
+        server.kill()
+        server.wait()
+
+    results = flows.merge_reports(
+        json.loads(client.stdout), json.loads((tmp_path / "server.json").read_text())
+    )
+    assert len(results) == 4
+    for result in results:
+        assert result.alive, result
+        client_address = result.client_endpoint.split(":")[0]
+        assert result.public_endpoints[0].startswith(client_address + ":")
+        assert result.same_public_endpoint, result
+        assert result.longest_gap_ms < 1000, result

@@ -1,0 +1,121 @@
+"""The pure parts of snat_sync.lab and snat_sync.demo (no root, no namespaces)."""
+
+import pytest
+
+from snat_sync import demo
+from snat_sync import flows
+from snat_sync import lab
+
+
+def fake_lab(prefix="ss-a1b2c3"):
+    tag = prefix.rsplit("-", 1)[-1]
+    routers = tuple(
+        lab.Router(
+            name, f"{prefix}-{name}", *lab.router_legs(tag, name), local, peer, priority
+        )
+        for name, local, peer, priority in (
+            ("r1", *lab.HA_ADDRESSES, 150),
+            ("r2", *reversed(lab.HA_ADDRESSES), 100),
+        )
+    )
+    return lab.Lab(prefix, tag, "/nonexistent", f"router-{tag}", 7, f"{prefix}-sw",
+                   f"{prefix}-client", f"{prefix}-server", routers)
+
+
+def test_interface_names_fit_ifnamsiz():
+    for name in ("r1", "r2"):
+        for leg in lab.router_legs("ffffff", name):
+            assert len(leg.device.encode()) <= 15
+            assert len(leg.switch_port.encode()) <= 15
+    with pytest.raises(ValueError):
+        lab.check_interface_name("qr-0123456789abc")
+
+
+def test_prefixes_are_unique_and_short():
+    prefixes = {lab.new_prefix() for _ in range(50)}
+    assert len(prefixes) == 50
+    assert all(prefix.startswith("ss-") and len(prefix) == 9 for prefix in prefixes)
+
+
+def test_qr_and_qg_share_a_mac_across_routers_but_not_with_each_other():
+    assert lab.port_mac("a1b2c3", 1) != lab.port_mac("a1b2c3", 2)
+    assert lab.port_mac("a1b2c3", 1).startswith("fa:16:3e:")
+    r1, r2 = (lab.router_legs("a1b2c3", name) for name in ("r1", "r2"))
+    assert r1[0].device == r2[0].device and r1[2].device == r2[2].device
+    assert r1[1].device != r2[1].device
+
+
+def test_keepalived_config():
+    built = fake_lab()
+    r1 = built.routers[0]
+
+    text = lab.keepalived_config(built, r1, notify_command="/state/notify.sh")
+
+    assert "enable_script_security" in text and "script_user root" in text
+    assert "virtual_router_id 7" in text and "priority 150" in text
+    assert "advert_int 1" in text and "nopreempt" in text
+    assert "unicast_src_ip 169.254.192.1" in text
+    assert "        169.254.192.2\n" in text
+    assert f"192.168.100.1/24 dev {r1.internal.device}" in text
+    assert f"203.0.113.10/24 dev {r1.external.device}" in text
+    assert '    notify "/state/notify.sh"' in text
+    assert text.count("{") == text.count("}")
+    assert "notify" not in lab.keepalived_config(built, r1)
+    with pytest.raises(ValueError):
+        lab.keepalived_config(built, r1, notify_command='x "y"')
+
+
+LISTED = (
+    "tcp      6 297 ESTABLISHED src=192.168.100.12 dst=203.0.113.100 sport=40001 "
+    "dport=9000 src=203.0.113.100 dst=203.0.113.10 sport=9000 dport=52001 [ASSURED] "
+    "mark=0 use=1"
+)
+CACHED = (
+    "tcp      6 ESTABLISHED src=192.168.100.12 dst=203.0.113.100 sport=40001 "
+    "dport=9000 [ASSURED] mark=0 [active since 2s]"
+)
+
+
+def test_conntrack_tuples():
+    original, reply = lab.conntrack_tuples(LISTED)
+    assert original == {"src": "192.168.100.12", "dst": "203.0.113.100",
+                        "sport": "40001", "dport": "9000"}
+    assert reply == {"src": "203.0.113.100", "dst": "203.0.113.10",
+                     "sport": "9000", "dport": "52001"}
+
+
+def test_snat_entry_matching():
+    entry = lab.SnatEntry("tcp", "192.168.100.12", 40001, 52001)
+    assert entry.matches(LISTED)
+    assert entry.matches_original(CACHED) and not entry.matches(CACHED)
+    assert not lab.SnatEntry("tcp", "192.168.100.12", 40001, 52002).matches(LISTED)
+    udp = lab.SnatEntry("udp", "192.168.100.12", 40001, 52001)
+    assert not udp.matches_original(LISTED)
+    arguments = entry.insert_arguments()
+    assert arguments[:4] == ["conntrack", "-I", "-p", "tcp"]
+    assert "203.0.113.10:52001" in arguments and "ESTABLISHED" in arguments
+
+
+def scenario(name, tcp_alive, udp_same, with_snat_sync):
+    summary = flows.TrafficSummary(16, tcp_alive, 16, 16, udp_same, udp_same == 16,
+                                   3450.0 if tcp_alive else 0.0, 3100.0)
+    transition = {"role": "primary", "outcome": "done",
+                  "steps": [{"name": "commit", "duration_ms": 4.6}],
+                  "commit": {"committed": 32, "failed": 0}}
+    status = {"last_transition": transition} if with_snat_sync else None
+    return demo.ScenarioResult(name, with_snat_sync, (), summary, 3.2, status)
+
+
+def test_table_and_transition_line():
+    results = [scenario("keepalived only", 0, 0, False),
+               scenario("with snat-sync", 16, 16, True)]
+
+    lines = demo.format_table(results).splitlines()
+
+    assert len(lines) == 3
+    assert lines[1].split()[2:4] == ["0/16", "0/16"]
+    assert "-" in lines[1] and "3.45 s / 3.10 s" in lines[2]
+    assert demo.describe_transition(results[0]) is None
+    assert demo.describe_transition(results[1]) == (
+        "r2 primary transition done: commit 4.6 ms; committed 32 entries, 0 failed"
+    )
