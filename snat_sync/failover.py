@@ -239,14 +239,21 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
 
 
 def _check_commit(record, daemon):
-    """Account for the commit in the record; return what went wrong with it."""
-    commit = conntrackd_module.parse_last_commit(
-        statedir.read_text(daemon.files.log_file) or "")
+    """Account for the commit in the record; return what went wrong with it.
+
+    The log's last commit is this one only if the commit step ran: transitions are
+    serialised, but a commit that failed to reach conntrackd logged nothing.
+    """
+    commit_ran = record.steps[-1].ok
+    commit = None
+    if commit_ran:
+        commit = conntrackd_module.parse_last_commit(
+            statedir.read_text(daemon.files.log_file) or "")
     stats = daemon.cache_stats()
     expected = stats.external_active if stats else None
     record.commit = {**(dataclasses.asdict(commit) if commit else {}),
                      "expected": expected}
-    problems = commit_problems(commit, expected) if record.steps[-1].ok else []
+    problems = commit_problems(commit, expected) if commit_ran else []
     if stats and stats.external_no_space:
         problems.append(f"the external cache was full: {stats.external_no_space} "
                         "replicated entries were dropped before the failover")

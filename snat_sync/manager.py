@@ -165,6 +165,8 @@ def add_router(conf, spec, snat_sync_command):
             content, mode = rendered.contents()[path]
             statedir.write_atomically(path, content, mode)
         started = daemon.start(conf.conntrackd.scheduler)
+        if not conf.failover.reset_window_guard:
+            _lift_guard_if_up(spec, files)
     except BaseException:
         _undo_add(conf, files, is_new, previous, previous_spec)
         raise
@@ -204,8 +206,7 @@ def remove_router(conf, router_id):
     spec = _load_spec(files)
     if spec is not None:
         daemon_for(conf, spec, files).stop()
-        if namespace.namespace_inode(spec.namespace) is not None:
-            guard.lift_guard(spec.namespace, files)
+        _lift_guard_if_up(spec, files)
     for process in conntrackd.daemons_with_config(str(files.conntrackd_config)):
         LOG.warning("router %s: killing conntrackd pid %d outside its namespace",
                     router_id, process.pid)
@@ -213,6 +214,17 @@ def remove_router(conf, router_id):
     shutil.rmtree(files.directory)
     LOG.info("router %s removed", router_id)
     return True
+
+
+def _lift_guard_if_up(spec, files):
+    """Lift a guard an earlier configuration raised; never fail because of it."""
+    if namespace.namespace_inode(spec.namespace) is None:
+        return
+    try:
+        guard.lift_guard(spec.namespace, files)
+    except guard.GuardError as error:
+        LOG.warning("router %s: could not lift the reset-window guard: %s",
+                    spec.router_id, error)
 
 
 def notify(conf, router_id, arguments, arrived=None, hook_steps=()):

@@ -60,48 +60,95 @@ def test_notify_with_a_bad_router_id_exits_2(state_path, capsys):
     assert "invalid router id '../../etc'" in capsys.readouterr().err
 
 
-def test_notify_with_a_bad_hook_commit_exits_2(state_path, spec, capsys):
-    add_router_files(state_path, spec)
-    assert run(state_path, "notify", "r1", "primary", "--hook-commit", "soon") == 2
-    assert "invalid hook commit 'soon'" in capsys.readouterr().err
+@pytest.mark.parametrize("bad", ["soon", "1000.1,1000.3,0", "commit,a,b,0"])
+def test_notify_with_a_bad_hook_step_exits_2(state_path, spec, capsys, bad):
+    files = add_router_files(state_path, spec)
+    assert run(state_path, "notify", "r1", "primary", "--hook-step", bad) == 2
+    assert f"invalid hook step '{bad}'" in capsys.readouterr().err
+    assert not files.last_transition.exists()
 
 
-def conntrackd_command(files, flag):
-    return ["conntrackd", "-C", str(files.conntrackd_config), flag]
+def conntrackd_command(files, *arguments):
+    return ["conntrackd", "-C", str(files.conntrackd_config), *arguments]
+
+
+def nft_command(files, ruleset):
+    return ["nsenter", "--net=/run/netns/qrouter-r1", "nft", "-f",
+            str(getattr(files, ruleset))]
+
+
+CACHE_STATS = ("cache:internal\tactive objects:\t\t0\n"
+               "cache:external\tactive objects:\t\t3\n")
+COMMIT_LOG = ("[Tue Nov 24 20:13:56 2026] (pid=1) [notice] committing all external "
+              "caches\n"
+              "[Tue Nov 24 20:13:56 2026] (pid=1) [notice] Committed 3 new entries\n"
+              "[Tue Nov 24 20:13:56 2026] (pid=1) [notice] commit has taken 0.000010 "
+              "seconds\n")
 
 
 def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp):
     files = add_router_files(state_path, spec)
-    for flag in ("-c", "-f", "-R", "-B"):
-        fp.register(conntrackd_command(files, flag))
+    files.log_file.write_text(COMMIT_LOG)
+    expected = [conntrackd_command(files, "-c"),
+                conntrackd_command(files, "-s", "cache"),
+                nft_command(files, "guard_lift"),
+                *(conntrackd_command(files, flag) for flag in ("-f", "-R", "-B"))]
+    for command in expected:
+        fp.register(command, stdout=CACHE_STATS if "cache" in command else "")
     status = run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
                  "--arrived", "1234.5")
     assert status == 0
-    assert list(fp.calls) == [conntrackd_command(files, flag)
-                              for flag in ("-c", "-f", "-R", "-B")]
+    assert list(fp.calls) == expected
     record = statedir.read_json(files.last_transition)
     assert (record["role"], record["outcome"], record["arrived"]) == (
         "primary", "done", 1234.5)
+    assert record["commit"] == {"committed": 3, "already_present": 0, "failed": 0,
+                                "seconds": 0.00001, "expected": 3}
 
 
-def test_notify_with_the_hook_commit_skips_the_commit(state_path, spec, fp):
+def test_notify_with_the_hook_steps_skips_them(state_path, spec, fp):
     files = add_router_files(state_path, spec)
+    files.log_file.write_text(COMMIT_LOG)
+    fp.register(conntrackd_command(files, "-s", "cache"), stdout=CACHE_STATS)
     for flag in ("-f", "-R", "-B"):
         fp.register(conntrackd_command(files, flag))
     status = run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
-                 "--arrived", "1000.0", "--hook-commit", "1000.1,1000.3,0")
+                 "--arrived", "1000.0", "--hook-step", "commit,1000.1,1000.3,0",
+                 "--hook-step", "lift-guard,1000.3,1000.305,0")
     assert status == 0
-    assert len(fp.calls) == 3
+    assert list(fp.calls) == [conntrackd_command(files, "-s", "cache"),
+                              *(conntrackd_command(files, flag)
+                                for flag in ("-f", "-R", "-B"))]
     steps = statedir.read_json(files.last_transition)["steps"]
-    assert steps[0]["run_by"] == "notify-hook"
+    assert [(step["name"], step["run_by"]) for step in steps[:2]] == [
+        ("commit", "notify-hook"), ("lift-guard", "notify-hook")]
     assert steps[0]["duration_ms"] == pytest.approx(200, abs=0.01)
+    assert steps[1]["duration_ms"] == pytest.approx(5, abs=0.01)
+
+
+def test_notify_backup_raises_the_guard(state_path, spec, fp, monkeypatch):
+    files = add_router_files(state_path, spec)
+    monkeypatch.setattr(manager.conntrackd.Conntrackd, "start",
+                        lambda daemon, policy="other": False)
+    expected = [nft_command(files, "guard_raise"), conntrackd_command(files, "-t"),
+                conntrackd_command(files, "-n")]
+    for command in expected:
+        fp.register(command)
+    assert run(state_path, "notify", "r1", "BACKUP") == 0
+    assert list(fp.calls) == expected
 
 
 def test_notify_exits_1_when_the_transition_fails(state_path, spec, fp):
     files = add_router_files(state_path, spec)
     fp.register(conntrackd_command(files, "-c"), returncode=1)
+    fp.register(conntrackd_command(files, "-s", "cache"), returncode=1)
+    fp.register(nft_command(files, "guard_lift"))
+    for flag in ("-R", "-B"):
+        fp.register(conntrackd_command(files, flag))
     assert run(state_path, "notify", "r1", "MASTER") == 1
-    assert statedir.read_json(files.last_transition)["outcome"] == "failed"
+    record = statedir.read_json(files.last_transition)
+    assert record["outcome"] == "failed"
+    assert [step["ok"] for step in record["steps"]] == [False, True, False, True, True]
 
 
 # -- router add -----------------------------------------------------------------------
@@ -223,11 +270,13 @@ def test_format_status_shows_step_timings_and_commit_counts():
         "role": "primary", "outcome": "done", "arrived": arrived,
         "steps": [
             {"name": "commit", "duration_ms": 461.25},
+            {"name": "lift-guard", "duration_ms": 1.24},
             {"name": "flush-caches", "duration_ms": 0.44},
             {"name": "resync-from-kernel", "duration_ms": 12.0},
             {"name": "bulk-send", "duration_ms": 3.06},
         ],
-        "commit": {"committed": 99993, "failed": 7, "seconds": 0.46125},
+        "commit": {"committed": 99993, "already_present": 0, "failed": 7,
+                   "seconds": 0.46125, "expected": 100000},
     }
     text = cli.format_status([router_status(last_transition=record)])
     header, row = text.splitlines()
@@ -235,7 +284,8 @@ def test_format_status_shows_step_timings_and_commit_counts():
                               "EXTERNAL", "LAST", "TRANSITION"]
     assert row.startswith("r1  ")
     assert "pid 4242" in row
-    assert ("primary done at 20:13:56: commit=461.2ms flush-caches=0.4ms "
+    assert ("primary done at 20:13:56: commit=461.2ms lift-guard=1.2ms "
+            "flush-caches=0.4ms "
             "resync-from-kernel=12.0ms bulk-send=3.1ms committed=99993 failed=7") in row
 
 

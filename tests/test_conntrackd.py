@@ -35,10 +35,13 @@ cache:external	active objects:		           1
 """
 
 
-def commit_block(committed, seconds, failed=None, time="20:13:56"):
+def commit_block(committed, seconds, failed=None, time="20:13:56",
+                 already_present=None):
     prefix = f"[Tue Nov 24 {time} 2026] (pid=3092) [notice] "
     lines = [f"{prefix}committing all external caches",
              f"{prefix}Committed {committed} new entries"]
+    if already_present is not None:
+        lines.append(f"{prefix}{already_present} entries ignored, already exist")
     if failed is not None:
         lines.append(f"{prefix}{failed} entries can't be committed")
     lines.append(f"{prefix}commit has taken {seconds} seconds")
@@ -84,7 +87,7 @@ def test_parse_cache_stats_of_nothing_is_zero():
 
 def test_parse_last_commit_of_the_sample():
     assert conntrackd.parse_last_commit(commit_block(0, "0.000022")) == CommitResult(
-        committed=0, failed=0, seconds=0.000022)
+        committed=0, already_present=0, failed=0, seconds=0.000022)
 
 
 def test_parse_last_commit_takes_the_last_of_several():
@@ -93,14 +96,43 @@ def test_parse_last_commit_takes_the_last_of_several():
            + commit_block(99993, "0.461250", failed=7, time="20:12:00")
            + commit_block(123, "0.001500", time="20:13:00")
            + "[Tue Nov 24 20:13:01 2026] (pid=3092) [notice] flushing caches\n")
-    assert conntrackd.parse_last_commit(log) == CommitResult(123, 0, 0.0015)
+    assert conntrackd.parse_last_commit(log) == CommitResult(123, 0, 0, 0.0015)
 
 
 def test_parse_last_commit_reports_entries_that_could_not_be_committed():
     log = commit_block(99993, "0.461250", failed=7)
-    assert conntrackd.parse_last_commit(log) == CommitResult(99993, 7, 0.46125)
+    assert conntrackd.parse_last_commit(log) == CommitResult(99993, 0, 7, 0.46125)
     singular = log.replace("7 entries can't", "1 entry can't")
     assert conntrackd.parse_last_commit(singular).failed == 1
+
+
+def test_parse_last_commit_counts_entries_already_present():
+    log = commit_block(90, "0.001000", failed=3, already_present=7)
+    assert conntrackd.parse_last_commit(log) == CommitResult(90, 7, 3, 0.001)
+    singular = log.replace("7 entries ignored", "1 entry ignored")
+    assert conntrackd.parse_last_commit(singular).already_present == 1
+
+
+@pytest.mark.parametrize("line", [
+    "7 entries updated, already exist",   # not the wording the regex knows
+    "7 entries ignored",
+    "entries ignored, already exist",
+])
+def test_parse_last_commit_ignores_other_already_present_wordings(line):
+    """Only "N entr(y|ies) ignored, already exist" fills already_present.
+
+    (conntrackd 1.4.7 logs no such line at all: it destroys and re-creates an
+    entry that exists, and counts it as committed.)
+    """
+    log = commit_block(90, "0.001000") + f"[Tue Nov 24 20:13:56 2026] (pid=3092) " \
+        f"[notice] {line}\n"
+    assert conntrackd.parse_last_commit(log).already_present == 0
+
+
+def test_parse_last_commit_counts_only_the_last_commits_already_present():
+    log = (commit_block(1, "0.1", already_present=5, time="20:10:00")
+           + commit_block(2, "0.2", time="20:11:00"))
+    assert conntrackd.parse_last_commit(log) == CommitResult(2, 0, 0, 0.2)
 
 
 @pytest.mark.parametrize("log", ["", "[Tue Nov 24 20:13:56 2026] (pid=1) [notice] "
@@ -112,7 +144,7 @@ def test_parse_last_commit_without_a_commit(log):
 def test_parse_last_commit_of_a_commit_still_running_or_truncated():
     earlier = commit_block(10, "0.000100", time="20:10:00")
     running = earlier + commit_block(5, "0.1").splitlines(keepends=True)[0]
-    assert conntrackd.parse_last_commit(running) == CommitResult(None, 0, None)
+    assert conntrackd.parse_last_commit(running) == CommitResult(None, 0, 0, None)
     cut = earlier + commit_block(5, "0.1")[:-len("0.1 seconds\n") - 20]
     result = conntrackd.parse_last_commit(cut)
     assert result.committed == 5

@@ -1,5 +1,5 @@
 """The failover state machine: parsing keepalived's arguments, the plan for each
-role, and running it under the router's lock."""
+role, judging the commit, and running the plan under the router's lock."""
 
 import threading
 import time
@@ -11,20 +11,35 @@ from hypothesis import strategies as st
 
 from snat_sync import failover
 from snat_sync import statedir
-from snat_sync.conntrackd import Conntrackd, ConntrackdError
+from snat_sync.conntrackd import (CacheStats, CommitResult, Conntrackd,
+                                  ConntrackdError)
 from snat_sync.errors import InvalidInput, SnatSyncError
-from snat_sync.failover import HookCommit, Role
+from snat_sync.failover import HookStep, Role
+from snat_sync.guard import GuardError
 
-COMMIT_LOG = """\
-[Tue Nov 24 20:13:50 2026] (pid=3092) [notice] committing all external caches
-[Tue Nov 24 20:13:50 2026] (pid=3092) [notice] Committed 3 new entries
-[Tue Nov 24 20:13:50 2026] (pid=3092) [notice] commit has taken 0.000010 seconds
-[Tue Nov 24 20:13:56 2026] (pid=3092) [notice] committing all external caches
-[Tue Nov 24 20:13:56 2026] (pid=3092) [notice] Committed 99993 new entries
-[Tue Nov 24 20:13:56 2026] (pid=3092) [notice] 7 entries can't be committed
-[Tue Nov 24 20:13:56 2026] (pid=3092) [notice] commit has taken 0.461250 seconds
-"""
-LAST_COMMIT = {"committed": 99993, "failed": 7, "seconds": 0.46125}
+LOG_PREFIX = "[Tue Nov 24 20:13:56 2026] (pid=3092) [notice] "
+
+
+def commit_log(*blocks):
+    """A conntrackd log with one commit block per (committed, failed, seconds)."""
+    lines = []
+    for committed, failed, seconds in blocks:
+        lines.append(f"{LOG_PREFIX}committing all external caches")
+        lines.append(f"{LOG_PREFIX}Committed {committed} new entries")
+        if failed:
+            lines.append(f"{LOG_PREFIX}{failed} entries can't be committed")
+        lines.append(f"{LOG_PREFIX}commit has taken {seconds} seconds")
+    return "\n".join(lines) + "\n"
+
+
+# an earlier, small commit, then the one of this failover: 100000 entries, all in
+COMMIT_LOG = commit_log((3, 0, "0.000010"), (100000, 0, "0.461250"))
+LAST_COMMIT = {"committed": 100000, "already_present": 0, "failed": 0,
+               "seconds": 0.46125, "expected": 100000}
+EXTERNAL_100000 = CacheStats(internal_active=0, external_active=100000,
+                             internal_no_space=0, external_no_space=0)
+SKIPPED_FLUSH = ("flush-caches: skipped: it would discard the entries the commit "
+                 "left out")
 
 
 # -- parse_notify_arguments ---------------------------------------------------------
@@ -105,28 +120,53 @@ def names(steps):
 
 def test_plan_primary():
     steps = failover.plan(Role.PRIMARY)
-    assert names(steps) == ["commit", "flush-caches", "resync-from-kernel",
-                            "bulk-send"]
-    assert [step.arguments for step in steps] == [("-c",), ("-f",), ("-R",), ("-B",)]
-    assert [step.uses_commit_timeout for step in steps] == [True, False, False, False]
+    assert names(steps) == ["commit", "lift-guard", "flush-caches",
+                            "resync-from-kernel", "bulk-send"]
+    assert [step.action for step in steps] == [
+        "control", "lift-guard", "control", "control", "control"]
+    assert [step.arguments for step in steps] == [("-c",), (), ("-f",), ("-R",),
+                                                  ("-B",)]
+    assert [step.uses_commit_timeout for step in steps] == [
+        True, False, False, False, False]
     assert failover.plan(Role.PRIMARY, resync_on_backup=False) == steps
+
+
+def test_only_the_flush_discards_replicated_entries():
+    every_step = {step for role in Role for step in failover.plan(role)}
+    assert {step.name for step in every_step
+            if step.discards_replicated_entries} == {"flush-caches"}
+
+
+def test_plan_primary_without_guard():
+    assert names(failover.plan(Role.PRIMARY, guard=False)) == [
+        "commit", "flush-caches", "resync-from-kernel", "bulk-send"]
 
 
 def test_plan_backup():
     steps = failover.plan(Role.BACKUP)
-    assert names(steps) == ["ensure-running", "shorten-timers", "request-resync"]
-    assert steps[0].starts_daemon and not steps[1].starts_daemon
-    assert [step.arguments for step in steps[1:]] == [("-t",), ("-n",)]
+    assert names(steps) == ["ensure-running", "raise-guard", "shorten-timers",
+                            "request-resync"]
+    assert [step.action for step in steps] == [
+        "start-daemon", "raise-guard", "control", "control"]
+    assert [step.arguments for step in steps[2:]] == [("-t",), ("-n",)]
+    assert not any(step.uses_commit_timeout for step in steps)
 
 
 def test_plan_backup_without_resync():
     assert names(failover.plan(Role.BACKUP, resync_on_backup=False)) == [
-        "ensure-running", "shorten-timers"]
+        "ensure-running", "raise-guard", "shorten-timers"]
+
+
+def test_plan_backup_without_guard():
+    assert names(failover.plan(Role.BACKUP, guard=False)) == [
+        "ensure-running", "shorten-timers", "request-resync"]
 
 
 @pytest.mark.parametrize("role", [Role.FAULT, Role.STOP])
 def test_plan_fault_and_stop(role):
-    assert names(failover.plan(role)) == ["shorten-timers"]
+    assert names(failover.plan(role)) == ["raise-guard", "shorten-timers"]
+    assert names(failover.plan(role, guard=False)) == ["shorten-timers"]
+    assert failover.plan(role, resync_on_backup=False) == failover.plan(role)
 
 
 @pytest.mark.parametrize("last, arrived, superseded", [
@@ -140,26 +180,96 @@ def test_is_superseded(last, arrived, superseded):
     assert failover.is_superseded(last, arrived) is superseded
 
 
-def test_hook_commit_parse():
-    assert HookCommit.parse("1700000000.25,1700000000.75,0") == HookCommit(
-        1700000000.25, 1700000000.75, 0)
-    for bad in ("", "1,2", "1,2,3,4", "a,b,c", "1.0,2.0,x"):
-        with pytest.raises(InvalidInput, match="hook commit"):
-            HookCommit.parse(bad)
+def test_hook_step_parse():
+    assert HookStep.parse("commit,1700000000.25,1700000000.75,0") == HookStep(
+        "commit", 1700000000.25, 1700000000.75, 0)
+    assert HookStep.parse("lift-guard,1.5,2,1") == HookStep("lift-guard", 1.5, 2.0, 1)
+
+
+@pytest.mark.parametrize("bad", ["", "commit", "commit,1,2", "commit,1,2,3,4",
+                                 "1700000000.25,1700000000.75,0", "commit,a,b,0",
+                                 "commit,1.0,2.0,x", "commit,1.0,2.0,0.5"])
+def test_hook_step_parse_rejects(bad):
+    with pytest.raises(InvalidInput, match="hook step") as caught:
+        HookStep.parse(bad)
+    assert caught.value.exit_status == 2
+
+
+# -- commit_problems ----------------------------------------------------------------
+
+
+def test_commit_problems_of_a_complete_commit():
+    assert failover.commit_problems(CommitResult(100, 0, 0, 0.1), 100) == []
+    assert failover.commit_problems(CommitResult(60, 40, 0, 0.1), 100) == []
+    assert failover.commit_problems(CommitResult(0, 0, 0, 0.0), 0) == []
+
+
+def test_commit_problems_when_no_commit_was_logged():
+    assert failover.commit_problems(None, 100) == ["conntrackd logged no commit"]
+    assert failover.commit_problems(None, None) == ["conntrackd logged no commit"]
+
+
+def test_commit_problems_of_entries_that_could_not_be_committed():
+    assert failover.commit_problems(CommitResult(93, 0, 7, 0.1), 100) == [
+        "7 of 100 entries could not be committed"]
+
+
+def test_commit_problems_of_entries_the_commit_left_out():
+    assert failover.commit_problems(CommitResult(90, 5, 0, 0.1), 100) == [
+        "only 95 of 100 replicated entries were accounted for by the commit"]
+    assert failover.commit_problems(CommitResult(99, 0, 0, 0.1), 100) == [
+        "only 99 of 100 replicated entries were accounted for by the commit"]
+
+
+def test_commit_problems_of_a_commit_that_never_finished():
+    """"committing all external caches" logged, but no count: nothing accounted."""
+    assert failover.commit_problems(CommitResult(None, 0, 0, None), 100) == [
+        "only 0 of 100 replicated entries were accounted for by the commit"]
+
+
+def test_commit_problems_reports_failures_and_shortfall_together():
+    assert failover.commit_problems(CommitResult(80, 0, 7, 0.1), 100) == [
+        "7 of 100 entries could not be committed",
+        "only 87 of 100 replicated entries were accounted for by the commit"]
+
+
+def test_commit_problems_without_a_cache_size_judges_the_log_only():
+    assert failover.commit_problems(CommitResult(5, 0, 0, 0.1), None) == []
+    problems = failover.commit_problems(CommitResult(5, 0, 2, 0.1), None)
+    assert len(problems) == 1
+    assert problems[0].startswith("2 of ") and "could not be committed" in problems[0]
+
+
+def test_more_accounted_than_expected_is_fine():
+    """Entries added to the kernel table meanwhile are no problem."""
+    assert failover.commit_problems(CommitResult(120, 0, 0, 0.1), 100) == []
 
 
 # -- run_transition -----------------------------------------------------------------
 
 
+class Journal(list):
+    """What a transition asked of conntrackd and of the guard, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.guard_error = {}
+
+
 class FakeDaemon:
     """Records what a transition asks of conntrackd; fails or stalls on request."""
 
-    def __init__(self, files, fail=(), delay=0.0, on_control=None):
+    namespace = "qrouter-r1"
+
+    def __init__(self, files, journal=None, fail=(), delay=0.0, on_control=None,
+                 stats=EXTERNAL_100000):
         self.files = files
-        self.calls = []
+        self.calls = Journal() if journal is None else journal
         self.fail = fail
         self.delay = delay
         self.on_control = on_control
+        self.stats = stats
+        self.cache_stats_calls = 0
 
     def start(self, scheduler_policy="other"):
         self.calls.append(("start", scheduler_policy))
@@ -174,6 +284,32 @@ class FakeDaemon:
             raise ConntrackdError(f"conntrackd {' '.join(arguments)} failed (exit 1): "
                                   "cannot connect")
 
+    def cache_stats(self):
+        self.cache_stats_calls += 1
+        return self.stats
+
+
+@pytest.fixture
+def journal(monkeypatch):
+    """Fake the guard: raising and lifting are recorded in the journal."""
+    calls = Journal()
+
+    def fake(action):
+        def run(namespace, files):
+            calls.append((action, namespace))
+            if action in calls.guard_error:
+                raise GuardError(calls.guard_error[action])
+        return run
+
+    monkeypatch.setattr(failover.guard, "raise_guard", fake("raise-guard"))
+    monkeypatch.setattr(failover.guard, "lift_guard", fake("lift-guard"))
+    return calls
+
+
+@pytest.fixture
+def daemon(files, journal):
+    return FakeDaemon(files, journal)
+
 
 @pytest.fixture
 def files(router_files):
@@ -181,68 +317,124 @@ def files(router_files):
     return router_files
 
 
-def fast_options(lock_timeout=0.2, resync_on_backup=True):
+def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=True):
     """Options as run_transition reads them, with a lock timeout below oslo's 1 s."""
     return types.SimpleNamespace(
         failover=types.SimpleNamespace(lock_timeout=lock_timeout,
-                                       resync_on_backup=resync_on_backup),
+                                       resync_on_backup=resync_on_backup,
+                                       reset_window_guard=reset_window_guard),
         conntrackd=types.SimpleNamespace(commit_timeout=60, control_timeout=10,
                                          scheduler="other"),
     )
 
 
+def conntrackd_command(files, *arguments):
+    return ["conntrackd", "-C", str(files.conntrackd_config), *arguments]
+
+
+def cache_stats_output(external, external_no_space=0):
+    return (f"cache:internal\tactive objects:\t\t{0:12d}\n"
+            f"\t\tno space left in cache:\t{0:12d}\n\n"
+            f"cache:external\tactive objects:\t\t{external:12d}\n"
+            f"\t\tno space left in cache:\t{external_no_space:12d}\n")
+
+
 def test_primary_runs_the_exact_commands_in_order(files, conf, fp):
+    """The real Conntrackd and guard; only the processes are faked."""
     daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5)
-    commands = [["conntrackd", "-C", str(files.conntrackd_config), flag]
-                for flag in ("-c", "-f", "-R", "-B")]
+    lift = ["nsenter", "--net=/run/netns/qrouter-r1", "nft", "-f",
+            str(files.guard_lift)]
+    commands = [conntrackd_command(files, "-c"),
+                conntrackd_command(files, "-s", "cache"),
+                lift,
+                conntrackd_command(files, "-f"),
+                conntrackd_command(files, "-R"),
+                conntrackd_command(files, "-B")]
     for command in commands:
-        fp.register(command)
+        fp.register(command, stdout=cache_stats_output(100000)
+                    if command[-1] == "cache" else "")
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
     assert list(fp.calls) == commands
     assert record.outcome == "done"
     assert record.errors == []
     assert [step.name for step in record.steps] == [
-        "commit", "flush-caches", "resync-from-kernel", "bulk-send"]
+        "commit", "lift-guard", "flush-caches", "resync-from-kernel", "bulk-send"]
     assert all(step.ok and step.run_by == "snat-sync" for step in record.steps)
     assert record.commit == LAST_COMMIT
 
 
-def test_primary_uses_the_commit_timeout_for_the_commit_only(files, conf):
-    daemon = FakeDaemon(files)
+def test_backup_runs_the_exact_commands_in_order(files, conf, fp):
+    daemon_start = []
+    raise_ = ["nsenter", "--net=/run/netns/qrouter-r1", "nft", "-f",
+              str(files.guard_raise)]
+    commands = [raise_, conntrackd_command(files, "-t"), conntrackd_command(files, "-n")]
+    for command in commands:
+        fp.register(command)
+    # starting the daemon is Conntrackd.start's business (tested on its own)
+    daemon = type("Started", (Conntrackd,), {
+        "start": lambda self, policy="other": daemon_start.append(policy)})(
+        "conntrackd", "qrouter-r1", files, 10, 10, 5)
+    record = failover.run_transition("r1", Role.BACKUP, daemon, files, conf, 1000.0)
+    assert daemon_start == ["other"]
+    assert list(fp.calls) == commands
+    assert record.outcome == "done"
+    assert [step.name for step in record.steps] == [
+        "ensure-running", "raise-guard", "shorten-timers", "request-resync"]
+
+
+def test_primary_uses_the_commit_timeout_for_the_commit_only(files, conf, daemon):
     failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
     assert daemon.calls == [
         ("control", ("-c",), 60),
+        ("lift-guard", "qrouter-r1"),
         ("control", ("-f",), 10),
         ("control", ("-R",), 10),
         ("control", ("-B",), 10),
     ]
+    assert daemon.cache_stats_calls == 1
 
 
-def test_backup_ensures_the_daemon_then_shortens_timers_and_resyncs(files, conf):
-    daemon = FakeDaemon(files)
+def test_primary_without_guard_never_touches_it(files, make_conf, write_config,
+                                               daemon):
+    conf = make_conf(write_config("[failover]\nreset_window_guard = false\n"))
+    record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
+    assert [call[1] for call in daemon.calls] == [("-c",), ("-f",), ("-R",), ("-B",)]
+    assert record.outcome == "done"
+
+
+def test_backup_ensures_the_daemon_raises_the_guard_then_shortens_and_resyncs(
+        files, conf, daemon):
     record = failover.run_transition("r1", Role.BACKUP, daemon, files, conf, 1000.0)
-    assert daemon.calls == [("start", "other"), ("control", ("-t",), 10),
-                            ("control", ("-n",), 10)]
+    assert daemon.calls == [("start", "other"), ("raise-guard", "qrouter-r1"),
+                            ("control", ("-t",), 10), ("control", ("-n",), 10)]
     assert record.outcome == "done"
     assert record.commit is None
+    assert daemon.cache_stats_calls == 0
 
 
-def test_backup_without_resync(files, make_conf, write_config):
+def test_backup_without_resync(files, make_conf, write_config, daemon):
     conf = make_conf(write_config("[failover]\nresync_on_backup = false\n"))
-    daemon = FakeDaemon(files)
     failover.run_transition("r1", Role.BACKUP, daemon, files, conf, 1000.0)
-    assert daemon.calls == [("start", "other"), ("control", ("-t",), 10)]
+    assert daemon.calls == [("start", "other"), ("raise-guard", "qrouter-r1"),
+                            ("control", ("-t",), 10)]
+
+
+def test_backup_without_guard(files, make_conf, write_config, daemon):
+    conf = make_conf(write_config("[failover]\nreset_window_guard = false\n"))
+    failover.run_transition("r1", Role.BACKUP, daemon, files, conf, 1000.0)
+    assert daemon.calls == [("start", "other"), ("control", ("-t",), 10),
+                            ("control", ("-n",), 10)]
 
 
 @pytest.mark.parametrize("role", [Role.FAULT, Role.STOP])
-def test_fault_and_stop_only_shorten_timers(files, conf, role):
-    daemon = FakeDaemon(files)
-    failover.run_transition("r1", role, daemon, files, conf, 1000.0)
-    assert daemon.calls == [("control", ("-t",), 10)]
+def test_fault_and_stop_raise_the_guard_and_shorten_timers(files, conf, role, daemon):
+    record = failover.run_transition("r1", role, daemon, files, conf, 1000.0)
+    assert daemon.calls == [("raise-guard", "qrouter-r1"), ("control", ("-t",), 10)]
+    assert record.outcome == "done"
 
 
-def test_the_record_is_written_with_timings_and_commit_counts(files, conf):
-    daemon = FakeDaemon(files, delay=0.02)
+def test_the_record_is_written_with_timings_and_commit_counts(files, conf, journal):
+    daemon = FakeDaemon(files, journal, delay=0.02)
     before = time.time()
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, before)
     written = statedir.read_json(files.last_transition)
@@ -252,98 +444,243 @@ def test_the_record_is_written_with_timings_and_commit_counts(files, conf):
     assert written["arrived"] == before
     assert before <= written["started"] <= written["finished"]
     assert written["outcome"] == "done"
+    assert written["errors"] == []
     assert written["commit"] == LAST_COMMIT
     for step in written["steps"]:
-        assert step["duration_ms"] >= 20
+        if step["name"] != "lift-guard":  # the fake guard does not sleep
+            assert step["duration_ms"] >= 20
         assert before <= step["started"] <= written["finished"]
         assert step["ok"] is True and step["error"] is None
     assert [step["started"] for step in written["steps"]] == sorted(
         step["started"] for step in written["steps"])
 
 
-def test_the_hook_commit_is_recorded_and_not_run_again(files, conf, fp):
+def test_the_hook_steps_are_recorded_and_not_run_again(files, conf, fp):
     daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5)
-    commands = [["conntrackd", "-C", str(files.conntrackd_config), flag]
-                for flag in ("-f", "-R", "-B")]
+    commands = [conntrackd_command(files, "-s", "cache"),
+                conntrackd_command(files, "-f"),
+                conntrackd_command(files, "-R"),
+                conntrackd_command(files, "-B")]
     for command in commands:
-        fp.register(command)
-    hook_commit = HookCommit(1000.010, 1000.4725, 0)
+        fp.register(command, stdout=cache_stats_output(100000)
+                    if command[-1] == "cache" else "")
+    hook_steps = [HookStep("commit", 1000.010, 1000.4725, 0),
+                  HookStep("lift-guard", 1000.4730, 1000.4790, 0)]
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf,
-                                     1000.0, hook_commit)
-    assert list(fp.calls) == commands
-    commit = record.steps[0]
+                                     1000.0, hook_steps)
+    assert list(fp.calls) == commands  # no -c, no nsenter
+    commit, lift = record.steps[:2]
     assert (commit.name, commit.run_by, commit.ok) == ("commit", "notify-hook", True)
     assert commit.started == 1000.010
     assert commit.duration_ms == pytest.approx(462.5)
-    assert [step.run_by for step in record.steps[1:]] == ["snat-sync"] * 3
-    assert record.commit == LAST_COMMIT
+    assert (lift.name, lift.run_by, lift.ok) == ("lift-guard", "notify-hook", True)
+    assert lift.duration_ms == pytest.approx(6.0)
+    assert [step.run_by for step in record.steps[2:]] == ["snat-sync"] * 3
+    assert record.commit == LAST_COMMIT  # the hook's commit is still accounted
     assert record.outcome == "done"
 
 
-@pytest.mark.parametrize("status, error", [(124, "timed out"),
-                                           (1, "conntrackd unreachable or lock "
-                                               "timeout"),
-                                           (2, "exit status 2")])
-def test_a_failed_hook_commit_stops_the_plan(files, conf, status, error):
-    daemon = FakeDaemon(files)
+def test_a_hook_step_the_plan_does_not_have_is_ignored(files, conf, daemon):
+    record = failover.run_transition(
+        "r1", Role.BACKUP, daemon, files, conf, 1000.0,
+        [HookStep("commit", 1000.0, 1000.1, 0), HookStep("bogus", 1.0, 2.0, 0)])
+    assert [step.name for step in record.steps] == [
+        "ensure-running", "raise-guard", "shorten-timers", "request-resync"]
+    assert all(step.run_by == "snat-sync" for step in record.steps)
+    assert record.commit is None
+
+
+def test_only_the_lift_from_the_hook_runs_the_commit_here(files, conf, daemon):
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0,
-                                     HookCommit(1000.0, 1001.0, status))
-    assert daemon.calls == []
+                                     [HookStep("lift-guard", 1000.0, 1000.001, 0)])
+    assert daemon.calls[0] == ("control", ("-c",), 60)
+    assert ("lift-guard", "qrouter-r1") not in daemon.calls
+    assert [step.run_by for step in record.steps[:2]] == ["snat-sync", "notify-hook"]
+
+
+@pytest.mark.parametrize("status, error", [
+    (124, "timed out"),
+    (1, "failed, or the transition lock timed out"),
+    (2, "exit status 2"),
+])
+def test_a_failed_hook_commit_skips_only_the_flush(files, conf, daemon, status,
+                                                   error):
+    record = failover.run_transition(
+        "r1", Role.PRIMARY, daemon, files, conf, 1000.0,
+        [HookStep("commit", 1000.0, 1001.0, status),
+         HookStep("lift-guard", 1001.0, 1001.01, 0)])
+    assert daemon.calls == [("control", ("-R",), 10), ("control", ("-B",), 10)]
+    assert [(step.name, step.ok) for step in record.steps] == [
+        ("commit", False), ("lift-guard", True), ("flush-caches", False),
+        ("resync-from-kernel", True), ("bulk-send", True)]
     assert record.outcome == "failed"
-    assert record.errors == [f"commit: {error}"]
+    assert record.errors == [f"commit: {error}", SKIPPED_FLUSH]
     assert statedir.read_json(files.last_transition)["outcome"] == "failed"
 
 
-def test_a_failed_commit_is_not_followed_by_a_flush(files, conf, fp):
-    """Flushing after a failed commit would throw the replicated entries away."""
+def test_a_failed_commit_skips_only_the_flush_and_still_lifts_the_guard(
+        files, conf, fp):
+    """Flushing after a failed commit would throw the replicated entries away;
+    keeping the guard up would drop every new connection of the new primary."""
     daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5)
-    commit = ["conntrackd", "-C", str(files.conntrackd_config), "-c"]
+    commit = conntrackd_command(files, "-c")
     fp.register(commit, returncode=1, stderr="[ERROR] cannot connect to conntrackd\n")
+    stats = conntrackd_command(files, "-s", "cache")
+    fp.register(stats, returncode=1)
+    lift = ["nsenter", "--net=/run/netns/qrouter-r1", "nft", "-f",
+            str(files.guard_lift)]
+    fp.register(lift)
+    rest = [conntrackd_command(files, flag) for flag in ("-R", "-B")]
+    for command in rest:
+        fp.register(command)
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
-    assert list(fp.calls) == [commit]
+    assert list(fp.calls) == [commit, stats, lift, *rest]
     assert record.outcome == "failed"
-    assert len(record.steps) == 1 and not record.steps[0].ok
+    assert [(step.name, step.ok) for step in record.steps] == [
+        ("commit", False), ("lift-guard", True), ("flush-caches", False),
+        ("resync-from-kernel", True), ("bulk-send", True)]
     assert "cannot connect to conntrackd" in record.steps[0].error
+    assert record.steps[2].error.startswith("skipped")
     assert record.errors[0].startswith("commit: conntrackd -c failed (exit 1)")
+    assert record.errors[1:] == [SKIPPED_FLUSH]
     written = statedir.read_json(files.last_transition)
     assert written["outcome"] == "failed"
-    assert [step["name"] for step in written["steps"]] == ["commit"]
+    assert [step["name"] for step in written["steps"]] == [
+        "commit", "lift-guard", "flush-caches", "resync-from-kernel", "bulk-send"]
 
 
-def test_a_failed_step_stops_the_rest(files, conf):
-    daemon = FakeDaemon(files, fail=("-R",))
+def test_a_commit_that_never_ran_records_no_counts_of_an_earlier_one(files, conf,
+                                                                    journal):
+    daemon = FakeDaemon(files, journal, fail=("-c",))
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
-    assert [call[1] for call in daemon.calls] == [("-c",), ("-f",), ("-R",)]
-    assert [step.ok for step in record.steps] == [True, True, False]
+    assert record.commit is None or record.commit.get("committed") is None
+
+
+def run_primary_with_log(files, conf, daemon, log):
+    files.log_file.write_text(log)
+    return failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
+
+
+def test_entries_that_could_not_be_committed_skip_the_flush(files, conf, daemon):
+    record = run_primary_with_log(files, conf, daemon,
+                                  commit_log((99993, 7, "0.461250")))
+    assert [call[1] for call in daemon.calls] == [("-c",), "qrouter-r1", ("-R",),
+                                                  ("-B",)]
+    assert record.steps[0].ok  # conntrackd -c itself exited 0
+    assert record.commit == {"committed": 99993, "already_present": 0, "failed": 7,
+                             "seconds": 0.46125, "expected": 100000}
+    assert record.errors == ["commit: 7 of 100000 entries could not be committed",
+                             SKIPPED_FLUSH]
+    assert record.outcome == "failed"
+
+
+def test_a_commit_that_left_entries_out_skips_the_flush(files, conf, daemon):
+    record = run_primary_with_log(files, conf, daemon,
+                                  commit_log((90000, 0, "0.400000")))
+    assert ("control", ("-f",), 10) not in daemon.calls
+    assert record.errors == [
+        "commit: only 90000 of 100000 replicated entries were accounted for by the "
+        "commit", SKIPPED_FLUSH]
+    assert record.outcome == "failed"
+
+
+def test_a_commit_that_was_not_logged_skips_the_flush(files, conf, daemon):
+    record = run_primary_with_log(files, conf, daemon,
+                                  f"{LOG_PREFIX}-- starting in daemon mode --\n")
+    assert ("control", ("-f",), 10) not in daemon.calls
+    assert record.commit == {"expected": 100000}
+    assert record.errors == ["commit: conntrackd logged no commit", SKIPPED_FLUSH]
+
+
+def test_a_full_external_cache_is_an_error_and_skips_the_flush(files, conf, journal):
+    daemon = FakeDaemon(files, journal, stats=CacheStats(0, 100000, 0, 69000))
+    record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
+    assert ("control", ("-f",), 10) not in daemon.calls
+    assert ("lift-guard", "qrouter-r1") in daemon.calls
+    assert record.errors == [
+        "commit: the external cache was full: 69000 replicated entries were dropped "
+        "before the failover", SKIPPED_FLUSH]
+    assert record.outcome == "failed"
+
+
+def test_a_full_internal_cache_is_not_the_commits_problem(files, conf, journal):
+    daemon = FakeDaemon(files, journal, stats=CacheStats(0, 100000, 500, 0))
+    record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
+    assert record.outcome == "done"
+    assert ("control", ("-f",), 10) in daemon.calls
+
+
+def test_a_daemon_without_cache_stats_is_judged_by_the_log_alone(files, conf,
+                                                                  journal):
+    daemon = FakeDaemon(files, journal, stats=None)
+    record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
+    assert record.commit == {**LAST_COMMIT, "expected": None}
+    assert record.outcome == "done"
+    assert ("control", ("-f",), 10) in daemon.calls
+
+
+def test_a_failed_step_does_not_stop_the_rest(files, conf, journal):
+    daemon = FakeDaemon(files, journal, fail=("-R",))
+    record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
+    assert [call[1] for call in daemon.calls] == [("-c",), "qrouter-r1", ("-f",),
+                                                  ("-R",), ("-B",)]
+    assert [step.ok for step in record.steps] == [True, True, True, False, True]
     assert record.outcome == "failed"
     assert record.errors == ["resync-from-kernel: conntrackd -R failed (exit 1): "
                              "cannot connect"]
 
 
-def test_an_older_transition_is_skipped_and_leaves_the_record_alone(files, conf):
-    failover.run_transition("r1", Role.BACKUP, FakeDaemon(files), files, conf, 2000.0)
+def test_a_failed_lift_is_recorded_and_the_rest_still_runs(files, conf, daemon,
+                                                           journal):
+    journal.guard_error["lift-guard"] = "nft -f guard-lift.nft failed in namespace " \
+                                        "qrouter-r1: no such table"
+    record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
+    assert [call[1] for call in daemon.calls] == [("-c",), "qrouter-r1", ("-f",),
+                                                  ("-R",), ("-B",)]
+    assert record.errors == ["lift-guard: nft -f guard-lift.nft failed in namespace "
+                             "qrouter-r1: no such table"]
+    assert record.outcome == "failed"
+
+
+def test_a_failed_raise_is_recorded_and_the_backup_still_resyncs(files, conf, daemon,
+                                                                 journal):
+    journal.guard_error["raise-guard"] = "cannot run nft: no nsenter"
+    record = failover.run_transition("r1", Role.BACKUP, daemon, files, conf, 1000.0)
+    assert daemon.calls[-2:] == [("control", ("-t",), 10), ("control", ("-n",), 10)]
+    assert record.errors == ["raise-guard: cannot run nft: no nsenter"]
+    assert record.outcome == "failed"
+
+
+def test_an_older_transition_is_skipped_and_leaves_the_record_alone(files, conf,
+                                                                   journal):
+    failover.run_transition("r1", Role.BACKUP, FakeDaemon(files, journal), files, conf,
+                            2000.0)
     before = files.last_transition.read_bytes()
-    late = FakeDaemon(files)
+    journal.clear()
+    late = FakeDaemon(files, journal)
     record = failover.run_transition("r1", Role.PRIMARY, late, files, conf, 1999.0)
-    assert late.calls == []
+    assert late.calls == []  # neither conntrackd nor the guard
+    assert late.cache_stats_calls == 0
     assert record.outcome == "superseded"
     assert record.steps == []
     assert files.last_transition.read_bytes() == before
 
 
-def test_a_newer_transition_runs_and_replaces_the_record(files, conf):
-    failover.run_transition("r1", Role.BACKUP, FakeDaemon(files), files, conf, 2000.0)
-    daemon = FakeDaemon(files)
+def test_a_newer_transition_runs_and_replaces_the_record(files, conf, journal):
+    failover.run_transition("r1", Role.BACKUP, FakeDaemon(files, journal), files,
+                            conf, 2000.0)
+    journal.clear()
+    daemon = FakeDaemon(files, journal)
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 2000.5)
     assert record.outcome == "done"
-    assert len(daemon.calls) == 4
+    assert len(daemon.calls) == 5
     assert statedir.read_json(files.last_transition)["role"] == "primary"
 
 
 # -- the transition lock ------------------------------------------------------------
 
 
-def test_transitions_of_one_router_run_one_at_a_time(files, conf):
+def test_transitions_of_one_router_run_one_at_a_time(files, conf, journal):
     first_is_running = threading.Event()
     order = []
     first = FakeDaemon(files, delay=0.05,
@@ -389,7 +726,7 @@ def test_a_transition_that_cannot_get_the_lock_runs_nothing(files):
     assert not files.last_transition.exists()
 
 
-def test_the_lock_is_released_when_a_transition_raises(files):
+def test_the_lock_is_released_when_a_transition_raises(files, journal):
     class Exploding(FakeDaemon):
         def control(self, *arguments, timeout=None, check=True):
             raise RuntimeError("bug")

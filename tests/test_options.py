@@ -22,23 +22,39 @@ def test_defaults(conf, state_path):
     assert conf.conntrackd.base_port == 3780
     assert conf.conntrackd.multicast_group == "225.0.0.50"
     assert conf.conntrackd.protocols == ["TCP", "UDP", "ICMP", "IPv6-ICMP"]
+    assert conf.conntrackd.hash_size == 12289
     assert conf.conntrackd.hash_limit == 0
     assert conf.conntrackd.scheduler == "other"
     assert conf.failover.resync_on_backup is True
+    assert conf.failover.reset_window_guard is True
 
 
 def test_config_file_values_are_used(make_conf, write_config):
     conf = make_conf(write_config(
         "[conntrackd]\nhash_size = 32768\ntransport = multicast\n"
-        "protocols = TCP,UDP,SCTP\n[failover]\nresync_on_backup = false\n"))
+        "protocols = TCP,UDP,SCTP\n[failover]\nresync_on_backup = false\n"
+        "reset_window_guard = false\n"))
     assert conf.conntrackd.hash_size == 32768
     assert conf.conntrackd.transport == "multicast"
     assert conf.conntrackd.protocols == ["TCP", "UDP", "SCTP"]
     assert conf.failover.resync_on_backup is False
+    assert conf.failover.reset_window_guard is False
+
+
+@pytest.mark.parametrize("hash_size", ["8193", "12289", "1048576"])
+def test_hash_size_above_conntrackds_commit_step_is_accepted(
+        make_conf, write_config, hash_size):
+    conf = make_conf(write_config(f"[conntrackd]\nhash_size = {hash_size}\n"))
+    assert conf.conntrackd.hash_size == int(hash_size)
 
 
 BAD_VALUES = [
     ("conntrackd", "hash_size", "12"),
+    # conntrackd 1.4 commits 8192 buckets per step; a commit that ends in one
+    # step leaves it refusing every later flush
+    ("conntrackd", "hash_size", "8192"),
+    ("conntrackd", "hash_size", "4096"),
+    ("conntrackd", "hash_size", "1048577"),
     ("conntrackd", "hash_size", "abc"),
     ("conntrackd", "transport", "carrier-pigeon"),
     ("conntrackd", "protocols", "TCP,FOO"),
@@ -49,6 +65,7 @@ BAD_VALUES = [
     ("conntrackd", "commit_timeout", "0"),
     ("failover", "lock_timeout", "-5"),
     ("failover", "resync_on_backup", "maybe"),
+    ("failover", "reset_window_guard", "sometimes"),
 ]
 
 
@@ -81,9 +98,9 @@ def test_a_multicast_group_must_be_a_multicast_address(make_conf, write_config):
 
 
 def test_the_error_names_the_file_whose_value_is_used(make_conf, write_config):
-    good = write_config("[conntrackd]\nhash_size = 4096\n", "good.conf")
+    good = write_config("[conntrackd]\nhash_size = 16384\n", "good.conf")
     bad = write_config("[conntrackd]\nhash_size = 12\n", "bad.conf")
-    assert make_conf(bad, good).conntrackd.hash_size == 4096  # the last file wins
+    assert make_conf(bad, good).conntrackd.hash_size == 16384  # the last file wins
     with pytest.raises(InvalidInput) as caught:
         make_conf(good, bad)
     assert_names_the_option(caught.value, "conntrackd", "hash_size", bad, "12")
@@ -105,14 +122,15 @@ def test_list_opts_covers_every_group():
     assert "state-path" in groups["DEFAULT"]
     expected = {"hash_size", "hash_limit", "transport", "base_port", "commit_timeout"}
     assert expected <= set(groups["conntrackd"])
-    assert {"lock_timeout", "resync_on_backup"} <= set(groups["failover"])
+    assert {"lock_timeout", "resync_on_backup", "reset_window_guard"} <= set(
+        groups["failover"])
 
 
 # -- through the command line -------------------------------------------------------
 
 
 def test_cli_reports_a_bad_value_and_exits_2(write_config, state_path, capsys):
-    path = write_config("[conntrackd]\nhash_size = 12\n")
+    path = write_config("[conntrackd]\nhash_size = 8192\n")
     status = cli.main(["--config-file", str(path), "--state-path", str(state_path),
                        "status"])
     assert status == 2
@@ -120,8 +138,8 @@ def test_cli_reports_a_bad_value_and_exits_2(write_config, state_path, capsys):
     assert captured.out == ""
     assert captured.err.startswith("snat-sync: invalid option [conntrackd] hash_size")
     assert str(path) in captured.err
-    assert "'12'" in captured.err
-    assert "1024" in captured.err
+    assert "'8192'" in captured.err
+    assert "8193" in captured.err  # the minimum it must reach
 
 
 def test_cli_reports_a_missing_config_file_and_exits_2(tmp_path, capsys):
@@ -160,4 +178,5 @@ def test_sample_config_is_up_to_date(tmp_path):
     assert output.read_text() == committed, (
         "etc/snat-sync.conf.sample is stale; regenerate it with: oslo-config-generator "
         "--config-file etc/oslo-config-generator/snat-sync.conf")
-    assert "[conntrackd]" in committed and "#hash_size = 8192" in committed
+    assert "[conntrackd]" in committed and "#hash_size = 12289" in committed
+    assert "#reset_window_guard = true" in committed

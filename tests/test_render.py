@@ -173,7 +173,14 @@ def test_hash_limit_is_at_least_twice_nf_conntrack_max(
                                  render.NamespaceFacts(HA_NETWORK, nf_conntrack_max))
     general = parse_blocks(text)["General"]["_lines"]
     assert f"HashLimit {expected}" in general
-    assert "HashSize 8192" in general
+    assert "HashSize 12289" in general
+
+
+def test_hash_size_comes_from_the_options(make_conf, write_config):
+    conf = make_conf(write_config("[conntrackd]\nhash_size = 32768\n"))
+    general = parse_blocks(render_config(conf, make_spec())[0])["General"]["_lines"]
+    assert "HashSize 32768" in general
+    assert "HashSize 12289" not in general
 
 
 def test_no_scheduler_section_by_default(conf):
@@ -224,15 +231,17 @@ def test_output_is_clean(make_conf, write_config, peers):
 
 
 def render_hook(files, binary="/usr/sbin/conntrackd", command=None, lock_timeout=120,
-                commit_timeout=60):
+                commit_timeout=60, guard_namespace=None):
     command = command or render.snat_sync_command([], [], files.directory.parent.parent)
     return render.render_notify_hook(files.directory.name, files, binary, command,
-                                     lock_timeout, commit_timeout)
+                                     lock_timeout, commit_timeout,
+                                     guard_namespace=guard_namespace)
 
 
-def test_hook_is_a_bash_script_that_bash_accepts(state_path):
+@pytest.mark.parametrize("guard_namespace", [None, "qrouter-r1"])
+def test_hook_is_a_bash_script_that_bash_accepts(state_path, guard_namespace):
     files = statedir.RouterFiles.under(state_path, "r1")
-    hook = render_hook(files)
+    hook = render_hook(files, guard_namespace=guard_namespace)
     assert hook.startswith("#!/bin/bash\n")
     result = subprocess.run(["bash", "-n"], input=hook, text=True, capture_output=True)
     assert result.returncode == 0, result.stderr
@@ -240,6 +249,42 @@ def test_hook_is_a_bash_script_that_bash_accepts(state_path):
     assert "--timeout 120" in hook
     assert "timeout 60 /usr/sbin/conntrackd" in hook
     assert f"-C {files.conntrackd_config} -c" in hook
+    assert '--hook-step "commit,' in hook
+    assert f">>{files.notify_log} 2>&1" in hook
+
+
+def test_hook_without_guard_never_touches_nftables(state_path):
+    hook = render_hook(statedir.RouterFiles.under(state_path, "r1"))
+    assert "nsenter" not in hook
+    assert "nft" not in hook
+    assert "lift-guard" not in hook
+
+
+def test_hook_with_guard_lifts_it_right_after_the_commit_on_master_only(state_path):
+    files = statedir.RouterFiles.under(state_path, "r1")
+    lines = [line.strip() for line in
+             render_hook(files, guard_namespace="qrouter-r1").splitlines()]
+    lift = f"nsenter --net=/run/netns/qrouter-r1 nft -f {files.guard_lift} >/dev/null 2>&1"
+    assert lines.count(lift) == 1
+    master = lines.index('if [ "${3:-${1:-}}" = MASTER ]; then')
+    commit = next(number for number, line in enumerate(lines)
+                  if line.endswith(f"-C {files.conntrackd_config} -c >/dev/null 2>&1"))
+    commit_step = lines.index('hook_steps+=(--hook-step "commit,$started,$EPOCHREALTIME,'
+                              '$status")')
+    lift_step = lines.index('hook_steps+=(--hook-step "lift-guard,$started,'
+                            '$EPOCHREALTIME,$status")')
+    end_of_master = lines.index("fi", master)
+    assert master < commit < commit_step < lines.index(lift) < lift_step < end_of_master
+    # the lift is timed on its own, not from the start of the commit
+    assert lines[commit_step + 1] == "started=$EPOCHREALTIME"
+    assert "guard_raise" not in "\n".join(lines)
+    assert str(files.guard_raise) not in "\n".join(lines)
+
+
+def test_hook_quotes_the_guard_namespace_path(state_path):
+    files = statedir.RouterFiles.under(state_path, "r1")
+    hook = render_hook(files, guard_namespace="qrouter-$(reboot)")
+    assert "--net='/run/netns/qrouter-$(reboot)'" in hook
 
 
 @pytest.mark.parametrize("path", ["/var/lib/snat sync", "/tmp/a\tb", "/tmp/a{b",
@@ -268,11 +313,17 @@ def write_executable(path, text):
 @pytest.fixture
 def hook_setup(tmp_path):
     """A hook rendered for a state path full of shell characters, with a fake
-    conntrackd and a fake snat-sync that record their arguments."""
+    conntrackd and a fake snat-sync that record their arguments.
+
+    The hook sets its own PATH, so only what it names by an absolute path (the
+    conntrackd binary) can be faked; nsenter cannot, so the hook that runs here has
+    no guard unless a test renders one itself.
+    """
     state = tmp_path / SPECIAL
-    render.check_state_path(state)  # allowed: only the hook must quote it
-    files = statedir.RouterFiles.under(state, "r1")
-    statedir.ensure_directory(files.directory)
+    # Built directly: the state path checks may refuse such a path, but the hook
+    # must quote whatever path it is given.
+    files = statedir.RouterFiles(state / "routers" / "r1")
+    files.directory.mkdir(parents=True)
     conntrackd_calls = tmp_path / "conntrackd-calls"
     fake_conntrackd = write_executable(
         tmp_path / "fake conntrackd$1",
@@ -294,6 +345,16 @@ def run_hook(hook, *arguments, env=None):
 def hook_handover(files):
     """The arguments the hook passed to snat-sync (what it wrote to notify.log)."""
     return files.notify_log.read_text().split("\0")[:-1]
+
+
+def hook_steps(rest):
+    """The --hook-step values among the arguments after --arrived T."""
+    steps = []
+    index = 3
+    while rest[index] == "--hook-step":
+        steps.append(failover.HookStep.parse(rest[index + 1]))
+        index += 2
+    return steps, rest[index:]
 
 
 @pytest.mark.skipif(not shutil.which("flock") or not shutil.which("timeout"),
@@ -319,11 +380,11 @@ class TestHookRuns:
         rest = hook_handover(files)[len(command):]
         assert rest[0:2] == ["notify", "--arrived"]
         arrived = float(rest[2])
-        assert rest[3] == "--hook-commit"
-        hook_commit = failover.HookCommit.parse(rest[4])
-        assert arrived <= hook_commit.started <= hook_commit.finished
-        assert hook_commit.exit_status == 3
-        assert rest[5:] == ["r1", "INSTANCE", "VR_7", "MASTER", "100"]
+        steps, after = hook_steps(rest)
+        assert [step.name for step in steps] == ["commit"]
+        assert arrived <= steps[0].started <= steps[0].finished
+        assert steps[0].exit_status == 3
+        assert after == ["r1", "INSTANCE", "VR_7", "MASTER", "100"]
 
     def test_master_waits_for_the_transition_lock(self, tmp_path, hook_setup):
         files, _hook, conntrackd_calls, command = hook_setup
@@ -333,8 +394,112 @@ class TestHookRuns:
         with failover.transition_lock(files.transition_lock, 5):
             run_hook(hook, "INSTANCE", "VR_7", "MASTER", "100")
         rest = hook_handover(files)[len(command):]
-        assert failover.HookCommit.parse(rest[4]).exit_status == 1
+        steps, _after = hook_steps(rest)
+        assert [(step.name, step.exit_status) for step in steps] == [("commit", 1)]
         assert not conntrackd_calls.exists()
+
+    @pytest.mark.skipif(not any(os.access(f"{directory}/nsenter", os.X_OK)
+                                for directory in ("/usr/sbin", "/usr/bin", "/sbin",
+                                                  "/bin")),
+                        reason="needs nsenter in the hook's PATH")
+    def test_master_with_guard_reports_the_lift_after_the_commit(self, tmp_path,
+                                                                 hook_setup):
+        """The real nsenter runs, for a namespace that does not exist: it fails
+        without touching anything, and the hook must report that as the
+        lift-guard step, after the commit, without failing itself."""
+        files, _hook, conntrackd_calls, command = hook_setup
+        namespace = f"snat-sync-test-absent-{os.getpid()}"
+        assert not os.path.exists(f"/run/netns/{namespace}")
+        hook = write_executable(files.notify_hook, render_hook(
+            files, str(tmp_path / "fake conntrackd$1"), command,
+            guard_namespace=namespace))
+        run_hook(hook, "INSTANCE", "VR_7", "MASTER", "100")
+        assert conntrackd_calls.read_text().splitlines() == [
+            "-C", str(files.conntrackd_config), "-c"]
+        rest = hook_handover(files)[len(command):]
+        steps, after = hook_steps(rest)
+        assert [step.name for step in steps] == ["commit", "lift-guard"]
+        commit, lift = steps
+        assert commit.exit_status == 0
+        assert lift.exit_status != 0
+        assert commit.finished <= lift.started <= lift.finished
+        assert after == ["r1", "INSTANCE", "VR_7", "MASTER", "100"]
+
+    def test_backup_with_guard_hands_over_without_any_step(self, tmp_path,
+                                                          hook_setup):
+        files, _hook, conntrackd_calls, command = hook_setup
+        hook = write_executable(files.notify_hook, render_hook(
+            files, str(tmp_path / "fake conntrackd$1"), command,
+            guard_namespace="qrouter-r1"))
+        run_hook(hook, "INSTANCE", "VR_7", "BACKUP", "100")
+        rest = hook_handover(files)[len(command):]
+        assert rest[3:] == ["r1", "INSTANCE", "VR_7", "BACKUP", "100"]
+        assert not conntrackd_calls.exists()
+
+
+# -- the reset-window guard ---------------------------------------------------------
+
+
+def rules(text):
+    """The ruleset without comments and blank lines."""
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_guard_raise_drops_what_conntrack_cannot_place():
+    spec = make_spec()
+    raise_text, _lift = render.render_guard(spec, "snat_sync_guard")
+    lines = rules(raise_text)
+    assert lines[:2] == ["add table inet snat_sync_guard",
+                         "delete table inet snat_sync_guard"]
+    assert "table inet snat_sync_guard {" in lines
+    assert 'iifname { "lo", "ha-1a2b3c4d-5e" } accept' in lines
+    assert "ct state { new, invalid } counter drop" in lines
+    assert lines.index('iifname { "lo", "ha-1a2b3c4d-5e" } accept') < lines.index(
+        "ct state { new, invalid } counter drop")
+    assert "reject" not in raise_text
+    assert any(line.startswith("type filter hook prerouting") for line in lines)
+    assert raise_text.count("{") == raise_text.count("}")
+    assert "r1" in raise_text
+
+
+def test_guard_lift_only_removes_the_table():
+    lift_text = render.render_guard(make_spec(), "snat_sync_guard")[1]
+    assert rules(lift_text) == ["add table inet snat_sync_guard",
+                                "delete table inet snat_sync_guard"]
+
+
+def test_guard_uses_the_table_and_interface_it_is_given():
+    spec = RouterSpec.create("r2", "qrouter-r2", "ha-99999999-00", "169.254.192.1",
+                             ["169.254.192.2"], 8)
+    raise_text, lift_text = render.render_guard(spec, "other_table")
+    assert rules(raise_text)[:2] == rules(lift_text) == [
+        "add table inet other_table", "delete table inet other_table"]
+    assert '"ha-99999999-00"' in raise_text
+    assert "ha-1a2b3c4d-5e" not in raise_text
+    assert "snat_sync_guard" not in raise_text + lift_text
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft")
+                    or not shutil.which("unshare"),
+                    reason="needs root, nft and unshare")
+def test_guard_rulesets_load_in_any_order_in_a_throwaway_namespace(tmp_path):
+    """Raise twice, lift twice, in a network namespace that dies with the shell."""
+    raise_text, lift_text = render.render_guard(make_spec(), "snat_sync_guard")
+    raise_file = tmp_path / "guard-raise.nft"
+    lift_file = tmp_path / "guard-lift.nft"
+    raise_file.write_text(raise_text)
+    lift_file.write_text(lift_text)
+    script = (f"set -e; nft -f {lift_file}; nft -f {raise_file}; nft -f {raise_file}; "
+              "nft list table inet snat_sync_guard; echo ---; "
+              f"nft -f {lift_file}; nft -f {lift_file}; nft list ruleset")
+    result = subprocess.run(["unshare", "--net", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    while_up, after_lift = result.stdout.split("---\n")
+    assert while_up.count("chain prerouting") == 1  # raised twice, present once
+    assert "ha-1a2b3c4d-5e" in while_up
+    assert "snat_sync_guard" not in after_lift
 
 
 # -- keepalived snippet and the command line the hook uses ------------------------
