@@ -3,6 +3,8 @@
 import ipaddress
 import json
 import logging
+import math
+import shutil
 import sys
 import time
 
@@ -12,6 +14,7 @@ from snat_sync import failover
 from snat_sync import manager
 from snat_sync import options
 from snat_sync import render
+from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
 from snat_sync.router import RouterSpec
 
@@ -39,6 +42,10 @@ def _router_arguments(parser):
     parser.add_argument("--vrid", required=True,
                         help="VRRP virtual router id, 1-254; the sync port is "
                         "[conntrackd] base_port + VRID")
+    parser.add_argument("--primary-address",
+                        help="address/prefix keepalived puts on the HA interface "
+                        "while this node is primary (Neutron: 169.254.0.<VRID>/24); "
+                        "`snat-sync daemon` watches it as a second VRRP trigger")
 
 
 def _add_parsers(subparsers):
@@ -83,6 +90,19 @@ def _add_parsers(subparsers):
     status.add_argument("router", nargs="?")
     status.add_argument("--json", action="store_true")
 
+    daemon = subparsers.add_parser(
+        "daemon", help="run this node's routers from one process: start missing "
+        "conntrackd instances, restart crashed ones and restore their state, remove "
+        "routers that are gone, watch each router's primary address; SIGHUP "
+        "re-reads every router")
+    daemon.add_argument("--workers", type=int, default=8,
+                        help="routers worked on in parallel (default 8)")
+    daemon.add_argument("--full-interval", type=float, default=30.0,
+                        help="seconds between full re-reads of the state path")
+    daemon.add_argument("--stop-routers", action="store_true",
+                        help="stop every router's conntrackd on exit (by default "
+                        "they keep running and the next daemon adopts them)")
+
     demo = subparsers.add_parser(
         "demo", help="build two keepalived routers with SNAT in network namespaces, "
         "crash the primary with and without snat-sync, and show which flows "
@@ -109,6 +129,7 @@ def main(argv=None):
     try:
         options.load(conf, argv, default_config_files=_default_config_files(),
                      description=DESCRIPTION)
+        statedir.check_state_path(conf.state_path)
         return _dispatch(conf, arrived)
     except InvalidInput as error:
         print(f"snat-sync: {error}", file=sys.stderr)
@@ -130,6 +151,7 @@ def _dispatch(conf, arrived):
     command = conf.command
     if command.name == "router" and command.router_action == "add":
         spec = _spec(command)
+        _check_binary(conf.conntrackd.binary)
         result = manager.add_router(conf, spec, _snat_sync_command(conf))
         if command.json:
             print(json.dumps(result.to_dict(), indent=2))
@@ -147,8 +169,11 @@ def _dispatch(conf, arrived):
         return 0
     if command.name == "notify":
         hook_steps = [failover.HookStep.parse(text) for text in command.hook_step]
-        record = manager.notify(conf, command.router, command.state,
-                                command.arrived or arrived, hook_steps)
+        if command.arrived is not None:
+            arrived = _arrived(command.arrived, arrived)
+        # From the hook (--arrived): the daemon's watcher may have run it already.
+        record = manager.notify(conf, command.router, command.state, arrived,
+                                hook_steps, skip_if_done=command.arrived is not None)
         return 1 if record.outcome == "failed" else 0
     if command.name == "status":
         statuses = manager.status(conf, command.router)
@@ -157,17 +182,51 @@ def _dispatch(conf, arrived):
         else:
             print(format_status(statuses))
         return 0
+    if command.name == "daemon":
+        from snat_sync import daemon
+
+        if not 1 <= command.workers <= 64 or not 1 <= command.full_interval <= 3600:
+            raise InvalidInput("--workers/--full-interval",
+                               f"{command.workers}/{command.full_interval}",
+                               "workers must be 1 to 64, the interval 1 to 3600 s")
+        return daemon.Daemon(conf, _snat_sync_command(conf), command.workers,
+                             command.full_interval, command.stop_routers).run()
     if command.name == "demo":
         from snat_sync import demo
 
+        if not 1 <= command.flows <= MAX_DEMO_FLOWS:
+            raise InvalidInput("--flows", command.flows,
+                               f"must be from 1 to {MAX_DEMO_FLOWS}")
         return demo.main(flows=command.flows)
     raise AssertionError(f"unhandled command {command.name}")
+
+
+MAX_DEMO_FLOWS = 1000
+# Transitions are ordered by the time they arrived; one stamped far in the future
+# would make every later transition look superseded. The hook takes the time on
+# this host just before it starts snat-sync, so a little slack is enough.
+ARRIVED_SLACK = 60
+
+
+def _arrived(value, now):
+    if not math.isfinite(value) or value <= 0 or value > now + ARRIVED_SLACK:
+        raise InvalidInput("--arrived", value,
+                           "must be the epoch time the transition arrived, not in "
+                           "the future")
+    return value
+
+
+def _check_binary(binary):
+    if shutil.which(binary) is None:
+        raise InvalidInput("option [conntrackd] binary", binary,
+                           "not found, or not an executable file")
 
 
 def _spec(command):
     return RouterSpec.create(
         command.router, command.namespace, command.ha_interface,
         command.local_address, command.peer_address, command.vrid,
+        command.primary_address,
     )
 
 
@@ -178,10 +237,16 @@ def _snat_sync_command(conf):
 
 def _render(conf, command):
     spec = _spec(command)
-    if command.ha_network and command.nf_conntrack_max:
+    given = (command.ha_network is not None, command.nf_conntrack_max is not None)
+    if any(given) and not all(given):
+        missing = "--nf-conntrack-max" if given[0] else "--ha-network"
+        shown = command.ha_network if given[0] else command.nf_conntrack_max
+        raise InvalidInput("--ha-network" if given[0] else "--nf-conntrack-max",
+                           shown, f"needs {missing} too")
+    if all(given):
         files = manager.router_files(conf, spec.router_id)
-        facts = render.NamespaceFacts(_network(command.ha_network),
-                                      command.nf_conntrack_max)
+        facts = render.NamespaceFacts(_network(command.ha_network, spec),
+                                      _nf_conntrack_max(command.nf_conntrack_max))
         rendered = manager.generate(conf, spec, facts, files,
                                     _snat_sync_command(conf))
     else:
@@ -189,11 +254,24 @@ def _render(conf, command):
     return rendered.conntrackd_config
 
 
-def _network(text):
+def _network(text, spec):
+    """The HA network given to `render`: it must hold the router's addresses."""
     try:
-        return ipaddress.ip_network(text, strict=False)
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise InvalidInput("HA network", text, "not a network in CIDR form") from None
+    for address in (spec.local_address, *spec.peer_addresses):
+        if address.version != network.version or address not in network:
+            raise InvalidInput("HA network", text, f"does not hold {address}")
+    return network
+
+
+def _nf_conntrack_max(value):
+    # conntrackd's HashLimit is twice this and must stay within a C int.
+    if not 1 <= value <= options.CONNTRACKD_INT_MAX // 2:
+        raise InvalidInput("--nf-conntrack-max", value,
+                           f"must be from 1 to {options.CONNTRACKD_INT_MAX // 2}")
+    return value
 
 
 def format_status(statuses):
@@ -208,7 +286,9 @@ def format_status(statuses):
             each.router,
             each.namespace,
             each.role,
-            f"pid {each.conntrackd_pid}" if each.conntrackd_alive else "DOWN",
+            (f"pid {each.conntrackd_pid}" if each.conntrackd_alive else "DOWN")
+            + (f" CACHE FULL: {each.cache_full_drops} dropped"
+               if each.cache_full_drops else ""),
             _figure(each.internal_cache),
             _figure(each.external_cache),
             _describe_transition(each.last_transition),

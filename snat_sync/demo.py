@@ -31,7 +31,8 @@ from snat_sync import lab as lab_module
 
 DEFAULT_FLOWS = 16
 REQUIRED_BINARIES = (
-    "ip", "sysctl", "iptables", "keepalived", "conntrackd", "conntrack",
+    "ip", "sysctl", "iptables", "nft", "nsenter", "keepalived", "conntrackd",
+    "conntrack",
 )
 SERVER_PORT = flows.DEFAULT_PORT
 
@@ -51,6 +52,10 @@ class ScenarioSettings:
     crash_after: float = 3.0
     run_after_crash: float = 10.0
     advert_int: int = 1
+    # Idle SNAT entries loaded into r1's table before the flows start (with
+    # snat-sync, the scenario waits until r2's external cache holds them all).
+    idle_entries: int = 0
+    replication_timeout: float = 60.0
 
     @property
     def client_duration(self):
@@ -65,6 +70,9 @@ class ScenarioResult:
     summary: flows.TrafficSummary
     failover_seconds: float
     new_primary_status: dict | None
+    idle_entries_loaded: int = 0
+    idle_replication_seconds: float | None = None
+    new_primary_kernel_entries: int | None = None
 
     @property
     def last_transition(self):
@@ -178,6 +186,35 @@ def start_routers(lab, workdir, with_snat_sync, settings):
         wait_for_role(node_state_path(workdir, r2), lab.router_id, "backup")
 
 
+def load_idle_entries(lab, workdir, settings, with_snat_sync):
+    """Load the idle entries into r1; with snat-sync, wait until r2 holds them all.
+
+    Returns (entries loaded, seconds until r2's external cache held them or None).
+    """
+    r1, r2 = lab.routers
+    started = time.monotonic()
+    loaded = lab_module.load_idle_entries(r1, settings.idle_entries, workdir)
+    if not with_snat_sync:
+        return loaded, None
+    r1_state, r2_state = (node_state_path(workdir, router) for router in lab.routers)
+    seen = {}
+
+    def replicated():
+        seen.update(lab_module.snat_sync_status(r2_state, lab.router_id)[0])
+        return (seen["external_cache"] or 0) >= loaded
+
+    if not lab_module.wait_until(replicated, settings.replication_timeout,
+                                 interval=0.5):
+        primary = lab_module.snat_sync_status(r1_state, lab.router_id)[0]
+        raise lab_module.LabError(
+            f"r2 holds {seen.get('external_cache')} of the {loaded} idle entries "
+            f"loaded on r1 after {settings.replication_timeout:.0f} s (r1 internal "
+            f"cache {primary['internal_cache']}, r2 cache-full drops "
+            f"{seen.get('cache_full_drops')})"
+        )
+    return loaded, time.monotonic() - started
+
+
 def crash_primary(lab):
     """Crash r1 and return the seconds until r2 holds the VIPs."""
     r1, r2 = lab.routers
@@ -201,6 +238,13 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
         start_routers(lab, workdir, with_snat_sync, settings)
         say("r1 is primary" + (", snat-sync runs conntrackd on r1 and r2"
                                if with_snat_sync else ""))
+        idle_loaded, replication_seconds = 0, None
+        if settings.idle_entries:
+            idle_loaded, replication_seconds = load_idle_entries(
+                lab, workdir, settings, with_snat_sync)
+            say(f"{idle_loaded} idle SNAT entries loaded on r1"
+                + (f", all on r2 after {replication_seconds:.1f} s"
+                   if with_snat_sync else ""))
         server = start_server(lab, workdir, settings.client_duration + 10)
         client = start_client(lab, workdir, settings)
         say(f"{settings.flows} TCP + {settings.flows} UDP flows running; "
@@ -211,11 +255,12 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
             f"flows run {settings.run_after_crash:.0f} s more")
         wait_for_exit(client, workdir / "client.log", settings.client_duration + 20)
         stop_server(server, workdir / "server.log")
-        new_primary_status = None
+        new_primary_status = new_primary_kernel_entries = None
         if with_snat_sync:
             r2_state = node_state_path(workdir, lab.routers[1])
             wait_for_role(r2_state, lab.router_id, "primary")
             new_primary_status = lab_module.snat_sync_status(r2_state, lab.router_id)[0]
+            new_primary_kernel_entries = lab_module.kernel_entry_count(lab.routers[1])
     results = flows.merge_reports(
         json.loads((workdir / "client.json").read_text()),
         json.loads((workdir / "server.json").read_text()),
@@ -227,6 +272,9 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
         summary=flows.summarize(results),
         failover_seconds=failover_seconds,
         new_primary_status=new_primary_status,
+        idle_entries_loaded=idle_loaded,
+        idle_replication_seconds=replication_seconds,
+        new_primary_kernel_entries=new_primary_kernel_entries,
     )
 
 

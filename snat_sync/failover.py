@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import fcntl
 import logging
+import math
 import os
 import time
 
@@ -105,6 +106,9 @@ SHORTEN_TIMERS = Step("shorten-timers", arguments=("-t",))
 REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
 
 
+HOOK_STEP_NAMES = (COMMIT.name, LIFT_GUARD.name)
+
+
 def plan(role, resync_on_backup=True, guard=True):
     """The steps that take a router's conntrackd into role, in order.
 
@@ -129,6 +133,16 @@ def plan(role, resync_on_backup=True, guard=True):
 def is_superseded(last_record, arrived):
     """True if a transition that arrived at `arrived` is older than the last one run."""
     return bool(last_record) and last_record.get("arrived", 0) > arrived
+
+
+def is_already_done(last_record, role):
+    """True if the last transition took the router into role and succeeded.
+
+    Two triggers report the same VRRP change (keepalived's notify and the daemon's
+    address watcher); whichever comes second finds the work done.
+    """
+    return (bool(last_record) and last_record.get("role") == role.value
+            and last_record.get("outcome") == "done")
 
 
 def commit_problems(commit, expected):
@@ -162,11 +176,20 @@ class HookStep:
     def parse(cls, text):
         try:
             name, started, finished, status = text.split(",")
-            return cls(name, float(started), float(finished), int(status))
+            step = cls(name, float(started), float(finished), int(status))
         except ValueError:
             raise InvalidInput(
                 "hook step", text, "expected NAME,STARTED,FINISHED,EXIT_STATUS"
             ) from None
+        if step.name not in HOOK_STEP_NAMES:
+            raise InvalidInput("hook step", text,
+                               f"the hook runs only {', '.join(HOOK_STEP_NAMES)}")
+        if not (math.isfinite(step.started) and math.isfinite(step.finished)
+                and step.started <= step.finished):
+            raise InvalidInput("hook step", text, "times must be finite and in order")
+        if not 0 <= step.exit_status <= 255:
+            raise InvalidInput("hook step", text, "exit status must be 0 to 255")
+        return step
 
 
 @dataclasses.dataclass
@@ -195,10 +218,12 @@ class TransitionRecord:
         return dataclasses.asdict(self)
 
 
-def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=()):
+def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=(),
+                   skip_if_done=False):
     """Run the plan for role against daemon under the router's transition lock.
 
-    Returns the TransitionRecord; a superseded transition is returned unrecorded.
+    Returns the TransitionRecord; a superseded transition, or with skip_if_done one
+    whose role the last transition already reached, is returned unrecorded.
     """
     done_by_hook = {step.name: step for step in hook_steps}
     with transition_lock(files.transition_lock, options.failover.lock_timeout):
@@ -212,6 +237,11 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                 "transition that arrived at %.6f is newer",
                 router_id, role.value, arrived, last.get("role"), last.get("arrived"),
             )
+            return record
+        if skip_if_done and is_already_done(last, role):
+            record.outcome = "already-done"
+            record.finished = time.time()
+            LOG.info("router %s: already %s, nothing to do", router_id, role.value)
             return record
         commit_failed = False
         steps = plan(role, options.failover.resync_on_backup,
@@ -229,7 +259,8 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
             if not step_record.ok:
                 record.errors.append(f"{step.name}: {step_record.error}")
             if step is COMMIT:
-                problems = _check_commit(record, daemon)
+                problems = _check_commit(record, daemon,
+                                         options.conntrackd.commit_timeout)
                 commit_failed = not step_record.ok or bool(problems)
         record.finished = time.time()
         record.outcome = "failed" if record.errors else "done"
@@ -238,7 +269,7 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
     return record
 
 
-def _check_commit(record, daemon):
+def _check_commit(record, daemon, timeout=None):
     """Account for the commit in the record; return what went wrong with it.
 
     The log's last commit is this one only if the commit step ran: transitions are
@@ -249,7 +280,7 @@ def _check_commit(record, daemon):
     if commit_ran:
         commit = conntrackd_module.parse_last_commit(
             statedir.read_text(daemon.files.log_file) or "")
-    stats = daemon.cache_stats()
+    stats = daemon.cache_stats(timeout=timeout)
     expected = stats.external_active if stats else None
     record.commit = {**(dataclasses.asdict(commit) if commit else {}),
                      "expected": expected}

@@ -562,6 +562,57 @@ def kernel_entries(router):
     return run(["conntrack", "-L"], namespace=router.namespace).stdout.splitlines()
 
 
+def kernel_entry_count(router):
+    """How many entries the router namespace's kernel table holds (`conntrack -C`)."""
+    return int(run(["conntrack", "-C"], namespace=router.namespace).stdout.split()[0])
+
+
+# Idle SNAT entries: clients 10.200.0.1-200 talking to remote hosts 198.51.100.1...
+# on port 443, each mapped to its own public port of the gateway address. Their
+# reply tuples (remote -> gateway:public port) name remote hosts the live flows
+# never talk to, so no idle entry can take a tuple or a public port a live flow
+# needs, and their original tuples use other client addresses.
+IDLE_CLIENTS = 200
+IDLE_REMOTE_PORT = 443
+IDLE_PUBLIC_PORTS = range(45000, 65000)  # per remote host; the live flows use 40001+
+IDLE_TIMEOUT = 3600
+
+
+def idle_entry(index):
+    """The index-th idle entry as one `conntrack -R` line (conntrack's own options).
+
+    Even indexes are established TCP connections, odd ones UDP flows; --src-nat
+    gives each a real SNAT binding, as the router's SNAT rule would have.
+    """
+    remote, port = divmod(index, len(IDLE_PUBLIC_PORTS))
+    public_port = IDLE_PUBLIC_PORTS[port]
+    protocol = "udp" if index % 2 else "tcp"
+    line = (
+        f"-I -p {protocol} -t {IDLE_TIMEOUT} -u SEEN_REPLY,ASSURED "
+        f"-s 10.200.0.{1 + index % IDLE_CLIENTS} "
+        f"-d 198.51.{100 + remote // 254}.{1 + remote % 254} "
+        f"--sport {public_port} --dport {IDLE_REMOTE_PORT} "
+        f"--src-nat {GATEWAY_ADDRESS}:{public_port}"
+    )
+    return line + (" --state ESTABLISHED" if protocol == "tcp" else "")
+
+
+def load_idle_entries(router, count, workdir):
+    """Load `count` idle SNAT entries into router's kernel table in one go.
+
+    Writes them to a file and loads it with `conntrack -R` (about 190,000 entries a
+    second). Returns how many entries the table gained: fewer than count if
+    nf_conntrack_max (or a clash) stopped some.
+    """
+    if count <= 0:
+        return 0
+    path = pathlib.Path(workdir) / f"idle-entries-{router.name}.txt"
+    path.write_text("".join(idle_entry(index) + "\n" for index in range(count)))
+    before = kernel_entry_count(router)
+    run(["conntrack", "-R", str(path)], namespace=router.namespace, check=False)
+    return kernel_entry_count(router) - before
+
+
 # --- processes in a namespace ---------------------------------------------------------
 
 

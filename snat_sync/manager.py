@@ -227,8 +227,8 @@ def _lift_guard_if_up(spec, files):
                     spec.router_id, error)
 
 
-def notify(conf, router_id, arguments, arrived=None, hook_steps=()):
-    """Run the transition keepalived (or an operator) asks for."""
+def notify(conf, router_id, arguments, arrived=None, hook_steps=(), skip_if_done=False):
+    """Run the transition keepalived (or an operator, or the daemon) asks for."""
     role = failover.parse_notify_arguments(arguments)
     files = router_files(conf, router_id)
     spec = _load_spec(files)
@@ -242,6 +242,7 @@ def notify(conf, router_id, arguments, arrived=None, hook_steps=()):
         conf,
         arrived if arrived is not None else time.time(),
         hook_steps,
+        skip_if_done,
     )
 
 
@@ -268,9 +269,22 @@ def status(conf, router_id=None):
         if not router_files(conf, router_id).spec.exists():
             raise InvalidInput("router", router_id, "unknown here")
     else:
-        directory = statedir.routers_directory(conf.state_path)
-        ids = sorted(path.name for path in directory.iterdir()) if directory.is_dir() else []
+        ids = _router_ids(conf)
     return [_router_status(conf, each) for each in ids]
+
+
+def _router_ids(conf):
+    """Routers under the state path; an entry that is no valid router is skipped."""
+    directory = statedir.routers_directory(conf.state_path)
+    if not directory.is_dir():
+        return []
+    ids = []
+    for path in sorted(directory.iterdir()):
+        try:
+            ids.append(check_router_id(path.name))
+        except InvalidInput as error:
+            LOG.warning("ignoring %s: %s", path, error)
+    return ids
 
 
 def _router_status(conf, router_id):
@@ -282,6 +296,11 @@ def _router_status(conf, router_id):
         daemon = daemon_for(conf, spec, files)
         process = daemon.process()
         stats = daemon.cache_stats() if process else None
+    drops = stats.internal_no_space + stats.external_no_space if stats else None
+    if drops:
+        LOG.error("router %s: conntrackd's cache is full (no space left in cache): "
+                  "%d entries were dropped and will not survive a failover; raise "
+                  "[conntrackd] hash_limit", router_id, drops)
     return RouterStatus(
         router=router_id,
         namespace=spec.namespace if spec else "",
@@ -291,8 +310,7 @@ def _router_status(conf, router_id):
         conntrackd_alive=process is not None,
         internal_cache=stats.internal_active if stats else None,
         external_cache=stats.external_active if stats else None,
-        cache_full_drops=(stats.internal_no_space + stats.external_no_space)
-        if stats else None,
+        cache_full_drops=drops,
         last_transition=last,
     )
 

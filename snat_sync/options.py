@@ -8,6 +8,9 @@ the file it came from and the value.
 
 import glob
 import ipaddress
+import os
+import re
+import stat
 
 from oslo_config import cfg
 from oslo_config import types
@@ -15,6 +18,12 @@ from oslo_config import types
 from snat_sync.errors import InvalidInput
 
 SYNCED_PROTOCOLS = ("TCP", "UDP", "ICMP", "IPv6-ICMP", "SCTP", "DCCP")
+# conntrackd reads numbers with atoi(): anything above INT_MAX wraps around.
+CONNTRACKD_INT_MAX = 2**31 - 1
+# Timeouts end up in subprocess, flock --timeout and timeout(1); a day is plenty.
+TIMEOUT_MAX = 86400
+# A command name looked up in PATH, or an absolute path of plain characters.
+BINARY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*|(/[A-Za-z0-9_.+-]+)+")
 
 common_opts = [
     cfg.StrOpt(
@@ -70,19 +79,34 @@ conntrackd_opts = [
         "socket_buffer_size",
         default=1249280,
         min=65536,
+        max=CONNTRACKD_INT_MAX,
         help="Send and receive buffer size in bytes of the sync sockets.",
     ),
     cfg.IntOpt(
         "netlink_buffer_size",
         default=2097152,
         min=65536,
+        max=CONNTRACKD_INT_MAX,
         help="Initial size in bytes of conntrackd's netlink event socket buffer.",
     ),
     cfg.IntOpt(
         "netlink_buffer_max_size",
         default=8388608,
         min=65536,
+        max=CONNTRACKD_INT_MAX,
         help="Largest size in bytes the netlink event buffer may grow to.",
+    ),
+    cfg.IntOpt(
+        "netlink_overrun_resync",
+        default=5,
+        min=1,
+        max=CONNTRACKD_INT_MAX,
+        help="Seconds after the netlink event buffer overran (the kernel dropped "
+        "events, e.g. while a large table is loaded at once) until conntrackd "
+        "re-reads the whole kernel table and sends what it missed to the peers. "
+        "conntrackd's own default, 30 s, leaves flows unreplicated, and lost at a "
+        "failover, for that long; each resync costs one full table dump (about "
+        "1 s per 200,000 entries measured here).",
     ),
     cfg.IntOpt(
         "hash_size",
@@ -99,9 +123,13 @@ conntrackd_opts = [
         "hash_limit",
         default=0,
         min=0,
+        max=CONNTRACKD_INT_MAX,
         help="Most entries each conntrackd cache holds. 0 sizes it from the "
         "router namespace's nf_conntrack_max, at twice that value, so a full "
-        "kernel table always replicates. A set value below that is raised to it.",
+        "kernel table always replicates. A set value below that is raised to it. "
+        "The FTFW resend queue (ResendQueueSize) gets the same size: a bulk send "
+        "of a full table that overflows it loses, for good, every message the "
+        "peer misses.",
     ),
     cfg.StrOpt(
         "scheduler",
@@ -132,6 +160,7 @@ conntrackd_opts = [
         "purge_timeout",
         default=60,
         min=1,
+        max=CONNTRACKD_INT_MAX,
         help="Seconds after which a node that left the primary role flushes its "
         "kernel table of entries it no longer forwards (conntrackd -t).",
     ),
@@ -139,12 +168,14 @@ conntrackd_opts = [
         "control_timeout",
         default=10,
         min=1,
+        max=TIMEOUT_MAX,
         help="Seconds any conntrackd control request other than a commit may take.",
     ),
     cfg.IntOpt(
         "commit_timeout",
         default=60,
         min=1,
+        max=TIMEOUT_MAX,
         help="Seconds the commit of the replicated table into the kernel may take. "
         "conntrackd -c has no timeout of its own.",
     ),
@@ -152,12 +183,14 @@ conntrackd_opts = [
         "start_timeout",
         default=10,
         min=1,
+        max=TIMEOUT_MAX,
         help="Seconds a starting conntrackd has to answer on its control socket.",
     ),
     cfg.IntOpt(
         "stop_timeout",
         default=5,
         min=1,
+        max=TIMEOUT_MAX,
         help="Seconds a stopping conntrackd has to exit before it is killed.",
     ),
 ]
@@ -176,6 +209,7 @@ failover_opts = [
         "lock_timeout",
         default=120,
         min=1,
+        max=TIMEOUT_MAX,
         help="Seconds a transition waits for the previous one of the same router.",
     ),
     cfg.BoolOpt(
@@ -206,13 +240,58 @@ def register(conf):
 
 def load(conf, argv, default_config_files=None, description=None):
     """Parse argv and the config files into conf, then validate every option."""
-    conf(
-        argv,
-        project="snat-sync",
-        default_config_files=default_config_files,
-        description=description,
-    )
+    try:
+        conf(
+            argv,
+            project="snat-sync",
+            default_config_files=default_config_files,
+            description=description,
+        )
+    except (cfg.NoSuchOptError, cfg.TemplateSubstitutionError) as error:
+        # A value with $name in it: oslo.config substitutes options into values.
+        name = getattr(error, "opt_name", "")
+        value = next((each for each in argv if f"${name}" in each
+                      or f"${{{name}" in each), f"${name}")
+        raise InvalidInput("option value", value,
+                           f"{error}; oslo.config substitutes $name in values "
+                           "(write $$ for a '$')") from None
+    for path in [*_config_files(conf), *(conf.config_dir or [])]:
+        check_config_path(path)
     validate(conf)
+
+
+def check_config_path(path):
+    """Refuse a config file (or directory) that a user other than root could change.
+
+    The hook keepalived runs as root hands its config files to snat-sync, and a
+    config file names the binary snat-sync runs as root: it must be as safe as the
+    hook itself (see statedir.check_directory). Symlinks are followed.
+    """
+    real = os.path.realpath(path)
+    for each in [real, *_parents(real)]:
+        try:
+            status = os.stat(each)
+        except OSError as error:
+            raise InvalidInput("config file", str(path),
+                               f"cannot examine {each}: {error.strerror}") from None
+        if status.st_uid not in (0, os.geteuid()):
+            raise InvalidInput("config file", str(path),
+                               f"{each} is owned by uid {status.st_uid}, not root")
+        sticky = stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_ISVTX
+        if status.st_mode & 0o022 and not sticky:
+            raise InvalidInput("config file", str(path),
+                               f"{each} is writable by group or others")
+
+
+def _parents(path):
+    """The directories above path, nearest first."""
+    parents = []
+    while True:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return parents
+        parents.append(parent)
+        path = parent
 
 
 def validate(conf):
@@ -223,10 +302,39 @@ def validate(conf):
                 getattr(section, opt.dest)
             except (cfg.ConfigFileValueError, ValueError) as error:
                 raise _invalid_option(conf, group, opt, error) from None
+            except (cfg.NoSuchOptError, cfg.TemplateSubstitutionError) as error:
+                # oslo.config replaces $name in a value by the option name.
+                raise _invalid_option(conf, group, opt, ValueError(
+                    f"is not valid: {error}; oslo.config substitutes $name in "
+                    "values (write $$ for a '$')")) from None
     if not ipaddress.ip_address(conf.conntrackd.multicast_group).is_multicast:
         raise _invalid_option(
             conf, "conntrackd", _opt("conntrackd", "multicast_group"),
             ValueError("is not valid: not a multicast address"))
+    if not BINARY.fullmatch(conf.conntrackd.binary):
+        raise _invalid_option(
+            conf, "conntrackd", _opt("conntrackd", "binary"),
+            ValueError("is not valid: must be a command name or an absolute path "
+                       "of letters, digits and _ . + -"))
+    _check_unknown_options(conf)
+
+
+def _check_unknown_options(conf):
+    """A misspelt option would silently keep its default: refuse it.
+
+    Only the sections snat-sync owns are checked; other sections are left alone.
+    """
+    for path in _config_files(conf):
+        sections = {}
+        cfg.ConfigParser(path, sections).parse()
+        for group, opts in list_opts():
+            known = {opt.dest for opt in opts}
+            if group == "DEFAULT":
+                known |= set(conf)  # config_file, config_dir and the like
+            for name, values in sections.get(group, {}).items():
+                if name.replace("-", "_") not in known:
+                    raise InvalidInput(f"option [{group}] {name} in {path}",
+                                       values[-1], "no such option")
 
 
 def _opt(group, name):

@@ -5,6 +5,7 @@ conntrackd.conf; the templates only lay it out.
 """
 
 import dataclasses
+import functools
 import ipaddress
 import pathlib
 import shlex
@@ -46,6 +47,7 @@ class ConntrackdSettings:
     socket_buffer_size: int
     netlink_buffer_size: int
     netlink_buffer_max_size: int
+    netlink_overrun_resync: int
     hash_size: int
     hash_limit: int
     scheduler: Scheduler | None
@@ -85,6 +87,7 @@ def conntrackd_settings(spec, conntrackd_options, facts, files):
         netlink_buffer_max_size=max(
             options.netlink_buffer_size, options.netlink_buffer_max_size
         ),
+        netlink_overrun_resync=options.netlink_overrun_resync,
         hash_size=options.hash_size,
         hash_limit=hash_limit(options.hash_limit, facts.nf_conntrack_max),
         scheduler=scheduler,
@@ -174,8 +177,16 @@ def templates_directory():
 
 
 def _environment():
+    return _environment_for(templates_directory())
+
+
+@functools.lru_cache(maxsize=4)
+def _environment_for(directory):
+    """One environment per templates directory: it keeps the compiled templates
+    (and recompiles one whose file changed), so rendering hundreds of routers does
+    not compile every template hundreds of times."""
     environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_directory())),
+        loader=jinja2.FileSystemLoader(str(directory)),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

@@ -21,12 +21,19 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
+import stat
 import tempfile
 
 from snat_sync.errors import InvalidInput
+from snat_sync.router import check_router_id
 
 # sun_path in struct sockaddr_un is 108 bytes including the terminating NUL.
 UNIX_SOCKET_PATH_MAX = 107
+# The state path ends up in conntrackd.conf (which ends a path at a blank or a
+# quote), in keepalived.conf (where '$' starts a variable and '#' or '!' a comment)
+# and in a shell script: it is kept to characters none of them treat specially.
+STATE_PATH = re.compile(r"/[\w.,:=+@%~/-]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +42,15 @@ class RouterFiles:
 
     @classmethod
     def under(cls, state_path, router_id):
-        """The files of router_id (already validated) below state_path."""
-        return cls(pathlib.Path(state_path).absolute() / "routers" / router_id)
+        """The files of router_id below state_path, both checked.
+
+        Refuses a state path, routers directory or router directory that is a
+        symbolic link or that another user could change (see check_directory).
+        """
+        directory = (pathlib.Path(state_path).absolute() / "routers"
+                     / check_router_id(router_id))
+        check_directories(directory, state_path)
+        return cls(directory)
 
     @property
     def spec(self):
@@ -94,7 +108,62 @@ class RouterFiles:
 
 
 def routers_directory(state_path):
-    return pathlib.Path(state_path).absolute() / "routers"
+    directory = pathlib.Path(state_path).absolute() / "routers"
+    check_directories(directory, state_path)
+    return directory
+
+
+def check_state_path(state_path):
+    """The absolute state path, if it is safe to build paths on; else InvalidInput.
+
+    Checked where it enters (the command line or a config file): only plain
+    characters (see STATE_PATH), no '..', and every part of it that exists is a
+    real directory that only root (or the user running this) can change.
+    """
+    if not isinstance(state_path, (str, os.PathLike)):
+        raise InvalidInput("state path", state_path, "not a path")
+    path = pathlib.Path(state_path).absolute()
+    if not STATE_PATH.fullmatch(str(path)) or ".." in path.parts:
+        raise InvalidInput(
+            "state path", str(state_path),
+            "must be made of letters, digits and / _ . , : = + @ % ~ - only, "
+            "without '..' (no spaces, quotes, braces, '$', '#' or ';')")
+    check_directories(path, state_path)
+    return path
+
+
+def check_directories(path, state_path):
+    """check_directory on path and each of its parents, from the root down."""
+    path = pathlib.Path(path)
+    for directory in reversed([path, *path.parents]):
+        check_directory(directory, state_path)
+
+
+def check_directory(directory, state_path):
+    """Refuse a directory that is a symlink, is no directory, or is unsafe.
+
+    Unsafe is what keepalived's enable_script_security refuses on the way to a
+    script: owned by another user, or writable by group or others without the
+    sticky bit (as /tmp has). A missing directory is fine.
+    """
+    try:
+        status = os.lstat(directory)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise InvalidInput("state path", str(state_path),
+                           f"cannot examine {directory}: {error.strerror}") from None
+    if stat.S_ISLNK(status.st_mode):
+        raise InvalidInput("state path", str(directory), "is a symbolic link")
+    if not stat.S_ISDIR(status.st_mode):
+        raise InvalidInput("state path", str(state_path),
+                           f"{directory} is not a directory")
+    if status.st_uid not in (0, os.geteuid()):
+        raise InvalidInput("state path", str(state_path),
+                           f"{directory} is owned by uid {status.st_uid}, not root")
+    if status.st_mode & 0o022 and not status.st_mode & stat.S_ISVTX:
+        raise InvalidInput("state path", str(state_path),
+                           f"{directory} is writable by group or others")
 
 
 def ensure_directory(path):
@@ -105,6 +174,8 @@ def ensure_directory(path):
             raise InvalidInput("state path", str(directory), "is a symbolic link")
         if not directory.exists():
             directory.mkdir(mode=0o700)
+        elif directory != path:
+            check_directory(directory, path)
     os.chmod(path, 0o700)
 
 
@@ -126,6 +197,16 @@ def write_atomically(path, content, mode=0o600):
     except BaseException:
         os.unlink(temporary)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory):
+    """Make a rename in directory survive a crash."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_json(path, data):
@@ -134,14 +215,29 @@ def write_json(path, data):
 
 def read_json(path):
     """The JSON document at path, or None when there is none or it is unreadable."""
+    text = read_text(path)
+    if text is None:
+        return None
     try:
-        return json.loads(pathlib.Path(path).read_text())
-    except (OSError, ValueError):
+        return json.loads(text)
+    except (ValueError, RecursionError):
         return None
 
 
 def read_text(path):
+    """The text of the file at path; None unless it is a regular file we can read.
+
+    A symlink, a FIFO (which would block) or a device is not followed or opened for
+    reading. Bytes that are not UTF-8 read as U+FFFD: the files may be damaged.
+    """
     try:
-        return pathlib.Path(path).read_text()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(descriptor, "r", encoding="utf-8", errors="replace") as stream:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                return None
+            return stream.read()
     except OSError:
         return None

@@ -284,7 +284,7 @@ class FakeDaemon:
             raise ConntrackdError(f"conntrackd {' '.join(arguments)} failed (exit 1): "
                                   "cannot connect")
 
-    def cache_stats(self):
+    def cache_stats(self, timeout=None):
         self.cache_stats_calls += 1
         return self.stats
 
