@@ -1,0 +1,307 @@
+"""Helpers shared by the benchmarks in bench/ (root; namespaces only).
+
+Every namespace a benchmark creates is named `ssb-<hex>-...`, every process it starts
+is tracked and stopped by pid, and `Bench` removes everything however the run ends.
+Nothing is added to the root namespace.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# Every child (snat-sync CLI, notify hooks, keepalived and what it runs) imports the
+# package from this tree, not from wherever it happens to be installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+from snat_sync import lab as lab_module  # noqa: E402
+
+HA_ADDRESSES = ("169.254.192.1", "169.254.192.2")
+GATEWAY = "203.0.113.10"
+# conntrackd's local control requests (include/conntrackd.h, 1.4.x); sent as one int.
+STATS_CACHE_REQUEST = 29
+
+
+def sh(*argv, namespace=None, check=True, capture=True, timeout=120):
+    argv = [str(each) for each in argv]
+    if namespace is not None:
+        argv = ["nsenter", f"--net=/run/netns/{namespace}", *argv]
+    result = subprocess.run(argv, capture_output=capture, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: "
+                           f"{(result.stderr or result.stdout or '').strip()}")
+    return result
+
+
+def load_average():
+    return os.getloadavg()
+
+
+def uptime_line():
+    return sh("uptime").stdout.strip()
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def conntrack_count(namespace):
+    """Entries in the namespace's kernel table (`conntrack -C`)."""
+    return int(sh("conntrack", "-C", namespace=namespace).stdout.split()[0])
+
+
+def snat_entry_lines(count, first=0, timeout=1200, protocol="tcp", server="203.0.113.100"):
+    """`conntrack -R` lines for `count` established SNAT entries.
+
+    Original tuples 10.<b>.x.y:sport -> server:20000+b, SNAT'ed to GATEWAY:1024+j;
+    blocks of 60,000 keep every reply tuple unique. Server ports 20000+ never meet
+    the lab's live flows.
+    """
+    lines = []
+    for index in range(first, first + count):
+        block, j = divmod(index, 60000)
+        extra = "--state ESTABLISHED " if protocol == "tcp" else ""
+        lines.append(
+            f"-I -p {protocol} -s 10.{1 + block}.{j // 250}.{j % 250 + 1} -d {server} "
+            f"--sport {10000 + j % 50000} --dport {20000 + block} "
+            f"--src-nat {GATEWAY}:{1024 + j} -u SEEN_REPLY,ASSURED -t {timeout} "
+            f"{extra}".rstrip() + "\n")
+    return lines
+
+
+def write_entries(path, count, **kwargs):
+    with open(path, "w") as stream:
+        stream.writelines(snat_entry_lines(count, **kwargs))
+    return path
+
+
+def conntrackd_stats(socket_path, request=STATS_CACHE_REQUEST, timeout=5.0):
+    """Ask a conntrackd for a statistics block through its UNIX socket directly:
+    about 0.1 ms instead of a few ms for forking `conntrackd -s cache`."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(timeout)
+    try:
+        client.connect(str(socket_path))
+        client.sendall(struct.pack("=i", request))
+        chunks = []
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        client.close()
+    return b"".join(chunks).decode(errors="replace")
+
+
+def cache_counts(socket_path):
+    from snat_sync.conntrackd import parse_cache_stats
+    return parse_cache_stats(conntrackd_stats(socket_path))
+
+
+class Bench:
+    """Namespaces, state paths and processes of one benchmark run; `close` (or the
+    context manager) removes all of them."""
+
+    def __init__(self, name):
+        self.prefix = f"ssb-{secrets.token_hex(3)}"
+        self.name = name
+        self.namespaces = []
+        self.processes = []
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"snat-sync-{name}-"))
+        self.routers = []  # (state_path, router_id)
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def namespace(self, suffix):
+        name = f"{self.prefix}-{suffix}"
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    def router_pair(self):
+        """Two router namespaces joined by one veth (the HA network), each with a
+        qr veth pair of its own to carry a VIP. Returns (r1, r2)."""
+        r1, r2 = self.namespace("r1"), self.namespace("r2")
+        sh("ip", "-n", r1, "link", "add", "ha0", "type", "veth", "peer", "name", "ha0",
+           "netns", r2)
+        for namespace, address in zip((r1, r2), HA_ADDRESSES):
+            sh("ip", "-n", namespace, "addr", "add", f"{address}/18", "dev", "ha0")
+            sh("ip", "-n", namespace, "link", "set", "ha0", "up")
+            sh("ip", "-n", namespace, "link", "add", "qr0", "type", "veth",
+               "peer", "name", "qr1")
+            sh("ip", "-n", namespace, "link", "set", "qr0", "up")
+            sh("ip", "-n", namespace, "link", "set", "qr1", "up")
+        return r1, r2
+
+    def snat_sync(self, state_path, *args, check=True):
+        argv = [sys.executable, "-m", "snat_sync", "--state-path", state_path, *args]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        result = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                                timeout=120, env=env)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"snat-sync {' '.join(map(str, args))}: {result.stderr}")
+        return result
+
+    def add_router(self, namespace, index, router_id="bench", vrid=1,
+                   config_file=None):
+        """`snat-sync router add` for one side of the pair; returns its answer."""
+        state_path = self.workdir / f"node{index}"
+        args = []
+        if config_file:
+            args += ["--config-file", config_file]
+        answer = json.loads(self.snat_sync(
+            state_path, *args, "router", "add", router_id, "--namespace", namespace,
+            "--ha-interface", "ha0", "--local-address", HA_ADDRESSES[index],
+            "--peer-address", HA_ADDRESSES[1 - index], "--vrid", vrid, "--json",
+        ).stdout)
+        self.routers.append((state_path, router_id, args))
+        answer["state_path"] = state_path
+        answer["directory"] = pathlib.Path(answer["state_directory"])
+        return answer
+
+    def start(self, namespace, argv, log_path, stdin=None, stdout=None):
+        """Start argv inside namespace (stderr, and stdout unless given, to log_path);
+        stopped by pid at close."""
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{namespace}", *map(str, argv)],
+                stdin=stdin, stdout=stdout or log, stderr=log,
+                start_new_session=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        self.processes.append(process)
+        return process
+
+    def close(self):
+        for process in reversed(self.processes):
+            with contextlib.suppress(Exception):
+                lab_module.stop_process(process)
+        for state_path, router_id, args in self.routers:
+            with contextlib.suppress(Exception):
+                self.snat_sync(state_path, *args, "router", "remove", router_id,
+                               check=False)
+        for namespace in self.namespaces:
+            with contextlib.suppress(Exception):
+                lab_module.kill_processes(lab_module.processes_in_namespace(namespace))
+        for namespace in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
+        self.namespaces.clear()
+        self.processes.clear()
+        subprocess.run(["rm", "-rf", str(self.workdir)])
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def wait_until(predicate, timeout, interval=0.05):
+    return lab_module.wait_until(predicate, timeout, interval)
+
+
+# --- a kernel-table counter that runs inside a namespace -----------------------------
+
+
+def start_count_poller(bench, namespace, output, interval, duration):
+    """Poll the namespace's nf_conntrack_count every `interval` s for `duration` s,
+    from a process inside it, writing `time.time() count` pairs (on change) to output."""
+    return bench.start(namespace, [sys.executable, __file__, "poll-count", output,
+                                   interval, duration], str(output) + ".log")
+
+
+def read_count_samples(output):
+    samples = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in open(output):
+            stamp, count = line.split()
+            samples.append((float(stamp), int(count)))
+    return samples
+
+
+def _poll_count(output, interval, duration):
+    deadline = time.monotonic() + duration
+    last = None
+    with open(output, "w", buffering=1) as out, \
+            open("/proc/sys/net/netfilter/nf_conntrack_count") as source:
+        while time.monotonic() < deadline:
+            source.seek(0)
+            count = source.read().strip()
+            if count != last:
+                out.write(f"{time.time():.6f} {count}\n")
+                last = count
+            time.sleep(interval)
+
+
+def start_sync_poller(bench, namespace, socket_path, output, interval, duration):
+    """Like start_count_poller, and also the external cache count of the conntrackd
+    behind socket_path: lines `time.time() kernel_count external_active`."""
+    return bench.start(namespace, [sys.executable, __file__, "poll-sync", socket_path,
+                                   output, interval, duration], str(output) + ".log")
+
+
+def read_sync_samples(output):
+    samples = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in open(output):
+            stamp, kernel, external = line.split()
+            samples.append((float(stamp), int(kernel), int(external)))
+    return samples
+
+
+_EXTERNAL = None
+
+
+def _external_active(socket_path):
+    global _EXTERNAL
+    import re
+    if _EXTERNAL is None:
+        _EXTERNAL = re.compile(r"cache:external\s+active objects:\s+(\d+)")
+    match = _EXTERNAL.search(conntrackd_stats(socket_path))
+    return int(match.group(1)) if match else -1
+
+
+def _poll_sync(socket_path, output, interval, duration):
+    deadline = time.monotonic() + duration
+    last = None
+    with open(output, "w", buffering=1 << 20) as out, \
+            open("/proc/sys/net/netfilter/nf_conntrack_count") as source:
+        try:
+            while time.monotonic() < deadline:
+                source.seek(0)
+                kernel = source.read().strip()
+                external = _external_active(socket_path)
+                stamp = time.time()
+                if (kernel, external) != last:
+                    out.write(f"{stamp:.6f} {kernel} {external}\n")
+                    last = (kernel, external)
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["poll-sync"]:
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _poll_sync(sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5]))
+
+if __name__ == "__main__" and sys.argv[1:2] == ["poll-count"]:
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    _poll_count(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
