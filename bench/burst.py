@@ -1,0 +1,341 @@
+"""Benchmark: replication of a large burst of entries to the backup.
+
+For each run: a fresh pair of router namespaces (one veth as HA network) with
+conntrackd run by `snat-sync router add` on both, BACKUP / MASTER transitions run
+through the hooks, then N idle entries (`lab.idle_entry`, half TCP, half UDP) loaded
+into the primary's kernel with one `conntrack -R FILE`. The backup's external cache
+is polled (socket request) until it holds N or has not grown for --stall s.
+
+Reported per run: load time, time from the load's start until the backup holds N
+(or where it stopped), the backup's `-s network` counters (lost packets), the
+primary's `-s queue` (resend queue), UDP receive / send buffer errors and veth drops
+in both namespaces, softnet backlog drops (global, read only), the sync sockets'
+buffer sizes as `ss -m` shows them, the peak bytes queued on the primary
+conntrackd's netfilter netlink sockets and on the backup's UDP sockets (sampled every
+5 ms from /proc/PID/net), and conntrackd RSS idle and after the burst.
+
+Variants: --config FILE is given to `snat-sync router add` ([conntrackd] options);
+--edit 'Key value' rewrites (or adds) a line of the rendered conntrackd.conf on both
+sides and restarts conntrackd (SCHED_OTHER, as snat-sync runs it); --txqueuelen sets
+the HA veth's queue length; --burn N runs N busy loops meanwhile (a loaded node);
+--rt-loader runs the loader at SCHED_FIFO (the kernel inserting at full speed);
+--busy-backup N pins the backup's conntrackd to CPU 1 with N busy loops, the primary's
+conntrackd and the loader to CPU 0 (a busy backup node).
+
+    python3 bench/burst.py [--size 250000] [--runs 3] [--config F] [--edit 'K V']...
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import psutil  # noqa: E402
+
+from snat_sync import lab as lab_module  # noqa: E402
+
+FTFW_KEYS = ("ResendQueueSize", "ACKWindowSize", "DisableExternalCache", "PurgeTimeout")
+UDP_KEYS = ("SndSocketBuffer", "RcvSocketBuffer")
+
+
+def edit_config(path, edits):
+    text = path.read_text()
+    for edit in edits:
+        key, value = edit.split(None, 1)
+        pattern = re.compile(rf"^(\s*){key} \S+$", re.M)
+        if pattern.search(text):
+            text = pattern.sub(lambda m: f"{m.group(1)}{key} {value}", text)
+        elif key in FTFW_KEYS:
+            text = re.sub(r"(Mode FTFW \{\n)", rf"\1\t\t{key} {value}\n", text)
+        elif key in UDP_KEYS:
+            text = re.sub(r"(UDP \{\n)", rf"\1\t\t{key} {value}\n", text)
+        else:
+            text = re.sub(r"(General \{\n)", rf"\1\t{key} {value}\n", text)
+    path.write_text(text)
+
+
+def conntrackd_processes(namespace):
+    return lab_module.named_processes_in_namespace(namespace, "conntrackd")
+
+
+def restart(namespace, config):
+    directory = config.parent
+    subprocess.run(["conntrackd", "-C", str(config), "-k"], capture_output=True,
+                   timeout=10)
+    if not lab_module.wait_until(lambda: not conntrackd_processes(namespace), 10):
+        lab_module.kill_processes(conntrackd_processes(namespace))
+    for stale in ("conntrackd.lock", "conntrackd.ctl"):
+        (directory / stale).unlink(missing_ok=True)
+    common.sh("conntrackd", "-C", config, "-d", namespace=namespace)
+    if not lab_module.wait_until((directory / "conntrackd.ctl").exists, 10):
+        raise RuntimeError(f"restarted conntrackd made no socket: {config}")
+    for process in conntrackd_processes(namespace):
+        for thread in process.threads():
+            os.sched_setscheduler(thread.id, os.SCHED_OTHER, os.sched_param(0))
+
+
+def rss_kb(namespace):
+    return sum(process.memory_info().rss // 1024
+               for process in conntrackd_processes(namespace))
+
+
+def nstat(namespace):
+    out = common.sh("nstat", "-az", "--json", namespace=namespace, check=False).stdout
+    with contextlib.suppress(ValueError):
+        data = json.loads(out)
+        flat = {}
+        for group in data.values():
+            flat.update(group)
+        return flat
+    return {}
+
+
+def link_stats(namespace):
+    data = json.loads(common.sh("ip", "-s", "-j", "link", "show", "ha0",
+                                namespace=namespace).stdout)[0]
+    stats = data.get("stats64", data.get("stats", {}))
+    return {"rx_dropped": stats["rx"]["dropped"], "tx_dropped": stats["tx"]["dropped"],
+            "rx_packets": stats["rx"]["packets"], "tx_packets": stats["tx"]["packets"]}
+
+
+def softnet_dropped():
+    return sum(int(line.split()[1], 16) for line in open("/proc/net/softnet_stat"))
+
+
+def socket_memory(namespace):
+    out = common.sh("ss", "-uamn", namespace=namespace).stdout
+    found = re.findall(r"skmem:\(([^)]*)\)", out)
+    return [dict(re.findall(r"([a-z]+)(\d+)", each)) for each in found]
+
+
+def netlink_memory(namespace):
+    """(Rmem, Drops) of the namespace's NETLINK_NETFILTER sockets."""
+    out = common.sh("cat", "/proc/net/netlink", namespace=namespace).stdout
+    found = []
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 9 and fields[1] == "12":
+            found.append((int(fields[4]), int(fields[8])))
+    return found
+
+
+class PeakSampler(threading.Thread):
+    """Largest memory queued, while it runs, on the primary conntrackd's netfilter
+    netlink sockets and on the backup's UDP sockets (/proc/PID/net of each)."""
+
+    def __init__(self, primary_pid, backup_pid, interval=0.005):
+        super().__init__(daemon=True)
+        self.paths = (f"/proc/{primary_pid}/net/netlink", f"/proc/{backup_pid}/net/udp")
+        self.interval = interval
+        self.netlink_peak = self.udp_peak = 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(self.paths[0]) as source:
+                    for line in source.read().splitlines()[1:]:
+                        fields = line.split()
+                        if fields[1] == "12":
+                            self.netlink_peak = max(self.netlink_peak, int(fields[4]))
+                with open(self.paths[1]) as source:
+                    for line in source.read().splitlines()[1:]:
+                        queued = int(line.split()[4].split(":")[1], 16)
+                        self.udp_peak = max(self.udp_peak, queued)
+            time.sleep(self.interval)
+
+
+def ctl(config, *args, namespace=None):
+    return common.sh("conntrackd", "-C", config, *args, check=False,
+                     namespace=namespace).stdout
+
+
+def numbers(text, label):
+    match = re.search(rf"{label}:?\s+(\d+)", text)
+    return int(match.group(1)) if match else None
+
+
+def pin(namespace, cpu):
+    for process in conntrackd_processes(namespace):
+        for thread in process.threads():
+            os.sched_setaffinity(thread.id, {cpu})
+
+
+def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, burn=0,
+            busy_backup=0, rt_loader=False):
+    with common.Bench("burst") as bench:
+        r1, r2 = bench.router_pair()
+        for index in range(burn):
+            # CPU hogs (a busy node); stopped by pid with the bench.
+            bench.start(r1, ["sh", "-c", "while :; do :; done"],
+                        bench.workdir / f"burn{index}.log")
+        if txqueuelen is not None:
+            for namespace in (r1, r2):
+                common.sh("ip", "-n", namespace, "link", "set", "ha0", "txqueuelen",
+                          txqueuelen)
+        primary = bench.add_router(r1, 0, config_file=config_file)
+        backup = bench.add_router(r2, 1, config_file=config_file)
+        if edits:
+            for namespace, side in ((r1, primary), (r2, backup)):
+                config = pathlib.Path(side["conntrackd_config"])
+                edit_config(config, edits)
+                restart(namespace, config)
+        common.sh(backup["notify_command"], "INSTANCE", "VR_1", "BACKUP", "100",
+                  namespace=r2)
+        common.sh(primary["notify_command"], "INSTANCE", "VR_1", "MASTER", "100",
+                  namespace=r1)
+        if busy_backup:
+            # A busy backup node: its conntrackd shares CPU 1 with busy loops, the
+            # primary's conntrackd and the loader keep CPU 0.
+            pin(r1, 0)
+            pin(r2, 1)
+            for index in range(busy_backup):
+                bench.start(r2, ["taskset", "-c", "1", "sh", "-c", "while :; do :; done"],
+                            bench.workdir / f"busy{index}.log")
+        time.sleep(0.5)
+        backup_socket = backup["directory"] / "conntrackd.ctl"
+        primary_socket = primary["directory"] / "conntrackd.ctl"
+        rss_idle = (rss_kb(r1), rss_kb(r2))
+        sockets = {"primary": socket_memory(r1), "backup": socket_memory(r2)}
+        before = {"nstat_r1": nstat(r1), "nstat_r2": nstat(r2),
+                  "link_r1": link_stats(r1), "link_r2": link_stats(r2),
+                  "softnet": softnet_dropped()}
+        sampler = PeakSampler(conntrackd_processes(r1)[0].pid,
+                              conntrackd_processes(r2)[0].pid)
+        sampler.start()
+        started = time.time()
+        loader = ["taskset", "-c", "0"] if busy_backup else []
+        if rt_loader:
+            # The kernel inserting at full speed (as softirq would), ahead of
+            # every conntrackd: real-time FIFO, RT throttling leaves them 5%.
+            loader = ["chrt", "-f", "10", *loader]
+        common.sh(*loader, "conntrack", "-R", entries_path, namespace=r1, timeout=300)
+        loaded = time.time() - started
+        kernel = common.conntrack_count(r1)
+        last, grown_at, complete_at, count = -1, time.time(), None, 0
+        while time.time() - started < limit:
+            try:
+                count = common.cache_counts(backup_socket).external_active
+            except OSError:
+                continue
+            if count >= size:
+                complete_at = time.time() - started
+                break
+            if count != last:
+                last, grown_at = count, time.time()
+            elif time.time() - grown_at > stall:
+                break
+            time.sleep(0.1)
+        stopped_at = time.time() - started
+        sampler.done.set()
+        sampler.join()
+        try:
+            primary_internal = common.cache_counts(primary_socket).internal_active
+        except OSError as error:
+            primary_internal = f"no answer: {error}"
+        netlink_after = netlink_memory(r1)
+        after = {"nstat_r1": nstat(r1), "nstat_r2": nstat(r2),
+                 "link_r1": link_stats(r1), "link_r2": link_stats(r2),
+                 "softnet": softnet_dropped()}
+        backup_network = ctl(backup["conntrackd_config"], "-s", "network")
+        backup_general = ctl(backup["conntrackd_config"], "-s")
+        primary_network = ctl(primary["conntrackd_config"], "-s", "network")
+        primary_queue = ctl(primary["conntrackd_config"], "-s", "queue")
+
+        def delta(key, name):
+            return after[key].get(name, 0) - before[key].get(name, 0)
+
+        result = {
+            "size": size, "loadavg": os.getloadavg()[0], "kernel": kernel,
+            "load_s": round(loaded, 2),
+            "complete_s": complete_at and round(complete_at, 2),
+            "backup_external": count, "missing": size - count,
+            "stopped_s": round(stopped_at, 2),
+            "primary_internal": primary_internal,
+            "backup_packets_lost": numbers(backup_network, "Packets lost"),
+            "backup_network": " | ".join(line.strip() for line in
+                                         backup_network.splitlines() if line.strip()),
+            "primary_network": " | ".join(line.strip() for line in
+                                          primary_network.splitlines() if line.strip()),
+            "primary_queue": " | ".join(line.strip() for line in
+                                        primary_queue.splitlines() if line.strip()),
+            "udp_rcvbuf_errors_backup": delta("nstat_r2", "UdpRcvbufErrors"),
+            "udp_in_errors_backup": delta("nstat_r2", "UdpInErrors"),
+            "udp_rcvbuf_errors_primary": delta("nstat_r1", "UdpRcvbufErrors"),
+            "udp_sndbuf_errors_primary": delta("nstat_r1", "UdpSndbufErrors"),
+            "veth_tx_dropped_primary": after["link_r1"]["tx_dropped"]
+            - before["link_r1"]["tx_dropped"],
+            "veth_rx_dropped_backup": after["link_r2"]["rx_dropped"]
+            - before["link_r2"]["rx_dropped"],
+            "packets_primary_to_backup": after["link_r1"]["tx_packets"]
+            - before["link_r1"]["tx_packets"],
+            "softnet_dropped": after["softnet"] - before["softnet"],
+            "rss_idle_kb": rss_idle, "rss_after_kb": (rss_kb(r1), rss_kb(r2)),
+            "netlink_peak_bytes": sampler.netlink_peak,
+            "backup_udp_peak_bytes": sampler.udp_peak,
+            "sockets": sockets, "primary_netlink_after": netlink_after,
+            "backup_log_tail": (backup["directory"] / "conntrackd.log").read_text()
+            .splitlines()[-5:],
+            "primary_log_tail": (primary["directory"] / "conntrackd.log").read_text()
+            .splitlines()[-8:],
+            "primary_general": " | ".join(
+                line.strip() for line in ctl(primary["conntrackd_config"], "-s")
+                .splitlines() if line.strip()),
+        }
+        return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=250000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--config", help="snat-sync config file for router add")
+    parser.add_argument("--edit", action="append", default=[],
+                        help="'Key value' line for the rendered conntrackd.conf")
+    parser.add_argument("--txqueuelen", type=int)
+    parser.add_argument("--stall", type=float, default=10.0)
+    parser.add_argument("--limit", type=float, default=60.0)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--busy-backup", type=int, default=0,
+                        help="busy loops sharing CPU 1 with the backup's conntrackd "
+                        "(primary and loader on CPU 0)")
+    parser.add_argument("--rt-loader", action="store_true",
+                        help="run conntrack -R at SCHED_FIFO 10")
+    parser.add_argument("--burn", type=int, default=0,
+                        help="busy-loop processes running during the run")
+    parser.add_argument("--json", help="append results here (one JSON per line)")
+    arguments = parser.parse_args()
+    workdir = pathlib.Path(common.tempfile.mkdtemp(prefix="snat-sync-burst-"))
+    try:
+        entries = workdir / "entries.txt"
+        entries.write_text("".join(lab_module.idle_entry(index) + "\n"
+                                   for index in range(arguments.size)))
+        for run in range(arguments.runs):
+            result = one_run(arguments.size, entries, arguments.config, arguments.edit,
+                             arguments.txqueuelen, arguments.stall, arguments.limit,
+                             arguments.burn, arguments.busy_backup,
+                             arguments.rt_loader)
+            result.update(label=arguments.label, run=run, edits=arguments.edit,
+                          config=arguments.config and pathlib.Path(
+                              arguments.config).read_text(),
+                          txqueuelen=arguments.txqueuelen, burn=arguments.burn,
+                          busy_backup=arguments.busy_backup,
+                          rt_loader=arguments.rt_loader)
+            print(json.dumps(result), flush=True)
+            if arguments.json:
+                with open(arguments.json, "a") as out:
+                    out.write(json.dumps(result) + "\n")
+    finally:
+        subprocess.run(["rm", "-rf", str(workdir)])
+
+
+if __name__ == "__main__":
+    main()
