@@ -97,8 +97,10 @@ def _add_parsers(subparsers):
         "re-reads every router")
     daemon.add_argument("--workers", type=int, default=8,
                         help="routers worked on in parallel (default 8)")
-    daemon.add_argument("--full-interval", type=float, default=30.0,
-                        help="seconds between full re-reads of the state path")
+    daemon.add_argument("--full-interval", type=float, default=300.0,
+                        help="seconds between full re-reads of the state path, a "
+                        "safety net: changes are noticed within a second, crashes "
+                        "at once (default 300)")
     daemon.add_argument("--stop-routers", action="store_true",
                         help="stop every router's conntrackd on exit (by default "
                         "they keep running and the next daemon adopts them)")

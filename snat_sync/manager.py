@@ -204,14 +204,17 @@ def remove_router(conf, router_id):
     if not files.directory.exists():
         return False
     spec = _load_spec(files)
-    if spec is not None:
-        daemon_for(conf, spec, files).stop()
-        _lift_guard_if_up(spec, files)
-    for process in conntrackd.daemons_with_config(str(files.conntrackd_config)):
-        LOG.warning("router %s: killing conntrackd pid %d outside its namespace",
-                    router_id, process.pid)
-        process.kill()
-    shutil.rmtree(files.directory)
+    # Under the transition lock: `snat-sync daemon` restarts a conntrackd that
+    # exits, under the same lock, unless its spec.json is gone by then.
+    with failover.transition_lock(files.transition_lock, conf.failover.lock_timeout):
+        if spec is not None:
+            daemon_for(conf, spec, files).stop()
+            _lift_guard_if_up(spec, files)
+        for process in conntrackd.daemons_with_config(str(files.conntrackd_config)):
+            LOG.warning("router %s: killing conntrackd pid %d outside its namespace",
+                        router_id, process.pid)
+            process.kill()
+        shutil.rmtree(files.directory)
     LOG.info("router %s removed", router_id)
     return True
 

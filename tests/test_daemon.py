@@ -1,0 +1,378 @@
+"""The node daemon: its pure decisions, reading the state path, and its event loop
+driven with stand-in jobs (no root, no namespace, no conntrackd)."""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from snat_sync import daemon as daemon_module
+from snat_sync import failover
+from snat_sync import statedir
+from snat_sync.daemon import Action, desired_routers, reconcile_plan, restore_steps
+from snat_sync.failover import Role
+from snat_sync.router import RouterSpec
+
+
+def make_spec(router_id, vrid=7, peer="169.254.192.2", primary=None):
+    return RouterSpec.create(router_id, f"qrouter-{router_id}", "ha-1a2b3c4d-5e",
+                             "169.254.192.1", [peer] if peer else [], vrid, primary)
+
+
+# -- reconcile_plan ------------------------------------------------------------------
+
+
+def test_plan_adds_a_new_router_and_starts_a_stopped_one():
+    a, b = make_spec("a"), make_spec("b")
+    plan = reconcile_plan({"a": a, "b": b}, {"b": b}, running=set())
+    assert plan == (Action("add", "a", a), Action("start", "b", b))
+
+
+def test_plan_does_nothing_when_everything_runs():
+    a = make_spec("a")
+    assert reconcile_plan({"a": a}, {"a": a}, running={"a"}) == ()
+
+
+def test_plan_re_adds_a_changed_router_even_while_it_runs():
+    old, new = make_spec("a", vrid=7), make_spec("a", vrid=8)
+    assert reconcile_plan({"a": new}, {"a": old}, running={"a"}) == (
+        Action("add", "a", new),)
+
+
+def test_plan_removes_a_router_no_longer_desired():
+    a = make_spec("a")
+    assert reconcile_plan({}, {"a": a}, running={"a"}) == (Action("remove", "a"),)
+
+
+def test_plan_is_ordered_by_router():
+    specs = {name: make_spec(name) for name in ("c", "a", "b")}
+    assert [action.router_id for action in reconcile_plan(specs, {}, set())] == [
+        "a", "b", "c"]
+
+
+# -- desired_routers -------------------------------------------------------------------
+
+
+def test_routers_added_by_hand_stay_desired():
+    a = make_spec("a")
+    assert desired_routers({"a": a}, set(), {}) == {"a": a}
+
+
+def test_a_neutron_router_without_its_file_is_not_desired():
+    a = make_spec("a")
+    assert desired_routers({"a": a}, {"a"}, {}) == {}
+
+
+def test_neutron_files_add_and_change_routers():
+    old, new, b = make_spec("a", vrid=7), make_spec("a", vrid=8), make_spec("b")
+    assert desired_routers({"a": old}, {"a"}, {"a": new, "b": b}) == {"a": new, "b": b}
+
+
+def test_an_unreadable_neutron_file_keeps_the_router_as_it_is():
+    a = make_spec("a")
+    assert desired_routers({"a": a}, {"a"}, {"a": None, "b": None}) == {"a": a}
+
+
+# -- restoring a restarted conntrackd ----------------------------------------------------
+
+
+def test_restore_on_the_primary_resyncs_from_the_kernel_then_bulk_sends():
+    assert [step.arguments for step in restore_steps(Role.PRIMARY)] == [("-R",),
+                                                                        ("-B",)]
+
+
+def test_restore_on_a_backup_asks_the_primary_for_a_resync():
+    assert [step.arguments for step in restore_steps(Role.BACKUP)] == [("-n",)]
+
+
+@pytest.mark.parametrize("role", [Role.FAULT, Role.STOP, None])
+def test_nothing_to_restore_otherwise(role):
+    assert restore_steps(role) == ()
+
+
+@pytest.mark.parametrize("record, role", [
+    ({"role": "primary"}, Role.PRIMARY),
+    ({"role": "backup", "outcome": "failed"}, Role.BACKUP),
+    ({"role": "bogus"}, None),
+    ({}, None),
+    (None, None),
+    (["primary"], None),
+])
+def test_recorded_role(record, role):
+    assert daemon_module.recorded_role(record) is role
+
+
+class FakeConntrackd:
+    def __init__(self, starts=True):
+        self.starts = starts
+        self.calls = []
+
+    def start(self, scheduler):
+        self.calls.append("start")
+        return self.starts
+
+    def control(self, *arguments, timeout=None):
+        self.calls.append(arguments)
+
+    def process(self):
+        return None
+
+
+@pytest.mark.parametrize("role, expected", [
+    ("primary", ["start", ("-R",), ("-B",)]),
+    ("backup", ["start", ("-n",)]),
+])
+def test_start_restores_the_recorded_role(conf, router_files, monkeypatch, role,
+                                          expected):
+    fake = FakeConntrackd()
+    monkeypatch.setattr(daemon_module.manager, "daemon_for", lambda *a: fake)
+    statedir.write_json(router_files.spec, make_spec("r1").to_dict())
+    statedir.write_json(router_files.last_transition, {"role": role})
+
+    daemon_module.start(conf, make_spec("r1"))
+
+    assert fake.calls == expected
+
+
+def test_start_of_a_running_conntrackd_restores_nothing(conf, router_files,
+                                                        monkeypatch):
+    fake = FakeConntrackd(starts=False)
+    monkeypatch.setattr(daemon_module.manager, "daemon_for", lambda *a: fake)
+    statedir.write_json(router_files.spec, make_spec("r1").to_dict())
+    statedir.write_json(router_files.last_transition, {"role": "primary"})
+
+    daemon_module.start(conf, make_spec("r1"))
+
+    assert fake.calls == ["start"]
+
+
+def test_a_router_removed_meanwhile_is_not_started_again(conf, router_files,
+                                                         monkeypatch):
+    fake = FakeConntrackd()
+    monkeypatch.setattr(daemon_module.manager, "daemon_for", lambda *a: fake)
+
+    assert daemon_module.start(conf, make_spec("r1")) is False
+    assert fake.calls == []
+
+
+# -- failover.is_already_done (the second of two triggers is a no-op) -----------------
+
+
+@pytest.mark.parametrize("record, role, done", [
+    ({"role": "primary", "outcome": "done"}, Role.PRIMARY, True),
+    ({"role": "primary", "outcome": "failed"}, Role.PRIMARY, False),
+    ({"role": "backup", "outcome": "done"}, Role.PRIMARY, False),
+    (None, Role.BACKUP, False),
+])
+def test_is_already_done(record, role, done):
+    assert failover.is_already_done(record, role) is done
+
+
+def test_a_transition_already_done_is_not_redone(conf, router_files):
+    statedir.write_json(router_files.last_transition,
+                        {"role": "primary", "outcome": "done", "arrived": 1.0})
+
+    record = failover.run_transition("r1", Role.PRIMARY, FakeConntrackd(),
+                                     router_files, conf, 2.0, skip_if_done=True)
+
+    assert record.outcome == "already-done" and record.steps == []
+    assert statedir.read_json(router_files.last_transition)["arrived"] == 1.0
+
+
+# -- reading the state path ----------------------------------------------------------------
+
+
+def write_router(state_path, spec, neutron=False):
+    files = statedir.RouterFiles.under(state_path, spec.router_id)
+    statedir.ensure_directory(files.directory)
+    statedir.write_json(files.spec, spec.to_dict())
+    if neutron:
+        (files.directory / daemon_module.NEUTRON_MARKER).write_text("")
+
+
+def write_neutron_file(state_path, name, content):
+    directory = state_path / daemon_module.NEUTRON_DIRECTORY
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text(content)
+
+
+def test_read_configured_knows_which_routers_neutron_added(state_path):
+    a, b = make_spec("a"), make_spec("b", primary="169.254.0.7/24")
+    write_router(state_path, a)
+    write_router(state_path, b, neutron=True)
+    (state_path / "routers" / "broken").mkdir()
+    (state_path / "routers" / "broken" / "spec.json").write_text("{")
+
+    assert daemon_module.read_configured(state_path) == ({"a": a, "b": b}, {"b"})
+
+
+def test_read_neutron_specs_marks_bad_files(state_path):
+    good = make_spec("good", peer=None, primary="169.254.0.7/24")
+    write_neutron_file(state_path, "good.json", json.dumps(good.to_dict()))
+    write_neutron_file(state_path, "bad.json", json.dumps({"router": "bad"}))
+    write_neutron_file(state_path, "other.json", json.dumps(good.to_dict()))
+    write_neutron_file(state_path, ".good.json.tmp", "{")
+
+    assert daemon_module.read_neutron_specs(state_path) == {
+        "bad": None, "good": good, "other": None}
+
+
+def test_config_argument():
+    assert daemon_module._config_argument(
+        ["conntrackd", "-C", "/x/conntrackd.conf", "-d"]) == "/x/conntrackd.conf"
+    assert daemon_module._config_argument(["conntrackd", "-C"]) is None
+
+
+# -- the event loop, with stand-in jobs -------------------------------------------------------
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """Replace the jobs and the process scan; record what the daemon asked for."""
+    calls = []
+    running = {}
+    processes = []
+
+    def launch(spec):
+        process = subprocess.Popen(["sleep", "60"])
+        processes.append(process)
+        running[spec.router_id] = process.pid
+        return process.pid
+
+    def start(conf, spec):
+        calls.append(("start", spec.router_id))
+        return launch(spec)
+
+    def add(conf, spec, command, from_neutron):
+        calls.append(("add", spec.router_id, from_neutron))
+        write_router(conf.state_path_for_test, spec, neutron=from_neutron)
+        return launch(spec)
+
+    def remove(conf, router_id):
+        calls.append(("remove", router_id))
+        import shutil
+        shutil.rmtree(conf.state_path_for_test / "routers" / router_id)
+        return True
+
+    monkeypatch.setattr(daemon_module, "start", start)
+    monkeypatch.setattr(daemon_module, "add", add)
+    monkeypatch.setattr(daemon_module.manager, "remove_router", remove)
+    monkeypatch.setattr(daemon_module, "running_daemons",
+                        lambda conf, configured: {key: value for key, value
+                                                  in running.items()
+                                                  if key in configured})
+    yield calls, running, processes
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+class ConfView:
+    """conf with the test's state path at hand for the stand-ins."""
+
+    def __init__(self, conf, state_path):
+        self._conf = conf
+        self.state_path_for_test = state_path
+
+    def __getattr__(self, name):
+        return getattr(self._conf, name)
+
+
+def run_until(node, predicate, timeout=5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        node.run_once(timeout=0.05)
+        if predicate():
+            return True
+    return False
+
+
+@pytest.fixture
+def node(conf, state_path, stand_ins):
+    built = daemon_module.Daemon(ConfView(conf, state_path), ["snat-sync"], workers=2)
+    yield built
+    built.shutdown()
+
+
+def test_daemon_adds_neutron_routers_and_restarts_a_killed_conntrackd(
+        node, state_path, stand_ins):
+    calls, running, processes = stand_ins
+    spec = make_spec("a", peer=None, primary="169.254.0.7/24")
+    write_neutron_file(state_path, "a.json", json.dumps(spec.to_dict()))
+
+    assert run_until(node, lambda: "a" in node.tracked and node.tracked["a"].pid)
+    assert calls == [("add", "a", True)]
+
+    os.kill(processes[0].pid, 9)
+    assert run_until(node, lambda: len(calls) == 2)
+    assert calls[1] == ("start", "a")
+    assert run_until(node, lambda: node.tracked["a"].pid == processes[1].pid)
+
+
+def test_daemon_removes_a_neutron_router_whose_file_is_gone(node, state_path,
+                                                            stand_ins):
+    calls, _running, _processes = stand_ins
+    spec = make_spec("a", peer=None, primary="169.254.0.7/24")
+    write_neutron_file(state_path, "a.json", json.dumps(spec.to_dict()))
+    assert run_until(node, lambda: "a" in node.tracked)
+
+    (state_path / "neutron" / "a.json").unlink()
+
+    assert run_until(node, lambda: ("remove", "a") in calls)
+    assert run_until(node, lambda: "a" not in node.tracked)
+
+
+def test_daemon_starts_a_configured_router_and_leaves_it_running_on_exit(
+        conf, state_path, stand_ins):
+    calls, _running, processes = stand_ins
+    write_router(state_path, make_spec("a"))
+    node = daemon_module.Daemon(ConfView(conf, state_path), ["snat-sync"], workers=2)
+    try:
+        assert run_until(node, lambda: calls == [("start", "a")])
+    finally:
+        node.shutdown()
+    assert processes[0].poll() is None
+
+
+def test_plan_rerender_adds_every_desired_router_again():
+    a = make_spec("a")
+    assert reconcile_plan({"a": a}, {"a": a}, {"a"}, rerender=True) == (
+        Action("add", "a", a),)
+
+
+def test_sighup_re_reads_the_options_and_re_adds_every_router(
+        conf, state_path, stand_ins):
+    calls, _running, _processes = stand_ins
+    write_router(state_path, make_spec("a"))
+    node = daemon_module.Daemon(ConfView(conf, state_path), ["snat-sync"], workers=2)
+    try:
+        assert run_until(node, lambda: calls == [("start", "a")])
+        node._on_signal(daemon_module.signal.SIGHUP, None)
+        assert run_until(node, lambda: ("add", "a", False) in calls)
+    finally:
+        node.shutdown()
+
+
+class FakeWatcher:
+    def __init__(self, changes):
+        self.changes = changes
+
+    def read(self):
+        return self.changes
+
+
+def test_address_events_run_transitions_in_order(node, state_path, stand_ins,
+                                                 monkeypatch):
+    seen = []
+    monkeypatch.setattr(daemon_module, "transition",
+                        lambda conf, router_id, role, arrived: seen.append(role))
+    write_router(state_path, make_spec("a"))
+    assert run_until(node, lambda: "a" in node.tracked and node.tracked["a"].pid)
+    node.tracked["a"].watcher = FakeWatcher([Role.PRIMARY, Role.BACKUP])
+
+    node._on_address_event("a")
+
+    assert run_until(node, lambda: seen == [Role.PRIMARY, Role.BACKUP])
+    node.tracked["a"].watcher = None
