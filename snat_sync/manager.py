@@ -159,12 +159,17 @@ def add_router(conf, spec, snat_sync_command):
     )
     try:
         statedir.ensure_directory(files.directory)
-        if config_changed and previous_spec is not None:
-            daemon_for(conf, previous_spec, files).stop()
-        for path in changed:
-            content, mode = rendered.contents()[path]
-            statedir.write_atomically(path, content, mode)
-        started = daemon.start(conf.conntrackd.scheduler)
+        # Under the transition lock: `snat-sync daemon` restarts an exited
+        # conntrackd under the same lock, and must not restart the old
+        # configuration between the stop and the new files.
+        with failover.transition_lock(files.transition_lock,
+                                      conf.failover.lock_timeout):
+            if config_changed and previous_spec is not None:
+                daemon_for(conf, previous_spec, files).stop()
+            for path in changed:
+                content, mode = rendered.contents()[path]
+                statedir.write_atomically(path, content, mode)
+            started = daemon.start(conf.conntrackd.scheduler)
         if not conf.failover.reset_window_guard:
             _lift_guard_if_up(spec, files)
     except BaseException:
