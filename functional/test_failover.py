@@ -33,3 +33,22 @@ def test_keepalived_alone_loses_flows(tmp_path):
     assert summary.tcp_alive < summary.tcp_total, describe(result.flows)
     assert summary.udp_alive_same_endpoint < summary.udp_total, describe(result.flows)
     assert result.new_primary_status is None
+
+
+def test_injected_entries_keep_flows(tmp_path):
+    """With replicated entries injected into the backup's kernel table there is no
+    commit at failover; every flow must survive all the same."""
+    config = tmp_path / "inject.conf"
+    config.write_text("[conntrackd]\ninject_replicated_entries = true\n")
+    settings = demo.ScenarioSettings(
+        snat_sync_arguments=("--config-file", str(config)))
+    result = demo.run_scenario(tmp_path / "run", with_snat_sync=True,
+                               settings=settings)
+
+    lost = [flow for flow in result.flows
+            if not (flow.alive and flow.same_public_endpoint)]
+    assert not lost, describe(lost)
+    transition = result.last_transition
+    assert [step["name"] for step in transition["steps"]] == [
+        "resync-from-kernel", "bulk-send"], transition
+    assert transition["outcome"] == "done", transition

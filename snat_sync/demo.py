@@ -55,6 +55,8 @@ class ScenarioSettings:
     # Idle SNAT entries loaded into r1's table before the flows start (with
     # snat-sync, the scenario waits until r2's external cache holds them all).
     idle_entries: int = 0
+    # Global snat-sync arguments for `router add`, e.g. ("--config-file", PATH).
+    snat_sync_arguments: tuple = ()
     replication_timeout: float = 60.0
 
     @property
@@ -93,11 +95,11 @@ def node_state_path(workdir, router):
     return pathlib.Path(workdir) / router.name
 
 
-def register_with_snat_sync(lab, workdir):
+def register_with_snat_sync(lab, workdir, snat_sync_arguments=()):
     """`router add` on both nodes; return each router's keepalived notify command."""
     return {
         router.name: lab_module.snat_sync_router_add(
-            lab, router, node_state_path(workdir, router)
+            lab, router, node_state_path(workdir, router), *snat_sync_arguments
         ).notify_command
         for router in lab.routers
     }
@@ -175,7 +177,10 @@ def start_routers(lab, workdir, with_snat_sync, settings):
     """keepalived on both routers (notifying snat-sync when it is used) until r1 is
     primary and, with snat-sync, both transitions have run."""
     r1, r2 = lab.routers
-    notify_commands = register_with_snat_sync(lab, workdir) if with_snat_sync else {}
+    notify_commands = (
+        register_with_snat_sync(lab, workdir, settings.snat_sync_arguments)
+        if with_snat_sync else {}
+    )
     for router in lab.routers:
         lab_module.start_keepalived(
             lab, router, notify_commands.get(router.name), settings.advert_int
@@ -200,8 +205,11 @@ def load_idle_entries(lab, workdir, settings, with_snat_sync):
     seen = {}
 
     def replicated():
+        # Injected entries (inject_replicated_entries) go to r2's kernel table,
+        # which then counts them, not its external cache.
         seen.update(lab_module.snat_sync_status(r2_state, lab.router_id)[0])
-        return (seen["external_cache"] or 0) >= loaded
+        return max(seen["external_cache"] or 0,
+                   lab_module.kernel_entry_count(r2)) >= loaded
 
     if not lab_module.wait_until(replicated, settings.replication_timeout,
                                  interval=0.5):

@@ -109,7 +109,7 @@ REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
 HOOK_STEP_NAMES = (COMMIT.name, LIFT_GUARD.name)
 
 
-def plan(role, resync_on_backup=True, guard=True):
+def plan(role, resync_on_backup=True, guard=True, inject=False):
     """The steps that take a router's conntrackd into role, in order.
 
     primary: put the replicated entries into the kernel and lift the guard, then
@@ -119,7 +119,18 @@ def plan(role, resync_on_backup=True, guard=True):
              forwarded as primary expire (PurgeTimeout), and ask the primary for
              its whole table.
     fault, stop: this node forwards nothing: raise the guard, let entries expire.
+
+    With replicated entries injected into the kernel (inject), the new primary's
+    table is already complete: it only resyncs its cache from the kernel and sends
+    it, and no node schedules the purge of its kernel table, which would delete
+    the injected entries a backup holds for the next failover.
     """
+    if inject:
+        if role is Role.PRIMARY:
+            return (RESYNC_FROM_KERNEL, BULK_SEND)
+        if role is Role.BACKUP:
+            return (ENSURE_RUNNING, *(REQUEST_RESYNC,) * resync_on_backup)
+        return ()
     if role is Role.PRIMARY:
         return (COMMIT, *(LIFT_GUARD,) * guard, FLUSH_CACHES, RESYNC_FROM_KERNEL,
                 BULK_SEND)
@@ -245,7 +256,8 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
             return record
         commit_failed = False
         steps = plan(role, options.failover.resync_on_backup,
-                     options.failover.reset_window_guard)
+                     options.failover.reset_window_guard,
+                     options.conntrackd.inject_replicated_entries)
         for step in steps:
             if step.discards_replicated_entries and commit_failed:
                 step_record = StepRecord(step.name, time.time(), 0.0, False,

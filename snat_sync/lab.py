@@ -446,10 +446,14 @@ def snat_sync(state_path, *args, check=True):
     return run(argv, check=check)
 
 
-def snat_sync_router_add(lab, router, state_path):
-    """Register `router`'s node with snat-sync, which starts conntrackd inside it."""
+def snat_sync_router_add(lab, router, state_path, *global_arguments):
+    """Register `router`'s node with snat-sync, which starts conntrackd inside it.
+
+    global_arguments (such as --config-file PATH) go before the command.
+    """
     result = snat_sync(
         state_path,
+        *global_arguments,
         "router", "add", lab.router_id,
         "--namespace", router.namespace,
         "--ha-interface", router.ha.device,

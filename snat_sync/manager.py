@@ -108,7 +108,8 @@ def generate(conf, spec, facts, files, snat_sync_command):
             snat_sync_command,
             conf.failover.lock_timeout,
             conf.conntrackd.commit_timeout,
-            spec.namespace if conf.failover.reset_window_guard else None,
+            spec.namespace if _uses_guard(conf) else None,
+            commits=not conf.conntrackd.inject_replicated_entries,
         ),
         keepalived_snippet=render.render_keepalived_snippet(
             spec, str(files.notify_hook)
@@ -170,7 +171,7 @@ def add_router(conf, spec, snat_sync_command):
                 content, mode = rendered.contents()[path]
                 statedir.write_atomically(path, content, mode)
             started = daemon.start(conf.conntrackd.scheduler)
-        if not conf.failover.reset_window_guard:
+        if not _uses_guard(conf):
             _lift_guard_if_up(spec, files)
     except BaseException:
         _undo_add(conf, files, is_new, previous, previous_spec)
@@ -222,6 +223,12 @@ def remove_router(conf, router_id):
         shutil.rmtree(files.directory)
     LOG.info("router %s removed", router_id)
     return True
+
+
+def _uses_guard(conf):
+    """The guard waits for a commit; with injected entries there is none."""
+    return (conf.failover.reset_window_guard
+            and not conf.conntrackd.inject_replicated_entries)
 
 
 def _lift_guard_if_up(spec, files):

@@ -146,6 +146,22 @@ conntrackd_opts = [
         "refuses every later cache flush. Memory grows with it: conntrackd RSS "
         "2.9 MB at 12289, 4.3 MB at 32768.",
     ),
+    cfg.BoolOpt(
+        "inject_replicated_entries",
+        default=False,
+        help="Put replicated entries straight into each backup's kernel table "
+        "(conntrackd's DisableExternalCache) instead of keeping them in its "
+        "external cache and committing them at failover. Nothing is left to "
+        "commit, so a large table adds no commit time to the failover, and the "
+        "reset-window guard is not used. Measured at 100,000 idle entries: UDP gap "
+        "over VRRP detection +0.12 s with it, +1.02 s with the commit and guard. "
+        "Off by default: an injected entry keeps the timeout it had at its last "
+        "change on the primary and nothing refreshes it while the flow lives, so "
+        "a UDP flow that outlives nf_conntrack_udp_timeout_stream (120 s) since "
+        "its last state change loses its entry on the backup. Measured with that "
+        "timeout at 10 s and the crash 15 s in: 0/16 UDP flows kept their public "
+        "port with it, 16/16 with the commit and guard.",
+    ),
     cfg.IntOpt(
         "hash_limit",
         default=0,

@@ -50,6 +50,7 @@ class ConntrackdSettings:
     netlink_overrun_resync: int
     hash_size: int
     hash_limit: int
+    inject_replicated_entries: bool
     scheduler: Scheduler | None
     protocols: tuple
     ignored_networks: tuple
@@ -90,6 +91,7 @@ def conntrackd_settings(spec, conntrackd_options, facts, files):
         netlink_overrun_resync=options.netlink_overrun_resync,
         hash_size=options.hash_size,
         hash_limit=hash_limit(options.hash_limit, facts.nf_conntrack_max),
+        inject_replicated_entries=options.inject_replicated_entries,
         scheduler=scheduler,
         protocols=tuple(options.protocols),
         ignored_networks=(*LOOPBACK_NETWORKS, facts.ha_network),
@@ -118,8 +120,13 @@ def snat_sync_command(config_files, config_dirs, state_path):
 
 
 def render_notify_hook(router_id, files, conntrackd_binary, command, lock_timeout,
-                       commit_timeout, guard_namespace=None):
-    """The hook keepalived runs; guard_namespace set means it lifts the guard."""
+                       commit_timeout, guard_namespace=None, commits=True):
+    """The hook keepalived runs.
+
+    commits: on MASTER it commits the external cache first (false when replicated
+    entries are injected into the kernel, leaving nothing to commit);
+    guard_namespace set: it then lifts the guard in that namespace.
+    """
     return _render(
         "notify.sh.j2",
         {
@@ -130,6 +137,7 @@ def render_notify_hook(router_id, files, conntrackd_binary, command, lock_timeou
             "lock_timeout": lock_timeout,
             "commit_timeout": commit_timeout,
             "guard_namespace_path": guard_namespace and f"/run/netns/{guard_namespace}",
+            "commits": commits,
         },
     )
 

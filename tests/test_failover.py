@@ -324,7 +324,8 @@ def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=Tru
                                        resync_on_backup=resync_on_backup,
                                        reset_window_guard=reset_window_guard),
         conntrackd=types.SimpleNamespace(commit_timeout=60, control_timeout=10,
-                                         scheduler="other"),
+                                         scheduler="other",
+                                         inject_replicated_entries=False),
     )
 
 
@@ -737,3 +738,19 @@ def test_the_lock_is_released_when_a_transition_raises(files, journal):
     record = failover.run_transition("r1", Role.FAULT, FakeDaemon(files), files,
                                      fast_options(), 1001.0)
     assert record.outcome == "done"
+
+
+@pytest.mark.parametrize("role, expected", [
+    (Role.PRIMARY, ["resync-from-kernel", "bulk-send"]),
+    (Role.BACKUP, ["ensure-running", "request-resync"]),
+    (Role.FAULT, []),
+    (Role.STOP, []),
+])
+def test_plan_with_injected_entries_neither_commits_guards_nor_purges(role, expected):
+    steps = failover.plan(role, resync_on_backup=True, guard=True, inject=True)
+    assert [step.name for step in steps] == expected
+
+
+def test_plan_with_injected_entries_on_backup_without_resync():
+    steps = failover.plan(Role.BACKUP, resync_on_backup=False, inject=True)
+    assert [step.name for step in steps] == ["ensure-running"]

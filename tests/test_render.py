@@ -523,3 +523,20 @@ def test_snat_sync_command_uses_absolute_paths(tmp_path, monkeypatch):
         "--config-dir", str(tmp_path / "conf.d"),
         "--state-path", str(tmp_path / "state"),
     ]
+
+
+def test_injected_entries_disable_the_external_cache(make_conf, write_config):
+    conf = make_conf(write_config("[conntrackd]\ninject_replicated_entries = true\n"))
+    text, _files = render_config(conf, make_spec())
+    sync = parse_blocks(text)["Sync"]
+    assert "DisableExternalCache On" in sync["Mode FTFW"]["_lines"]
+
+
+def test_hook_with_injected_entries_commits_nothing(state_path):
+    files = statedir.RouterFiles.under(state_path, "r1")
+    hook = render.render_notify_hook("r1", files, "/usr/sbin/conntrackd",
+                                     ["python3", "-m", "snat_sync"], 120, 60,
+                                     guard_namespace=None, commits=False)
+    assert " -c" not in hook and "--hook-step" not in hook.split("hook_steps=()")[1]
+    result = subprocess.run(["bash", "-n"], input=hook, text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr
