@@ -106,19 +106,29 @@ def test_daemon_restores_a_killed_conntrackd_and_the_failover_keeps_every_flow(
         remaining = settings.crash_after - (time.monotonic() - started)
         assert remaining > 1, "the restore took too long for the scenario's timing"
         time.sleep(remaining)
-        demo.crash_primary(lab)
-        demo.wait_for_exit(client, tmp_path / "client.log",
-                           settings.run_after_crash + 20)
-        demo.stop_server(server, tmp_path / "server.log")
-        demo.wait_for_role(state_paths["r2"], lab.router_id, "primary")
+        crash_primary_and_finish(lab, client, server, tmp_path, settings,
+                                 state_paths["r2"])
 
+    results, broken = flow_results(tmp_path)
+    assert not broken, broken
+    assert len(results) == 2 * settings.flows
+
+
+def crash_primary_and_finish(lab, client, server, tmp_path, settings, new_primary):
+    """Crash r1, let the flows run out, and wait for r2's primary transition."""
+    demo.crash_primary(lab)
+    demo.wait_for_exit(client, tmp_path / "client.log", settings.run_after_crash + 20)
+    demo.stop_server(server, tmp_path / "server.log")
+    demo.wait_for_role(new_primary, lab.router_id, "primary")
+
+
+def flow_results(tmp_path):
+    """Every flow's merged report, and those lost or seen from another endpoint."""
     results = flows.merge_reports(
         json.loads((tmp_path / "client.json").read_text()),
         json.loads((tmp_path / "server.json").read_text()))
-    broken = [result for result in results
-              if not (result.alive and result.same_public_endpoint)]
-    assert not broken, broken
-    assert len(results) == 2 * settings.flows
+    return results, [result for result in results
+                     if not (result.alive and result.same_public_endpoint)]
 
 
 def start_neutron_style_keepalived(lab, router, primary, advert_int):
@@ -166,17 +176,10 @@ def test_neutron_style_failover_driven_by_the_watcher_keeps_every_flow(
         server = demo.start_server(lab, tmp_path, settings.client_duration + 10)
         client = demo.start_client(lab, tmp_path, settings)
         time.sleep(settings.crash_after)
-        demo.crash_primary(lab)
-        demo.wait_for_exit(client, tmp_path / "client.log",
-                           settings.run_after_crash + 20)
-        demo.stop_server(server, tmp_path / "server.log")
-        demo.wait_for_role(state_paths["r2"], lab.router_id, "primary")
+        crash_primary_and_finish(lab, client, server, tmp_path, settings,
+                                 state_paths["r2"])
 
-    results = flows.merge_reports(
-        json.loads((tmp_path / "client.json").read_text()),
-        json.loads((tmp_path / "server.json").read_text()))
-    broken = [result for result in results
-              if not (result.alive and result.same_public_endpoint)]
+    results, broken = flow_results(tmp_path)
     assert not broken, (broken, lab_module.read_tail(tmp_path / "daemon-r2.log"))
     assert len(results) == 2 * settings.flows
 
