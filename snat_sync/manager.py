@@ -75,8 +75,8 @@ class AddResult:
 
 
 def router_files(conf, router_id):
+    statedir.check_state_path(conf.state_path)
     files = statedir.RouterFiles.under(conf.state_path, check_router_id(router_id))
-    render.check_state_path(files.directory)
     files.check_socket_path()
     return files
 

@@ -14,7 +14,6 @@ import sysconfig
 
 import jinja2
 
-from snat_sync.errors import InvalidInput
 
 LOOPBACK_NETWORKS = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -207,12 +206,3 @@ def _environment_for(directory):
 
 def _render(template_name, context):
     return _environment().get_template(template_name).render(context)
-
-
-def check_state_path(state_path):
-    """conntrackd's config parser takes a path up to the first blank: refuse others."""
-    text = str(state_path)
-    if any(character.isspace() or character in '{}"#;' for character in text):
-        raise InvalidInput(
-            "state path", text, "must not contain spaces, quotes, braces, ';' or '#'"
-        )

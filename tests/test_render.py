@@ -291,14 +291,14 @@ def test_hook_quotes_the_guard_namespace_path(state_path):
                                   "/tmp/a}b", '/tmp/a"b', "/tmp/a#b", "/tmp/a;b"])
 def test_check_state_path_rejects_what_conntrackd_cannot_parse(path):
     with pytest.raises(InvalidInput) as caught:
-        render.check_state_path(path)
+        statedir.check_state_path(path)
     assert caught.value.field == "state path"
     assert repr(path) in str(caught.value)
 
 
 def test_check_state_path_accepts_an_ordinary_path(tmp_path):
-    render.check_state_path(tmp_path / "state")
-    render.check_state_path("/var/lib/snat-sync")
+    statedir.check_state_path(tmp_path / "state")
+    statedir.check_state_path("/var/lib/snat-sync")
 
 
 SPECIAL = "st$te'(x)&`y`!"
