@@ -236,6 +236,22 @@ conntrackd_opts = [
         max=TIMEOUT_MAX,
         help="Seconds a stopping conntrackd has to exit before it is killed.",
     ),
+    cfg.IntOpt(
+        "log_max_bytes",
+        default=10485760,
+        min=0,
+        max=2**40,
+        help="The node daemon rotates a router's conntrackd.log once it grows past "
+        "this many bytes (copied to conntrackd.log.1, then emptied in place: "
+        "conntrackd keeps writing to the file it opened). 0 never rotates.",
+    ),
+    cfg.IntOpt(
+        "log_backups",
+        default=3,
+        min=1,
+        max=100,
+        help="Rotated conntrackd logs kept per router (conntrackd.log.1 newest).",
+    ),
 ]
 
 failover_opts = [
@@ -261,6 +277,96 @@ failover_opts = [
         help="On becoming backup, ask the peers to send their whole table so the "
         "local replica is complete.",
     ),
+    cfg.IntOpt(
+        "history_size",
+        default=200,
+        min=10,
+        max=10000,
+        help="Transitions and repairs kept per router in history.jsonl "
+        "(`snat-sync history ROUTER`); older ones are dropped.",
+    ),
+]
+
+health_opts = [
+    cfg.FloatOpt(
+        "check_interval",
+        default=3.0,
+        min=0.5,
+        max=300,
+        help="Seconds between the node daemon's health checks of each router: "
+        "cache and sync figures from conntrackd's control socket, and a report "
+        "sent to the peers' daemons.",
+    ),
+    cfg.BoolOpt(
+        "repair",
+        default=True,
+        help="Let the node daemon repair replication faults it finds: ask the "
+        "primary for its whole table when this backup's replica stays short, and "
+        "resync and send the whole table when this primary survives a split "
+        "brain. Off, the faults are only reported.",
+    ),
+    cfg.IntOpt(
+        "repair_after",
+        default=2,
+        min=1,
+        max=100,
+        help="Consecutive health checks a fault must be seen in before it is "
+        "repaired, so a replica that is still catching up is left alone.",
+    ),
+    cfg.FloatOpt(
+        "repair_backoff",
+        default=30.0,
+        min=0,
+        max=TIMEOUT_MAX,
+        help="Seconds after a repair before the same repair runs again for the "
+        "same router.",
+    ),
+    cfg.FloatOpt(
+        "short_tolerance_percent",
+        default=1.0,
+        min=0,
+        max=100,
+        help="A backup's replica counts as short when it holds fewer entries than "
+        "the primary reports by more than this share of the primary's entries "
+        "(and by more than 16 entries).",
+    ),
+    cfg.FloatOpt(
+        "peer_timeout",
+        default=10.0,
+        min=1,
+        max=TIMEOUT_MAX,
+        help="Seconds without a report from a peer's daemon after which the peer "
+        "counts as silent.",
+    ),
+    cfg.IntOpt(
+        "base_port",
+        default=4780,
+        min=1,
+        max=65535 - 254,
+        help="The daemons of a router's nodes exchange health reports on UDP port "
+        "base_port + VRID of the HA network; the range must not overlap "
+        "[conntrackd] base_port's.",
+    ),
+]
+
+metrics_opts = [
+    cfg.IPOpt(
+        "listen_address",
+        default="127.0.0.1",
+        help="Address the node daemon serves Prometheus metrics on (/metrics).",
+    ),
+    cfg.PortOpt(
+        "listen_port",
+        default=9787,
+        help="Port for the metrics; 0 serves none.",
+    ),
+    cfg.StrOpt(
+        "textfile",
+        default="",
+        help="Also write the metrics to this file for node_exporter's textfile "
+        "collector (rewritten atomically at every health check); empty writes "
+        "none. Its name must end in .prom.",
+    ),
 ]
 
 
@@ -270,6 +376,8 @@ def list_opts():
         ("DEFAULT", common_opts),
         ("conntrackd", conntrackd_opts),
         ("failover", failover_opts),
+        ("health", health_opts),
+        ("metrics", metrics_opts),
     ]
 
 
@@ -359,6 +467,19 @@ def validate(conf):
             conf, "conntrackd", _opt("conntrackd", "binary"),
             ValueError("is not valid: must be a command name or an absolute path "
                        "of letters, digits and _ . + -"))
+    sync_ports = range(conf.conntrackd.base_port + 1, conf.conntrackd.base_port + 256)
+    report_ports = range(conf.health.base_port + 1, conf.health.base_port + 256)
+    if sync_ports.start < report_ports.stop and report_ports.start < sync_ports.stop:
+        raise _invalid_option(
+            conf, "health", _opt("health", "base_port"),
+            ValueError(f"is not valid: its ports {report_ports.start}-"
+                       f"{report_ports.stop - 1} overlap the sync ports "
+                       f"{sync_ports.start}-{sync_ports.stop - 1}"))
+    textfile = conf.metrics.textfile
+    if textfile and (not os.path.isabs(textfile) or not textfile.endswith(".prom")):
+        raise _invalid_option(
+            conf, "metrics", _opt("metrics", "textfile"),
+            ValueError("is not valid: must be an absolute path ending in .prom"))
     _check_unknown_options(conf)
 
 

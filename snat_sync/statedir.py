@@ -12,6 +12,12 @@
         guard-lift.nft        the one that removes it (see guard.py)
         transition.lock       serialises transitions of this router
         last-transition.json  what the latest transition did, step by step
+        history.jsonl         the latest transitions and repairs, one JSON per line
+                              (bounded; see history.py)
+        counters.json         transition, repair and commit-duration counters
+                              that only grow (the metrics' source)
+        health.json           the node daemon's latest health check: what the
+                              peers reported and what it repaired (see repair.py)
 
 Directories are 0700 and files 0600 (the hook 0700), owned by root: keepalived's
 enable_script_security refuses hooks that any other user could change.
@@ -91,6 +97,18 @@ class RouterFiles:
     @property
     def transition_lock(self):
         return self.directory / "transition.lock"
+
+    @property
+    def history(self):
+        return self.directory / "history.jsonl"
+
+    @property
+    def counters(self):
+        return self.directory / "counters.json"
+
+    @property
+    def health(self):
+        return self.directory / "health.json"
 
     @property
     def last_transition(self):

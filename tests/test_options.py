@@ -118,12 +118,14 @@ def test_a_bad_value_in_a_config_dir_names_that_file(make_conf, write_config, tm
 
 def test_list_opts_covers_every_group():
     groups = {group: [opt.name for opt in opts] for group, opts in options.list_opts()}
-    assert set(groups) == {"DEFAULT", "conntrackd", "failover"}
+    assert set(groups) == {"DEFAULT", "conntrackd", "failover", "health", "metrics"}
     assert "state-path" in groups["DEFAULT"]
     expected = {"hash_size", "hash_limit", "transport", "base_port", "commit_timeout"}
     assert expected <= set(groups["conntrackd"])
     assert {"lock_timeout", "resync_on_backup", "reset_window_guard"} <= set(
         groups["failover"])
+    assert {"check_interval", "repair", "base_port"} <= set(groups["health"])
+    assert {"listen_address", "listen_port", "textfile"} <= set(groups["metrics"])
 
 
 # -- through the command line -------------------------------------------------------
