@@ -66,6 +66,15 @@ BAD_VALUES = [
     ("failover", "lock_timeout", "-5"),
     ("failover", "resync_on_backup", "maybe"),
     ("failover", "reset_window_guard", "sometimes"),
+    ("failover", "history_size", "5"),
+    ("health", "check_interval", "0.1"),
+    ("health", "base_port", "3700"),            # its ports overlap the sync ports
+    ("health", "repair", "perhaps"),
+    ("metrics", "listen_address", "localhost:80"),
+    ("metrics", "listen_port", "70000"),
+    ("metrics", "textfile", "relative.prom"),
+    ("metrics", "textfile", "/var/lib/node_exporter/snat-sync.txt"),
+    ("conntrackd", "log_max_bytes", "-1"),
 ]
 
 

@@ -109,11 +109,11 @@ def test_multicast_config_for_several_peers(conf):
 def test_multicast_group_and_base_port_come_from_the_options(make_conf, write_config):
     conf = make_conf(write_config(
         "[conntrackd]\ntransport = multicast\nmulticast_group = 239.1.2.3\n"
-        "base_port = 5000\n"))
+        "base_port = 6000\n"))
     multicast = parse_blocks(render_config(conf, make_spec(vrid=7))[0])["Sync"][
         "Multicast"]["_lines"]
     assert "IPv4_address 239.1.2.3" in multicast
-    assert "Group 5007" in multicast
+    assert "Group 6007" in multicast
 
 
 def test_general_uses_the_routers_own_files(conf):
