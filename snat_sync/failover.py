@@ -20,6 +20,7 @@ import time
 
 from snat_sync import conntrackd as conntrackd_module
 from snat_sync import guard
+from snat_sync import history
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
 
@@ -233,8 +234,10 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                    skip_if_done=False):
     """Run the plan for role against daemon under the router's transition lock.
 
-    Returns the TransitionRecord; a superseded transition, or with skip_if_done one
-    whose role the last transition already reached, is returned unrecorded.
+    Returns the TransitionRecord. A superseded transition, or with skip_if_done one
+    whose role the last transition already reached, runs nothing and leaves
+    last-transition.json alone; every transition goes into the router's history
+    and counters (history.py), under the lock.
     """
     done_by_hook = {step.name: step for step in hook_steps}
     with transition_lock(files.transition_lock, options.failover.lock_timeout):
@@ -248,11 +251,15 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                 "transition that arrived at %.6f is newer",
                 router_id, role.value, arrived, last.get("role"), last.get("arrived"),
             )
+            history.record_transition(files, record.to_dict(),
+                                      options.failover.history_size)
             return record
         if skip_if_done and is_already_done(last, role):
             record.outcome = "already-done"
             record.finished = time.time()
             LOG.info("router %s: already %s, nothing to do", router_id, role.value)
+            history.record_transition(files, record.to_dict(),
+                                      options.failover.history_size)
             return record
         commit_failed = False
         steps = plan(role, options.failover.resync_on_backup,
@@ -266,7 +273,7 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
             elif step.name in done_by_hook:
                 step_record = _hook_step_record(done_by_hook[step.name])
             else:
-                step_record = _run_step(step, daemon, options)
+                step_record = run_step(step, daemon, options)
             record.steps.append(step_record)
             if not step_record.ok:
                 record.errors.append(f"{step.name}: {step_record.error}")
@@ -277,6 +284,8 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
         record.finished = time.time()
         record.outcome = "failed" if record.errors else "done"
         statedir.write_json(files.last_transition, record.to_dict())
+        history.record_transition(files, record.to_dict(),
+                                  options.failover.history_size)
     _log_record(record)
     return record
 
@@ -304,7 +313,7 @@ def _check_commit(record, daemon, timeout=None):
     return problems
 
 
-def _run_step(step, daemon, options):
+def run_step(step, daemon, options):
     started = time.time()
     clock = time.monotonic()
     error = None

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snat_sync import failover
+from snat_sync import history
 from snat_sync import statedir
 from snat_sync.conntrackd import (CacheStats, CommitResult, Conntrackd,
                                   ConntrackdError)
@@ -322,7 +323,8 @@ def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=Tru
     return types.SimpleNamespace(
         failover=types.SimpleNamespace(lock_timeout=lock_timeout,
                                        resync_on_backup=resync_on_backup,
-                                       reset_window_guard=reset_window_guard),
+                                       reset_window_guard=reset_window_guard,
+                                       history_size=200),
         conntrackd=types.SimpleNamespace(commit_timeout=60, control_timeout=10,
                                          scheduler="other",
                                          inject_replicated_entries=False),
@@ -340,20 +342,21 @@ def cache_stats_output(external, external_no_space=0):
             f"\t\tno space left in cache:\t{external_no_space:12d}\n")
 
 
-def test_primary_runs_the_exact_commands_in_order(files, conf, fp):
-    """The real Conntrackd and guard; only the processes are faked."""
+def test_primary_runs_the_exact_commands_in_order(files, conf, fp, monkeypatch):
+    """The real Conntrackd and guard; only the processes (and the statistics on
+    conntrackd's control socket) are faked."""
+    monkeypatch.setattr("snat_sync.conntrackd.query_stats",
+                        lambda path, kind, timeout: cache_stats_output(100000))
     daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5)
     lift = ["nsenter", "--net=/run/netns/qrouter-r1", "nft", "-f",
             str(files.guard_lift)]
     commands = [conntrackd_command(files, "-c"),
-                conntrackd_command(files, "-s", "cache"),
                 lift,
                 conntrackd_command(files, "-f"),
                 conntrackd_command(files, "-R"),
                 conntrackd_command(files, "-B")]
     for command in commands:
-        fp.register(command, stdout=cache_stats_output(100000)
-                    if command[-1] == "cache" else "")
+        fp.register(command)
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
     assert list(fp.calls) == commands
     assert record.outcome == "done"
@@ -456,15 +459,16 @@ def test_the_record_is_written_with_timings_and_commit_counts(files, conf, journ
         step["started"] for step in written["steps"])
 
 
-def test_the_hook_steps_are_recorded_and_not_run_again(files, conf, fp):
+def test_the_hook_steps_are_recorded_and_not_run_again(files, conf, fp,
+                                                       monkeypatch):
+    monkeypatch.setattr("snat_sync.conntrackd.query_stats",
+                        lambda path, kind, timeout: cache_stats_output(100000))
     daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5)
-    commands = [conntrackd_command(files, "-s", "cache"),
-                conntrackd_command(files, "-f"),
+    commands = [conntrackd_command(files, "-f"),
                 conntrackd_command(files, "-R"),
                 conntrackd_command(files, "-B")]
     for command in commands:
-        fp.register(command, stdout=cache_stats_output(100000)
-                    if command[-1] == "cache" else "")
+        fp.register(command)
     hook_steps = [HookStep("commit", 1000.010, 1000.4725, 0),
                   HookStep("lift-guard", 1000.4730, 1000.4790, 0)]
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf,
@@ -526,8 +530,6 @@ def test_a_failed_commit_skips_only_the_flush_and_still_lifts_the_guard(
     daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5)
     commit = conntrackd_command(files, "-c")
     fp.register(commit, returncode=1, stderr="[ERROR] cannot connect to conntrackd\n")
-    stats = conntrackd_command(files, "-s", "cache")
-    fp.register(stats, returncode=1)
     lift = ["nsenter", "--net=/run/netns/qrouter-r1", "nft", "-f",
             str(files.guard_lift)]
     fp.register(lift)
@@ -535,7 +537,7 @@ def test_a_failed_commit_skips_only_the_flush_and_still_lifts_the_guard(
     for command in rest:
         fp.register(command)
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
-    assert list(fp.calls) == [commit, stats, lift, *rest]
+    assert list(fp.calls) == [commit, lift, *rest]  # no control socket: no stats
     assert record.outcome == "failed"
     assert [(step.name, step.ok) for step in record.steps] == [
         ("commit", False), ("lift-guard", True), ("flush-caches", False),
@@ -665,6 +667,8 @@ def test_an_older_transition_is_skipped_and_leaves_the_record_alone(files, conf,
     assert record.outcome == "superseded"
     assert record.steps == []
     assert files.last_transition.read_bytes() == before
+    assert [(entry["role"], entry["outcome"]) for entry in history.read_history(files)] \
+        == [("backup", "done"), ("primary", "superseded")]
 
 
 def test_a_newer_transition_runs_and_replaces_the_record(files, conf, journal):
@@ -725,6 +729,7 @@ def test_a_transition_that_cannot_get_the_lock_runs_nothing(files):
                                     1000.0)
     assert daemon.calls == []
     assert not files.last_transition.exists()
+    assert not files.history.exists()
 
 
 def test_the_lock_is_released_when_a_transition_raises(files, journal):
