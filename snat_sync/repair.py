@@ -1,0 +1,231 @@
+"""Self-healing decisions: what a health check of one router found, what to repair.
+
+The node daemon checks every router each [health] check_interval: it reads the
+figures of the router's conntrackd (an Observation), sends them to the peers'
+daemons, and hands `assess` the observation, the latest report of each peer and
+what earlier checks remembered (Memory). `assess` decides, without touching
+anything; the daemon carries out the repairs under the router's transition lock.
+
+Faults and their repairs:
+
+replica-short  This node is backup, and its replica (external cache) holds fewer
+               entries than the primary reports in its internal cache, by more
+               than the tolerance, for repair_after checks in a row while neither
+               count is moving. FTFW re-sends what it knows was lost, but never
+               what the backup lost on its own side (a flushed or restarted
+               cache): ask the primary for its whole table (conntrackd -n).
+split-brain    This node is primary and a peer reports primary too. Nothing is
+               repaired while both forward.
+peer-yielded   This node is primary and a peer reports a new transition into
+               another role: it yielded after a split brain (the HA link may
+               have been cut, so the split itself may never have been seen), or
+               it came back. As primary the peer flushed its caches, and its
+               own resync request may be off or lost: the survivor, this node,
+               resyncs its cache from the kernel and sends the whole table, so
+               the peer's replica is complete again.
+Reported only: a peer whose daemon is silent, sync messages lost or malformed
+since the last check (FTFW asks again for lost ones), conntrackd not running
+(the daemon restarts it as soon as it exits).
+"""
+
+import dataclasses
+
+from snat_sync import failover
+from snat_sync.failover import Role
+
+DEGRADED = "degraded"
+BROKEN = "broken"
+# A replica this close to the primary's count is in step: entries come and go
+# between the two reads.
+SHORT_TOLERANCE_MINIMUM = 16
+
+REQUEST_RESYNC = "request-resync"
+SURVIVOR_RESYNC = "survivor-resync"
+REPAIR_STEPS = {
+    REQUEST_RESYNC: (failover.REQUEST_RESYNC,),
+    SURVIVOR_RESYNC: (failover.RESYNC_FROM_KERNEL, failover.BULK_SEND),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """One router's figures at one health check (None where conntrackd said none)."""
+
+    at: float
+    role: str  # the role of the last transition, or "unknown"
+    conntrackd_alive: bool
+    internal: int | None
+    external: int | None
+    kernel: int | None
+    messages_lost: int | None
+    messages_malformed: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    repair: bool
+    repair_after: int
+    repair_backoff: float
+    short_tolerance_percent: float
+    peer_timeout: float
+
+    @classmethod
+    def from_conf(cls, conf):
+        health = conf.health
+        return cls(health.repair, health.repair_after, health.repair_backoff,
+                   health.short_tolerance_percent, health.peer_timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    kind: str
+    severity: str  # DEGRADED or BROKEN
+    since: float
+    message: str
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Repair:
+    name: str
+    reason: str
+
+    @property
+    def steps(self):
+        return REPAIR_STEPS[self.name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """What one router's health checks carry from one check to the next."""
+
+    previous: Observation | None = None
+    since: tuple = ()  # (problem kind, first seen) of the problems seen last time
+    short_streak: int = 0
+    primary_count: int | None = None  # the primary's count at the last check
+    peer_changes: tuple = ()  # (peer address, its report's "changed")
+    last_repairs: tuple = ()  # (repair name, time)
+
+
+@dataclasses.dataclass(frozen=True)
+class Assessment:
+    problems: tuple
+    repairs: tuple
+    memory: Memory
+
+
+def short_tolerance(primary_count, percent):
+    return max(SHORT_TOLERANCE_MINIMUM, primary_count * percent / 100)
+
+
+def assess(observation, reports, peer_addresses, memory, settings):
+    """The problems and repairs of one health check, and what to remember.
+
+    reports: {peer address: PeerReport}, the latest report of each peer.
+    """
+    now = observation.at
+    previous = memory.previous
+    fresh = {address: report for address, report in reports.items()
+             if now - report.received <= settings.peer_timeout}
+    found = []  # (kind, severity, message)
+    repairs = []
+
+    for peer in map(str, peer_addresses):
+        if peer in fresh:
+            continue
+        heard = reports.get(peer)
+        found.append(("peer-silent", DEGRADED,
+                      f"no report from peer {peer}'s daemon "
+                      + (f"for {now - heard.received:.0f} s" if heard else "yet")))
+    if not observation.conntrackd_alive:
+        found.append(("conntrackd-down", BROKEN, "conntrackd is not running"))
+    for kind, figure in (("messages-lost", "messages_lost"),
+                         ("messages-malformed", "messages_malformed")):
+        grown = _growth(previous, observation, figure)
+        if grown:
+            found.append((kind, DEGRADED,
+                          f"{grown} sync messages {kind.split('-')[1]} since the "
+                          "last check" + (" (FTFW asks for them again)"
+                                          if kind == "messages-lost" else "")))
+
+    primaries = {address: report for address, report in fresh.items()
+                 if report.role == Role.PRIMARY.value}
+    known_changes = dict(memory.peer_changes)
+    if observation.role == Role.PRIMARY.value:
+        if primaries:
+            found.append(("split-brain", BROKEN,
+                          f"split brain: peer {', '.join(sorted(primaries))} is "
+                          "primary too"))
+        yielded = sorted(
+            address for address, report in fresh.items()
+            if report.role != Role.PRIMARY.value and address in known_changes
+            and report.changed != known_changes[address])
+        if yielded:
+            repairs.append(Repair(
+                SURVIVOR_RESYNC,
+                f"peer {', '.join(yielded)} left the primary role or came back "
+                "while this node is primary: resync from the kernel and send the "
+                "whole table"))
+    peer_changes = {**known_changes,
+                    **{address: report.changed for address, report in fresh.items()}}
+
+    short_streak, primary_count = 0, None
+    if (observation.role == Role.BACKUP.value and observation.external is not None
+            and primaries):
+        address, primary = max(primaries.items(), key=lambda item: item[1].internal)
+        primary_count = primary.internal
+        tolerance = short_tolerance(primary.internal, settings.short_tolerance_percent)
+        if primary.internal - observation.external > tolerance:
+            found.append(("replica-short", DEGRADED,
+                          f"replica holds {observation.external} of the primary "
+                          f"{address}'s {primary.internal} entries"))
+            short_streak = memory.short_streak + 1
+            settled = (memory.primary_count is not None
+                       and abs(primary.internal - memory.primary_count) <= tolerance
+                       and previous is not None and previous.external is not None
+                       and observation.external - previous.external <= tolerance)
+            if short_streak >= settings.repair_after and settled:
+                repairs.append(Repair(
+                    REQUEST_RESYNC,
+                    f"replica short by {primary.internal - observation.external} "
+                    f"entries for {short_streak} checks: ask the primary for its "
+                    "whole table"))
+
+    last_repairs = dict(memory.last_repairs)
+    due = []
+    for repair in repairs:
+        if not settings.repair:
+            continue
+        if now - last_repairs.get(repair.name, float("-inf")) < settings.repair_backoff:
+            continue
+        last_repairs[repair.name] = now
+        due.append(repair)
+        if repair.name == REQUEST_RESYNC:
+            short_streak = 0
+
+    first_seen = dict(memory.since)
+    problems = tuple(Problem(kind, severity, first_seen.get(kind, now), message)
+                     for kind, severity, message in found)
+    return Assessment(
+        problems,
+        tuple(due),
+        Memory(
+            previous=observation,
+            since=tuple((problem.kind, problem.since) for problem in problems),
+            short_streak=short_streak,
+            primary_count=primary_count,
+            peer_changes=tuple(sorted(peer_changes.items())),
+            last_repairs=tuple(sorted(last_repairs.items())),
+        ),
+    )
+
+
+def _growth(previous, current, figure):
+    if previous is None:
+        return 0
+    before, after = getattr(previous, figure), getattr(current, figure)
+    if before is None or after is None or after < before:  # conntrackd restarted
+        return 0
+    return after - before
