@@ -1,5 +1,6 @@
 """The snat-sync command line: parse, call the manager, print. Nothing else."""
 
+import collections
 import ipaddress
 import json
 import logging
@@ -11,6 +12,7 @@ import time
 from oslo_config import cfg
 
 from snat_sync import failover
+from snat_sync import history
 from snat_sync import manager
 from snat_sync import options
 from snat_sync import render
@@ -85,10 +87,37 @@ def _add_parsers(subparsers):
                         help="(notify hook) NAME,STARTED,FINISHED,EXIT_STATUS of a "
                         "step the hook already ran; repeatable")
 
-    status = subparsers.add_parser("status", help="show each router's conntrackd, "
-                                   "caches and last transition")
+    status = subparsers.add_parser(
+        "status", help="show whether each router's connection table is replicated "
+        "(in-sync, degraded or broken, and why), with its role, conntrackd, the "
+        "kernel's and conntrackd's entry counts, its peers, lost and malformed "
+        "sync messages and its last transition")
     status.add_argument("router", nargs="?")
     status.add_argument("--json", action="store_true")
+
+    metrics_help = ("print every router's status and counters as Prometheus "
+                    "metrics (text exposition format); `snat-sync daemon` serves "
+                    "the same on http://[metrics] listen_address:listen_port"
+                    "/metrics")
+    metrics = subparsers.add_parser("metrics", help=metrics_help,
+                                    description=metrics_help)
+    metrics.add_argument(
+        "--textfile", metavar="PATH", help="write the metrics to PATH instead of "
+        "printing them, atomically and readable by all (0644), for node_exporter's "
+        "textfile collector; an absolute path ending in .prom")
+
+    explained = ("show a router's latest transitions and repairs, oldest first, one "
+                 "a line: when it arrived, what it was, its outcome, total and "
+                 "per-step times, commit counts and the first error. The newest "
+                 "[failover] history_size of them are kept")
+    history_parser = subparsers.add_parser("history", help=explained,
+                                           description=explained)
+    history_parser.add_argument("router", help="router id")
+    history_parser.add_argument(
+        "--limit", type=int, metavar="N",
+        help=f"show the newest N only, 1 to {MAX_HISTORY_LIMIT} (default: all kept)")
+    history_parser.add_argument("--json", action="store_true",
+                                help="print the entries as a JSON list")
 
     daemon = subparsers.add_parser(
         "daemon", help="run this node's routers from one process: start missing "
@@ -184,6 +213,24 @@ def _dispatch(conf, arrived):
         else:
             print(format_status(statuses))
         return 0
+    if command.name == "metrics":
+        from snat_sync import metrics
+
+        textfile = (metrics.textfile_path(command.textfile)
+                    if command.textfile is not None else None)
+        snapshot = metrics.gather(conf)
+        if textfile is None:
+            sys.stdout.write(metrics.render(snapshot).decode("utf-8"))
+        else:
+            metrics.write_textfile(textfile, snapshot)
+        return 0
+    if command.name == "history":
+        entries = _router_history(conf, command.router, command.limit)
+        if command.json:
+            print(json.dumps(entries, indent=2))
+        else:
+            print(format_history(entries))
+        return 0
     if command.name == "daemon":
         from snat_sync import daemon
 
@@ -204,6 +251,7 @@ def _dispatch(conf, arrived):
 
 
 MAX_DEMO_FLOWS = 1000
+MAX_HISTORY_LIMIT = 10000
 # Transitions are ordered by the time they arrived; one stamped far in the future
 # would make every later transition look superseded. The hook takes the time on
 # this host just before it starts snat-sync, so a little slack is enough.
@@ -216,6 +264,15 @@ def _arrived(value, now):
                            "must be the epoch time the transition arrived, not in "
                            "the future")
     return value
+
+
+def _router_history(conf, router_id, limit):
+    if limit is not None and not 1 <= limit <= MAX_HISTORY_LIMIT:
+        raise InvalidInput("--limit", limit, f"must be from 1 to {MAX_HISTORY_LIMIT}")
+    files = manager.router_files(conf, router_id)
+    if not files.spec.exists():
+        raise InvalidInput("router", router_id, "unknown here")
+    return history.read_history(files, limit)
 
 
 def _check_binary(binary):
@@ -277,42 +334,178 @@ def _nf_conntrack_max(value):
 
 
 def format_status(statuses):
+    """One line per router, and under a router that is not in sync, why.
+
+    ROLE is marked with where it comes from: (addr) the primary address seen on
+    the HA interface or not, (last) the last transition. The last line counts
+    the verdicts.
+    """
     if not statuses:
         return "no routers"
-    lines = []
-    header = ("ROUTER", "NAMESPACE", "ROLE", "CONNTRACKD", "INTERNAL", "EXTERNAL",
-              "LAST TRANSITION")
-    rows = [header]
-    for each in statuses:
-        rows.append((
-            each.router,
-            each.namespace,
-            each.role,
-            (f"pid {each.conntrackd_pid}" if each.conntrackd_alive else "DOWN")
-            + (f" CACHE FULL: {each.cache_full_drops} dropped"
-               if each.cache_full_drops else ""),
-            _figure(each.internal_cache),
-            _figure(each.external_cache),
-            _describe_transition(each.last_transition),
-        ))
+    header = ("ROUTER", "ROLE", "VERDICT", "CONNTRACKD", "KERNEL", "INTERNAL",
+              "EXTERNAL", "PEERS", "LOST/MALFORMED", "LAST TRANSITION")
+    rows = [header, *(_status_row(each) for each in statuses)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    for row in rows:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths))
-                     .rstrip())
+    lines = [_table_line(header, widths)]
+    for each, row in zip(statuses, rows[1:]):
+        lines.append(_table_line(row, widths))
+        if each.verdict != "in-sync":
+            lines.append(f"    reason: {each.reason}")
+    counts = collections.Counter(each.verdict for each in statuses)
+    lines.append(f"{len(statuses)} router{'s' if len(statuses) != 1 else ''}: "
+                 + ", ".join(f"{counts[word]} {word}"
+                             for word in ("in-sync", "degraded", "broken")))
     return "\n".join(lines)
+
+
+def _table_line(row, widths):
+    return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+
+
+ROLE_SOURCES = {"address": " (addr)", "last-transition": " (last)"}
+
+
+def _status_row(each):
+    replication = each.replication
+    return (
+        each.router,
+        each.role + ROLE_SOURCES.get(each.role_source, ""),
+        each.verdict.upper() if each.verdict == "broken" else each.verdict,
+        (f"pid {each.conntrackd_pid} up {_duration(each.conntrackd_uptime_seconds)}"
+         if each.conntrackd_alive else "DOWN"),
+        _figure(each.kernel_entries),
+        _figure(each.internal_cache),
+        _figure(each.external_cache),
+        ", ".join(f"{peer.address} {peer.role}" for peer in each.peers) or "-",
+        (f"{replication.messages_lost}/{replication.messages_malformed}"
+         if replication else "-"),
+        _describe_transition(each.last_transition),
+    )
 
 
 def _figure(value):
     return "-" if value is None else str(value)
 
 
+def _duration(seconds):
+    """A short age: 45s, 12m, 3h12m, 4d3h."""
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+
+
 def _describe_transition(record):
-    if not record:
+    """The last transition in a few words: role, outcome, when, how long."""
+    if not isinstance(record, dict):
         return "none"
-    when = time.strftime("%H:%M:%S", time.localtime(record["arrived"]))
-    steps = " ".join(f"{step['name']}={step['duration_ms']:.1f}ms"
-                     for step in record["steps"])
-    commit = record.get("commit") or {}
-    committed = (f" committed={commit.get('committed')} failed={commit.get('failed')}"
-                 if commit else "")
-    return f"{record['role']} {record['outcome']} at {when}: {steps}{committed}"
+    words = [_one_line(value) if isinstance(value, str) else "-"
+             for value in (record.get("role"), record.get("outcome"))]
+    arrived = _number(record.get("arrived"))
+    finished = _number(record.get("finished"))
+    if arrived is not None:
+        words.append(_when(arrived))
+        if finished is not None:
+            words.append(f"in {(finished - arrived) * 1000:.0f}ms")
+    return " ".join(words)
+
+
+def _when(epoch):
+    """Time of day for the last day, the date before."""
+    try:
+        moment = time.localtime(epoch)
+    except (OverflowError, OSError, ValueError):
+        return "-"
+    if abs(time.time() - epoch) < 86400:
+        return time.strftime("%H:%M:%S", moment)
+    return time.strftime("%Y-%m-%d", moment)
+
+
+def format_history(entries):
+    """One line per transition or repair, oldest first, as `history` prints them.
+
+    The entries come from a file: a missing or mistyped field shows as "-".
+    """
+    if not entries:
+        return "no history"
+    header = ("TIME", "KIND", "WHAT", "OUTCOME", "TOTAL", "STEPS",
+              "COMMITTED/EXPECTED/FAILED", "FIRST ERROR")
+    rows = [header, *(_history_row(entry) for entry in entries)]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+        for row in rows)
+
+
+def _history_row(entry):
+    transition = entry.get("kind") == "transition"
+    begun = _number(entry.get("arrived" if transition else "started"))
+    finished = _number(entry.get("finished"))
+    total = "-" if begun is None or finished is None \
+        else f"{(finished - begun) * 1000:.1f}ms"
+    steps = [step for step in _list(entry.get("steps")) if isinstance(step, dict)]
+    return (
+        _local_time(begun),
+        _one_line(entry.get("kind")),
+        _one_line(entry.get("role" if transition else "repair")),
+        _one_line(entry.get("outcome")),
+        total,
+        " ".join(_describe_step(step) for step in steps) or "-",
+        _commit_counts(entry.get("commit")),
+        _first_error(entry, steps),
+    )
+
+
+def _describe_step(step):
+    duration = _number(step.get("duration_ms"))
+    shown = "-" if duration is None else f"{duration:.1f}ms"
+    if not step.get("ok"):
+        shown = f"FAILED({shown})"
+    return f"{_one_line(step.get('name'))}={shown}"
+
+
+def _commit_counts(commit):
+    if not isinstance(commit, dict):
+        return "-"
+    return "/".join(_one_line(commit.get(key))
+                    for key in ("committed", "expected", "failed"))
+
+
+def _first_error(entry, steps):
+    errors = [*_list(entry.get("errors")),
+              *(step.get("error") for step in steps if not step.get("ok"))]
+    return next((_one_line(error) for error in errors if error), "-")
+
+
+def _local_time(epoch):
+    if epoch is None:
+        return "-"
+    try:
+        moment = time.localtime(epoch)
+    except (OverflowError, OSError, ValueError):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", moment) + f".{int(epoch % 1 * 1000):03d}"
+
+
+def _number(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value):
+        return value
+    return None
+
+
+def _list(value):
+    return value if isinstance(value, list) else []
+
+
+def _one_line(value):
+    """value as one line of printable text, "-" for nothing."""
+    if value is None:
+        return "-"
+    return "".join(char if char.isprintable() else " " for char in str(value))

@@ -218,7 +218,7 @@ def load_idle_entries(lab, workdir, settings, with_snat_sync):
             f"r2 holds {seen.get('external_cache')} of the {loaded} idle entries "
             f"loaded on r1 after {settings.replication_timeout:.0f} s (r1 internal "
             f"cache {primary['internal_cache']}, r2 cache-full drops "
-            f"{seen.get('cache_full_drops')})"
+            f"{(seen.get('replication') or {}).get('cache_full_drops')})"
         )
     return loaded, time.monotonic() - started
 

@@ -14,9 +14,12 @@ import logging
 import shutil
 import time
 
+import psutil
+
 from snat_sync import conntrackd
 from snat_sync import failover
 from snat_sync import guard
+from snat_sync import health
 from snat_sync import namespace
 from snat_sync import render
 from snat_sync import statedir
@@ -262,17 +265,51 @@ def notify(conf, router_id, arguments, arrived=None, hook_steps=(), skip_if_done
 
 
 @dataclasses.dataclass(frozen=True)
+class PeerStatus:
+    """A peer of the router as the node daemon last heard from its daemon."""
+
+    address: str
+    role: str  # as the peer reported it; "unknown" without a report
+    last_seen: float | None
+    internal_cache: int | None
+    external_cache: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationStats:
+    """conntrackd's sync figures, counted since it started."""
+
+    packets_sent: int
+    packets_received: int
+    messages_lost: int  # sequence gaps seen; FTFW asks for them again
+    messages_malformed: int
+    resend_queue: int  # messages waiting for a peer's acknowledgement
+    cache_full_drops: int  # entries dropped because a cache was full
+
+
+@dataclasses.dataclass(frozen=True)
 class RouterStatus:
     router: str
     namespace: str
-    role: str
-    peers: tuple
+    role: str  # "primary", "backup" or "unknown"
+    # "address": the primary address seen on the HA interface, or not;
+    # "last-transition": the role of the last transition; "none"
+    role_source: str
+    peers: tuple[PeerStatus, ...]  # one per spec peer address, in that order
     conntrackd_pid: int | None
     conntrackd_alive: bool
+    conntrackd_started: float | None  # epoch seconds
+    conntrackd_uptime_seconds: float | None
+    kernel_entries: int | None
     internal_cache: int | None
     external_cache: int | None
-    cache_full_drops: int | None
+    replication: ReplicationStats | None
     last_transition: dict | None
+    last_repair: dict | None  # the latest repair in health.json
+    problems: tuple[str, ...]  # what health.json found, while it is fresh
+    checked: float | None  # when the node daemon last checked the router
+    verdict: str  # health.IN_SYNC, health.DEGRADED or health.BROKEN
+    reason: str
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -303,30 +340,111 @@ def _router_ids(conf):
 
 
 def _router_status(conf, router_id):
+    now = time.time()
     files = router_files(conf, router_id)
     spec = _load_spec(files)
     last = statedir.read_json(files.last_transition)
-    process = daemon = stats = None
-    if spec is not None:
-        daemon = daemon_for(conf, spec, files)
-        process = daemon.process()
-        stats = daemon.cache_stats() if process else None
+    last = last if isinstance(last, dict) else None
+    report = health.parse_report(statedir.read_json(files.health))
+    daemon = daemon_for(conf, spec, files) if spec else None
+    process = daemon.process() if daemon else None
+    stats = daemon.cache_stats() if process else None
     drops = stats.internal_no_space + stats.external_no_space if stats else None
     if drops:
         LOG.error("router %s: conntrackd's cache is full (no space left in cache): "
                   "%d entries were dropped and will not survive a failover; raise "
                   "[conntrackd] hash_limit", router_id, drops)
+    role, role_source = _role(spec, last)
+    started = _started(process)
+    fresh = report is not None and report.is_fresh(now)
+    verdict = health.judge(health.Facts(
+        spec_readable=spec is not None,
+        namespace=spec.namespace if spec else "",
+        namespace_exists=spec is not None
+        and namespace.namespace_inode(spec.namespace) is not None,
+        conntrackd_alive=process is not None,
+        cache_full_drops=drops,
+        last_transition=last,
+        role=role,
+        internal_cache=stats.internal_active if stats else None,
+        external_cache=stats.external_active if stats else None,
+        report=report,
+    ), now)
     return RouterStatus(
         router=router_id,
         namespace=spec.namespace if spec else "",
-        role=last["role"] if last else "unknown",
-        peers=tuple(str(peer) for peer in spec.peer_addresses) if spec else (),
+        role=role,
+        role_source=role_source,
+        peers=tuple(_peer_status(str(peer), report)
+                    for peer in (spec.peer_addresses if spec else ())),
         conntrackd_pid=process.pid if process else None,
         conntrackd_alive=process is not None,
+        conntrackd_started=started,
+        conntrackd_uptime_seconds=max(0.0, now - started) if started else None,
+        kernel_entries=namespace.kernel_entry_count(process.pid) if process else None,
         internal_cache=stats.internal_active if stats else None,
         external_cache=stats.external_active if stats else None,
-        cache_full_drops=drops,
+        replication=_replication(daemon, drops) if stats else None,
         last_transition=last,
+        last_repair=report.last_repair if report else None,
+        problems=tuple(problem.message for problem in report.problems)
+        if fresh else (),
+        checked=report.checked if report else None,
+        verdict=verdict.word,
+        reason=verdict.reason,
+    )
+
+
+# The role a transition leaves the node in: after FAULT or STOP it is not primary,
+# and becomes backup again when keepalived recovers.
+TRANSITION_ROLES = {"primary": "primary", "backup": "backup", "fault": "backup",
+                    "stop": "backup"}
+
+
+def _role(spec, last):
+    """(role, source): where the primary address is, else the last transition."""
+    if spec is not None and spec.primary_address is not None:
+        held = namespace.holds_address(spec.namespace, spec.ha_interface,
+                                       spec.primary_address)
+        if held is not None:
+            return ("primary" if held else "backup"), "address"
+    role = TRANSITION_ROLES.get(last.get("role")) if last else None
+    if role is not None:
+        return role, "last-transition"
+    return "unknown", "none"
+
+
+def _started(process):
+    if process is None:
+        return None
+    try:
+        return process.create_time()
+    except psutil.Error:
+        return None
+
+
+def _peer_status(address, report):
+    reported = report.peer(address) if report else None
+    if reported is None:
+        return PeerStatus(address, "unknown", None, None, None)
+    return PeerStatus(address, reported.role, reported.seen, reported.internal,
+                      reported.external)
+
+
+def _replication(daemon, cache_full_drops):
+    """The sync figures; None unless conntrackd answers for both blocks."""
+    network_text = daemon.stats("network")
+    queue_text = daemon.stats("queue")
+    if network_text is None or queue_text is None:
+        return None
+    network = conntrackd.parse_network_stats(network_text)
+    return ReplicationStats(
+        packets_sent=network.packets_sent,
+        packets_received=network.packets_received,
+        messages_lost=network.messages_lost,
+        messages_malformed=network.messages_malformed,
+        resend_queue=conntrackd.parse_queue_stats(queue_text).resend_queue,
+        cache_full_drops=cache_full_drops,
     )
 
 

@@ -6,6 +6,7 @@ Nothing here changes the namespace.
 import ipaddress
 import os
 import pathlib
+import re
 import subprocess
 
 from snat_sync.errors import InvalidInput
@@ -99,3 +100,74 @@ def nf_conntrack_max(namespace):
             namespace,
             "cannot read nf_conntrack_max (is the nf_conntrack module loaded?)",
         ) from None
+
+
+# The connection table's statistics as the kernel shows them to processes in a
+# namespace: a header line, then one line per CPU of hex columns. Every line's
+# first column, "entries", is the namespace's whole table size (not per CPU).
+CONNTRACK_STAT = "/proc/{pid}/net/stat/nf_conntrack"
+# The header and the first CPU's line fit well inside this.
+CONNTRACK_STAT_READ = 4096
+HEX_COUNT = re.compile(r"[0-9a-fA-F]{1,16}")
+
+
+def kernel_entry_count(pid):
+    """Entries in the connection table of the namespace process pid lives in.
+
+    What `conntrack -C` counts inside the namespace, read from /proc without
+    forking or entering it. None when the process is gone or conntrack is not
+    loaded.
+    """
+    try:
+        descriptor = os.open(CONNTRACK_STAT.format(pid=int(pid)), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        text = os.read(descriptor, CONNTRACK_STAT_READ).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+    return parse_conntrack_stat(text)
+
+
+def parse_conntrack_stat(text):
+    """The "entries" figure of /proc/net/stat/nf_conntrack; None if it has none."""
+    lines = text.splitlines()
+    if len(lines) < 2 or lines[0].split()[:1] != ["entries"]:
+        return None
+    fields = lines[1].split()
+    if not fields or not HEX_COUNT.fullmatch(fields[0]):
+        return None
+    return int(fields[0], 16)
+
+
+def holds_address(namespace, interface, address):
+    """Whether address (an ip_interface: address and prefix) is on the interface.
+
+    The same test the daemon's role watcher applies to address events
+    (watcher.role_change), on a dump of the interface's addresses. None when the
+    namespace or the interface is missing, or netlink cannot be read.
+    """
+    from pyroute2 import IPRoute
+
+    from snat_sync import watcher
+    from snat_sync.failover import Role
+
+    if namespace_inode(namespace) is None:
+        return None
+    try:
+        # flags=0: never create a namespace that is missing.
+        with IPRoute(netns=namespace, flags=0) as ipr:
+            indexes = ipr.link_lookup(ifname=interface)
+            if not indexes:
+                return None
+            messages = ipr.get_addr(index=indexes[0])
+    except Exception:  # pyroute2 raises a variety of errors
+        return None
+    for message in messages:
+        event = watcher.address_event(message)  # a dump lists them as RTM_NEWADDR
+        if event is not None and watcher.role_change(
+                event, address, interface) is Role.PRIMARY:
+            return True
+    return False

@@ -86,15 +86,23 @@ COMMIT_LOG = ("[Tue Nov 24 20:13:56 2026] (pid=1) [notice] committing all extern
               "seconds\n")
 
 
-def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp):
+def answer_cache_stats(monkeypatch):
+    """conntrackd's control socket, faked: every statistics request gets
+    CACHE_STATS."""
+    monkeypatch.setattr("snat_sync.conntrackd.query_stats",
+                        lambda path, kind, timeout: CACHE_STATS)
+
+
+def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp,
+                                                           monkeypatch):
+    answer_cache_stats(monkeypatch)
     files = add_router_files(state_path, spec)
     files.log_file.write_text(COMMIT_LOG)
     expected = [conntrackd_command(files, "-c"),
-                conntrackd_command(files, "-s", "cache"),
                 nft_command(files, "guard_lift"),
                 *(conntrackd_command(files, flag) for flag in ("-f", "-R", "-B"))]
     for command in expected:
-        fp.register(command, stdout=CACHE_STATS if "cache" in command else "")
+        fp.register(command)
     status = run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
                  "--arrived", "1234.5")
     assert status == 0
@@ -106,19 +114,18 @@ def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp)
                                 "seconds": 0.00001, "expected": 3}
 
 
-def test_notify_with_the_hook_steps_skips_them(state_path, spec, fp):
+def test_notify_with_the_hook_steps_skips_them(state_path, spec, fp, monkeypatch):
+    answer_cache_stats(monkeypatch)
     files = add_router_files(state_path, spec)
     files.log_file.write_text(COMMIT_LOG)
-    fp.register(conntrackd_command(files, "-s", "cache"), stdout=CACHE_STATS)
     for flag in ("-f", "-R", "-B"):
         fp.register(conntrackd_command(files, flag))
     status = run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
                  "--arrived", "1000.0", "--hook-step", "commit,1000.1,1000.3,0",
                  "--hook-step", "lift-guard,1000.3,1000.305,0")
     assert status == 0
-    assert list(fp.calls) == [conntrackd_command(files, "-s", "cache"),
-                              *(conntrackd_command(files, flag)
-                                for flag in ("-f", "-R", "-B"))]
+    assert list(fp.calls) == [conntrackd_command(files, flag)
+                              for flag in ("-f", "-R", "-B")]
     steps = statedir.read_json(files.last_transition)["steps"]
     assert [(step["name"], step["run_by"]) for step in steps[:2]] == [
         ("commit", "notify-hook"), ("lift-guard", "notify-hook")]
@@ -231,7 +238,9 @@ def test_status_json_without_routers(state_path, capsys):
     assert json.loads(capsys.readouterr().out) == []
 
 
-def test_status_json_of_a_router_whose_daemon_is_down(state_path, spec, capsys):
+def test_status_json_of_a_router_whose_daemon_is_down(state_path, spec, capsys,
+                                                      monkeypatch):
+    monkeypatch.setattr("snat_sync.namespace.namespace_inode", lambda name: None)
     files = add_router_files(state_path, spec)
     statedir.write_json(files.last_transition, {
         "router": "r1", "role": "backup", "arrived": 1000.0, "started": 1000.0,
@@ -241,11 +250,16 @@ def test_status_json_of_a_router_whose_daemon_is_down(state_path, spec, capsys):
     (router,) = json.loads(capsys.readouterr().out)
     assert router["router"] == "r1"
     assert router["namespace"] == "qrouter-r1"
-    assert router["role"] == "backup"
-    assert router["peers"] == ["169.254.192.2"]
+    assert (router["role"], router["role_source"]) == ("backup", "last-transition")
+    assert router["peers"] == [{"address": "169.254.192.2", "role": "unknown",
+                                "last_seen": None, "internal_cache": None,
+                                "external_cache": None}]
     assert router["conntrackd_alive"] is False
     assert router["conntrackd_pid"] is None
+    assert router["replication"] is None
     assert router["last_transition"]["outcome"] == "done"
+    assert (router["verdict"], router["reason"]) == (
+        "broken", "namespace qrouter-r1 does not exist")
 
 
 def test_status_of_an_unknown_router_exits_2(state_path, capsys):
@@ -256,52 +270,102 @@ def test_status_of_an_unknown_router_exits_2(state_path, capsys):
 def router_status(**overrides):
     values = {
         "router": "r1", "namespace": "qrouter-r1", "role": "primary",
-        "peers": ("169.254.192.2",), "conntrackd_pid": 4242,
-        "conntrackd_alive": True, "internal_cache": 16, "external_cache": 0,
-        "cache_full_drops": 0, "last_transition": None,
+        "role_source": "address",
+        "peers": (manager.PeerStatus("169.254.192.2", "backup", 1000.0, 0, 20200),),
+        "conntrackd_pid": 4242, "conntrackd_alive": True,
+        "conntrackd_started": 1000.0, "conntrackd_uptime_seconds": 3 * 3600 + 720.5,
+        "kernel_entries": 20210, "internal_cache": 20203, "external_cache": 0,
+        "replication": manager.ReplicationStats(
+            packets_sent=36, packets_received=1282, messages_lost=12,
+            messages_malformed=3, resend_queue=0, cache_full_drops=0),
+        "last_transition": None, "last_repair": None, "problems": (),
+        "checked": 1000.0, "verdict": "in-sync",
+        "reason": "peer 169.254.192.2 holds 20200 of 20203 entries",
     }
     values.update(overrides)
     return manager.RouterStatus(**values)
 
 
-def test_format_status_shows_step_timings_and_commit_counts():
-    arrived = time.mktime((2026, 11, 24, 20, 13, 56, 0, 0, -1))
-    record = {
-        "role": "primary", "outcome": "done", "arrived": arrived,
-        "steps": [
-            {"name": "commit", "duration_ms": 461.25},
-            {"name": "lift-guard", "duration_ms": 1.24},
-            {"name": "flush-caches", "duration_ms": 0.44},
-            {"name": "resync-from-kernel", "duration_ms": 12.0},
-            {"name": "bulk-send", "duration_ms": 3.06},
-        ],
-        "commit": {"committed": 99993, "already_present": 0, "failed": 7,
-                   "seconds": 0.46125, "expected": 100000},
-    }
+def test_format_status_shows_one_line_per_router_in_sync():
+    arrived = time.time() - 60
+    record = {"role": "primary", "outcome": "done", "arrived": arrived,
+              "finished": arrived + 0.48125, "steps": [], "commit": None}
     text = cli.format_status([router_status(last_transition=record)])
-    header, row = text.splitlines()
-    assert header.split() == ["ROUTER", "NAMESPACE", "ROLE", "CONNTRACKD", "INTERNAL",
-                              "EXTERNAL", "LAST", "TRANSITION"]
-    assert row.startswith("r1  ")
-    assert "pid 4242" in row
-    assert ("primary done at 20:13:56: commit=461.2ms lift-guard=1.2ms "
-            "flush-caches=0.4ms "
-            "resync-from-kernel=12.0ms bulk-send=3.1ms committed=99993 failed=7") in row
+    header, row, summary = text.splitlines()
+    when = time.strftime("%H:%M:%S", time.localtime(arrived))
+    cells = {"ROUTER": "r1", "ROLE": "primary (addr)", "VERDICT": "in-sync",
+             "CONNTRACKD": "pid 4242 up 3h12m", "KERNEL": "20210",
+             "INTERNAL": "20203", "EXTERNAL": "0", "PEERS": "169.254.192.2 backup",
+             "LOST/MALFORMED": "12/3",
+             "LAST TRANSITION": f"primary done {when} in 481ms"}
+    starts = [header.index(column) for column in cells]
+    assert starts == sorted(starts)
+    ends = [*starts[1:], len(row)]
+    assert {column: row[start:end].strip() for column, start, end
+            in zip(cells, starts, ends)} == cells
+    assert summary == "1 router: 1 in-sync, 0 degraded, 0 broken"
 
 
-def test_format_status_of_a_router_that_is_down_and_never_switched():
-    text = cli.format_status([router_status(router="a-much-longer-router-name",
-                                            conntrackd_pid=None,
-                                            conntrackd_alive=False,
-                                            internal_cache=None,
-                                            external_cache=None,
-                                            role="unknown")])
-    header, row = text.splitlines()
-    assert row.split() == ["a-much-longer-router-name", "qrouter-r1", "unknown", "DOWN",
-                           "-", "-", "none"]
-    # columns line up: every header starts where its cell starts
-    assert header.index("NAMESPACE") == row.index("qrouter-r1")
-    assert header.index("CONNTRACKD") == row.index("DOWN")
+def test_format_status_gives_the_reason_under_a_router_not_in_sync():
+    text = cli.format_status([
+        router_status(router="r1"),
+        router_status(router="a-much-longer-router-name", role="unknown",
+                      role_source="none", conntrackd_pid=None,
+                      conntrackd_alive=False, conntrackd_started=None,
+                      conntrackd_uptime_seconds=None, kernel_entries=None,
+                      internal_cache=None, external_cache=None, replication=None,
+                      peers=(manager.PeerStatus("169.254.192.2", "unknown", None,
+                                                None, None),),
+                      verdict="broken", reason="conntrackd is not running"),
+        router_status(router="r3", role="backup", role_source="last-transition",
+                      verdict="degraded",
+                      reason="external cache holds 0 of the primary's 20200 entries"),
+    ])
+    lines = text.splitlines()
+    assert len(lines) == 7
+    header, first, down, down_reason, third, third_reason, summary = lines
+    assert "reason" not in first
+    assert down.split() == ["a-much-longer-router-name", "unknown", "BROKEN", "DOWN",
+                            "-", "-", "-", "169.254.192.2", "unknown", "-", "none"]
+    assert down_reason == "    reason: conntrackd is not running"
+    assert third.split()[:3] == ["r3", "backup", "(last)"]
+    assert third_reason == ("    reason: external cache holds 0 of the primary's "
+                            "20200 entries")
+    # columns line up: every header starts where its cells start
+    for column, cell in (("ROLE", "unknown"), ("VERDICT", "BROKEN"),
+                         ("CONNTRACKD", "DOWN"), ("PEERS", "169.254.192.2")):
+        assert header.index(column) == down.index(cell)
+    assert header.index("VERDICT") == third.index("degraded")
+    assert summary == "3 routers: 1 in-sync, 1 degraded, 1 broken"
+
+
+def test_format_status_of_an_old_or_damaged_transition_record():
+    old = router_status(last_transition={"role": "backup", "outcome": "failed",
+                                         "arrived": 86400.0 * 365})
+    assert cli.format_status([old]).splitlines()[1].endswith(
+        "backup failed " + time.strftime("%Y-%m-%d", time.localtime(86400.0 * 365)))
+    damaged = router_status(last_transition={"role": ["primary"], "arrived": "x",
+                                             "outcome": "\x1b[31mdone"})
+    assert cli.format_status([damaged]).splitlines()[1].endswith("-  [31mdone")
+
+
+def test_format_status_of_250_routers_is_one_line_each_and_a_reason_line():
+    statuses = [router_status(router=f"router-{index:03d}",
+                              verdict="degraded" if index % 10 == 0 else "in-sync",
+                              reason="no health check from the node daemon in 9 s")
+                for index in range(250)]
+    lines = cli.format_status(statuses).splitlines()
+    assert len(lines) == 1 + 250 + 25 + 1
+    assert max(len(line) for line in lines) < 200
+    assert lines[-1] == "250 routers: 225 in-sync, 25 degraded, 0 broken"
+
+
+@pytest.mark.parametrize("seconds, shown", [
+    (0, "0s"), (59.9, "59s"), (60, "1m"), (3599, "59m"), (3600, "1h00m"),
+    (3 * 3600 + 720, "3h12m"), (86400 * 4 + 3 * 3600 + 5, "4d3h")])
+def test_uptime_is_short(seconds, shown):
+    row = cli.format_status([router_status(conntrackd_uptime_seconds=seconds)])
+    assert f"pid 4242 up {shown} " in row.splitlines()[1]
 
 
 def test_format_status_without_routers():

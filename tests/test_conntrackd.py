@@ -2,15 +2,19 @@
 (faked with pytest-subprocess; no real conntrackd runs)."""
 
 import signal
+import socket
+import struct
 import subprocess
+import threading
+import time
 
 import psutil
 import pytest
 
 from snat_sync import conntrackd
 from snat_sync.conntrackd import (CacheStats, CommitResult, Conntrackd,
-                                  ConntrackdError)
-from snat_sync.errors import SnatSyncError
+                                  ConntrackdError, NetworkStats, QueueStats)
+from snat_sync.errors import InvalidInput, SnatSyncError
 
 CACHE_STATS = """\
 cache:internal	active objects:		           0
@@ -80,6 +84,108 @@ def test_parse_cache_stats_reports_dropped_entries_per_cache():
 
 def test_parse_cache_stats_of_nothing_is_zero():
     assert conntrackd.parse_cache_stats("") == CacheStats(0, 0, 0, 0)
+
+
+# -- parse_network_stats, parse_queue_stats -------------------------------------------
+
+# `conntrackd -s network` of a backup (conntrackd 1.4.7)
+NETWORK_STATS = """\
+network statistics:
+	recv:
+		Malformed messages:	                   0
+		Wrong protocol version:	                   0
+		Malformed header:	                   0
+		Malformed payload:	                   0
+		Bad message type:	                   0
+		Truncated message:	                   0
+		Bad message size:	                   0
+	send:
+		Malformed messages:	                   0
+
+sequence tracking statistics:
+	recv:
+		Packets lost:		               20012
+		Packets before:		                   0
+
+UDP traffic (active device=ha-418ee3-r2):
+                1424 Bytes sent              1778016 Bytes recv
+                  36 Pckts sent                 1282 Pckts recv
+                   0 Error send                    0 Error recv
+"""
+
+QUEUE_STATS = """\
+allocated queue nodes:		           0
+
+queue txqueue:
+current elements:		           0
+maximum elements:		  2147483647
+not enough space errors:	           0
+
+queue errorq:
+current elements:		           5
+maximum elements:		         128
+not enough space errors:	           9
+
+queue rsqueue:
+current elements:		          17
+maximum elements:		      524288
+not enough space errors:	           2
+"""
+
+
+def test_parse_network_stats_of_real_output():
+    assert conntrackd.parse_network_stats(NETWORK_STATS) == NetworkStats(
+        packets_sent=36, packets_received=1282, bytes_sent=1424,
+        bytes_received=1778016, send_errors=0, receive_errors=0,
+        messages_lost=20012, messages_malformed=0)
+
+
+def test_parse_network_stats_adds_up_every_malformed_counter():
+    counters = ["Malformed messages", "Wrong protocol version", "Malformed header",
+                "Malformed payload", "Bad message type", "Truncated message",
+                "Bad message size"]
+    text = NETWORK_STATS
+    for value, name in enumerate(counters, start=1):  # recv: 1 + ... + 7 = 28
+        text = text.replace(f"\t\t{name}:\t                   0",
+                            f"\t\t{name}:\t                   {value}", 1)
+    text = text.replace("\tsend:\n\t\tMalformed messages:\t                   0",
+                        "\tsend:\n\t\tMalformed messages:\t                 100")
+    assert conntrackd.parse_network_stats(text).messages_malformed == 128
+
+
+def test_parse_network_stats_of_multicast_and_errors():
+    text = NETWORK_STATS.replace("UDP traffic", "Multicast traffic").replace(
+        "0 Error send                    0 Error recv",
+        "3 Error send                    4 Error recv")
+    stats = conntrackd.parse_network_stats(text)
+    assert (stats.packets_sent, stats.send_errors, stats.receive_errors) == (36, 3, 4)
+
+
+def test_parse_queue_stats_reads_the_resend_queue_only():
+    assert conntrackd.parse_queue_stats(QUEUE_STATS) == QueueStats(
+        resend_queue=17, resend_queue_max=524288, resend_queue_full_errors=2)
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n\x00\xff", "queue rsqueue:\n",
+                                  NETWORK_STATS[:40], QUEUE_STATS[:60]])
+def test_stats_parsers_read_garbage_as_zeros(text):
+    assert conntrackd.parse_network_stats(text) == NetworkStats(0, 0, 0, 0, 0, 0, 0, 0)
+    assert conntrackd.parse_queue_stats(text) == QueueStats(0, 0, 0)
+
+
+def test_stats_parsers_refuse_huge_digit_runs():
+    huge = "9" * 19
+    network = NETWORK_STATS.replace("20012", huge).replace("1424 Bytes",
+                                                           f"{huge} Bytes")
+    stats = conntrackd.parse_network_stats(network)
+    assert stats.messages_lost == 0
+    assert stats.bytes_sent == stats.bytes_received == 0
+    assert stats.packets_sent == 36  # the other lines still count
+    queue = QUEUE_STATS.replace("          17", huge)
+    assert conntrackd.parse_queue_stats(queue).resend_queue == 0
+    eighteen = "9" * 18
+    assert conntrackd.parse_queue_stats(
+        QUEUE_STATS.replace("          17", eighteen)).resend_queue == int(eighteen)
 
 
 # -- parse_last_commit --------------------------------------------------------------
@@ -234,10 +340,100 @@ def test_a_missing_binary_is_a_conntrackd_error(router_files, tmp_path):
         daemon.control("-c")
 
 
-def test_cache_stats(daemon, fp):
-    fp.register(cmd(daemon, "-s", "cache"), stdout=CACHE_STATS)
+class FakeControlSocket:
+    """conntrackd's control socket: answers each request code with the text of
+    `answers` (or nothing), once per connection, then closes; records the codes."""
+
+    def __init__(self, path, answers, delay=0.0):
+        self.answers = answers
+        self.delay = delay
+        self.requests = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(8)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            with client:
+                (code,) = struct.unpack("=i", client.recv(4))
+                self.requests.append(code)
+                time.sleep(self.delay)
+                answer = self.answers.get(code, "")
+                try:
+                    client.sendall(answer.encode() if isinstance(answer, str)
+                                   else answer)
+                except OSError:  # the client gave up
+                    pass
+
+    def close(self):
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def control_socket(router_files):
+    servers = []
+
+    def serve(answers, delay=0.0):
+        servers.append(FakeControlSocket(router_files.control_socket, answers, delay))
+        return servers[-1]
+
+    yield serve
+    for server in servers:
+        server.close()
+
+
+def test_query_stats_sends_the_request_code_and_reads_to_the_end(router_files,
+                                                                 control_socket):
+    server = control_socket({28: NETWORK_STATS, 29: CACHE_STATS, 30: "runtime",
+                             36: QUEUE_STATS})
+    path = router_files.control_socket
+    assert conntrackd.query_stats(path, "network", 5) == NETWORK_STATS
+    assert conntrackd.query_stats(path, "cache", 5) == CACHE_STATS
+    assert conntrackd.query_stats(path, "runtime", 5) == "runtime"
+    assert conntrackd.query_stats(path, "queue", 5) == QUEUE_STATS
+    assert server.requests == [28, 29, 30, 36]
+
+
+def test_query_stats_of_a_daemon_that_is_not_there(router_files):
+    assert conntrackd.query_stats(router_files.control_socket, "cache", 5) is None
+    router_files.control_socket.write_text("")  # a stale file, no listener
+    assert conntrackd.query_stats(router_files.control_socket, "cache", 5) is None
+
+
+def test_query_stats_gives_up_at_the_timeout(router_files, control_socket):
+    control_socket({29: CACHE_STATS}, delay=1)
+    started = time.monotonic()
+    assert conntrackd.query_stats(router_files.control_socket, "cache", 0.2) is None
+    assert time.monotonic() - started < 1.5
+
+
+def test_query_stats_refuses_an_endless_answer(router_files, control_socket):
+    control_socket({29: b"x" * (conntrackd.MAX_STATS_SIZE + 1)})
+    assert conntrackd.query_stats(router_files.control_socket, "cache", 5) is None
+
+
+def test_query_stats_of_an_unknown_kind(router_files):
+    with pytest.raises(InvalidInput, match="statistics kind"):
+        conntrackd.query_stats(router_files.control_socket, "link; rm", 5)
+
+
+def test_stats_and_cache_stats_ask_the_control_socket(daemon, control_socket, fp):
+    server = control_socket({29: CACHE_STATS, 36: QUEUE_STATS})
     assert daemon.cache_stats() == CacheStats(0, 1, 0, 0)
-    fp.register(cmd(daemon, "-s", "cache"), returncode=1)
+    assert daemon.stats("queue") == QUEUE_STATS
+    assert server.requests == [29, 36]
+    assert list(fp.calls) == []  # no conntrackd -s forked
+
+
+def test_cache_stats_of_a_daemon_that_does_not_answer(daemon):
     assert daemon.cache_stats() is None
 
 

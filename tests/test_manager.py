@@ -1,16 +1,19 @@
 """The node manager with the system faked out: what `router add` writes, what it
 undoes when starting conntrackd fails, and `router remove`."""
 
+import dataclasses
 import ipaddress
 import json
 import os
 import stat
+import time
 
 import pytest
 
 from snat_sync import conntrackd
 from snat_sync import manager
 from snat_sync import render
+from snat_sync import statedir
 from snat_sync.conntrackd import ConntrackdError
 from snat_sync.errors import InvalidInput
 from snat_sync.guard import GuardError
@@ -251,3 +254,216 @@ def test_notify_treats_an_unreadable_spec_as_unknown(conf, spec, system):
     manager.router_files(conf, "r1").spec.write_text('{"router": "r1"')
     with pytest.raises(InvalidInput, match="unknown here"):
         manager.notify(conf, "r1", ["primary"])
+
+
+# -- status -------------------------------------------------------------------------
+
+NETWORK_STATS = """\
+sequence tracking statistics:
+	recv:
+		Packets lost:		                  12
+UDP traffic (active device=ha-1a2b3c4d-5e):
+                1424 Bytes sent              1778016 Bytes recv
+                  36 Pckts sent                 1282 Pckts recv
+	recv:
+		Malformed header:	                   3
+"""
+QUEUE_STATS = "queue rsqueue:\ncurrent elements:\t\t          17\n"
+
+
+def cache_stats_text(internal, external, internal_no_space=0, external_no_space=0):
+    return (f"cache:internal\tactive objects:\t\t{internal:12d}\n"
+            f"\t\tno space left in cache:\t{internal_no_space:12d}\n"
+            f"cache:external\tactive objects:\t\t{external:12d}\n"
+            f"\t\tno space left in cache:\t{external_no_space:12d}\n")
+
+
+class FakeProcess:
+    pid = 4242
+
+    def create_time(self):
+        return time.time() - 3600
+
+
+class FakeNode:
+    """A router's conntrackd, namespace and primary address, as status sees them."""
+
+    def __init__(self, monkeypatch):
+        self.running = True
+        self.answers = {"cache": cache_stats_text(3, 20200), "network": NETWORK_STATS,
+                        "queue": QUEUE_STATS}
+        self.holds = False
+        self.namespaces = {"qrouter-r1"}
+        monkeypatch.setattr(conntrackd.Conntrackd, "process",
+                            lambda daemon: FakeProcess() if self.running else None)
+        monkeypatch.setattr(conntrackd.Conntrackd, "stats",
+                            lambda daemon, kind, timeout=None: self.answers.get(kind))
+        monkeypatch.setattr(manager.namespace, "namespace_inode",
+                            lambda name: 4026532000 if name in self.namespaces
+                            else None)
+        monkeypatch.setattr(manager.namespace, "kernel_entry_count",
+                            lambda pid: 20210 if pid == FakeProcess.pid else None)
+        monkeypatch.setattr(manager.namespace, "holds_address", self.holds_address)
+
+    def holds_address(self, namespace, interface, address):
+        assert (namespace, interface, str(address)) == (
+            "qrouter-r1", "ha-1a2b3c4d-5e", "169.254.0.7/24")
+        return self.holds
+
+
+@pytest.fixture
+def node(monkeypatch):
+    return FakeNode(monkeypatch)
+
+
+def added(conf, primary_address="169.254.0.7/24", peers=("169.254.192.2",)):
+    """A router's files as `router add` leaves them."""
+    spec = RouterSpec.create("r1", "qrouter-r1", "ha-1a2b3c4d-5e", "169.254.192.1",
+                             list(peers), 7, primary_address)
+    files = manager.router_files(conf, "r1")
+    statedir.ensure_directory(files.directory)
+    statedir.write_json(files.spec, spec.to_dict())
+    return files
+
+
+def write_health(files, checked=None, **overrides):
+    statedir.write_json(files.health, {
+        "checked": time.time() if checked is None else checked, "interval": 3.0,
+        "role": "backup",
+        "peers": [{"address": "169.254.192.2", "role": "primary", "seen": 1000.5,
+                   "internal": 20200, "external": 0, "kernel": 20210}],
+        "problems": [],
+        "repairs": [{"kind": "repair", "repair": "request-resync", "outcome": "done"}],
+        **overrides})
+
+
+def test_status_of_a_backup_in_sync(conf, node):
+    files = added(conf)
+    write_health(files)
+    (status,) = manager.status(conf)
+    assert status.router == "r1" and status.namespace == "qrouter-r1"
+    assert (status.role, status.role_source) == ("backup", "address")
+    assert status.peers == (manager.PeerStatus("169.254.192.2", "primary", 1000.5,
+                                               20200, 0),)
+    assert (status.conntrackd_pid, status.conntrackd_alive) == (4242, True)
+    assert 3599 <= status.conntrackd_uptime_seconds <= 3700
+    assert status.conntrackd_started == pytest.approx(
+        time.time() - status.conntrackd_uptime_seconds, abs=1)
+    assert (status.kernel_entries, status.internal_cache, status.external_cache) == (
+        20210, 3, 20200)
+    assert status.replication == manager.ReplicationStats(
+        packets_sent=36, packets_received=1282, messages_lost=12,
+        messages_malformed=3, resend_queue=17, cache_full_drops=0)
+    assert status.last_repair == {"kind": "repair", "repair": "request-resync",
+                                  "outcome": "done"}
+    assert status.problems == ()
+    assert status.checked == pytest.approx(time.time(), abs=5)
+    assert (status.verdict, status.reason) == (
+        "in-sync", "replica holds 20200 of the primary's 20200 entries")
+    assert json.loads(json.dumps(status.to_dict()))["replication"]["resend_queue"] == 17
+    assert [field.name for field in dataclasses.fields(manager.RouterStatus)] == [
+        "router", "namespace", "role", "role_source", "peers", "conntrackd_pid",
+        "conntrackd_alive", "conntrackd_started", "conntrackd_uptime_seconds",
+        "kernel_entries", "internal_cache", "external_cache", "replication",
+        "last_transition", "last_repair", "problems", "checked", "verdict", "reason"]
+
+
+def test_the_role_comes_from_the_primary_address_then_the_last_transition(conf,
+                                                                           node):
+    files = added(conf)
+    statedir.write_json(files.last_transition, {"role": "fault", "outcome": "done"})
+    node.holds = True
+    assert (manager.status(conf)[0].role, manager.status(conf)[0].role_source) == (
+        "primary", "address")
+    node.holds = None  # the HA interface cannot be read
+    (status,) = manager.status(conf)
+    assert (status.role, status.role_source) == ("backup", "last-transition")
+    files.last_transition.unlink()
+    (status,) = manager.status(conf)
+    assert (status.role, status.role_source) == ("unknown", "none")
+    assert status.verdict == "degraded"
+
+
+def test_without_a_primary_address_the_last_transition_tells_the_role(conf, node,
+                                                                        monkeypatch):
+    files = added(conf, primary_address=None)
+    monkeypatch.setattr(manager.namespace, "holds_address",
+                        lambda *arguments: pytest.fail("no address to look for"))
+    statedir.write_json(files.last_transition, {"role": "primary", "outcome": "done"})
+    (status,) = manager.status(conf)
+    assert (status.role, status.role_source) == ("primary", "last-transition")
+    statedir.write_json(files.last_transition, ["not", "a", "record"])
+    (status,) = manager.status(conf)
+    assert (status.role, status.last_transition) == ("unknown", None)
+
+
+def test_a_full_cache_is_logged_and_breaks_the_router(conf, node, caplog):
+    files = added(conf)
+    write_health(files)
+    node.answers["cache"] = cache_stats_text(131072, 20200, 69000, 5)
+    (status,) = manager.status(conf)
+    assert status.replication.cache_full_drops == 69005
+    assert status.verdict == "broken"
+    assert "raise [conntrackd] hash_limit" in status.reason
+    assert ("69005 entries were dropped and will not survive a failover"
+            in caplog.text)
+
+
+def test_a_stale_health_check_keeps_its_figures_but_not_its_problems(conf, node):
+    files = added(conf)
+    write_health(files, checked=time.time() - 60, problems=[
+        {"kind": "split-brain", "severity": "broken", "since": 1000.0,
+         "message": "split brain: peer 169.254.192.2 is primary too"}])
+    (status,) = manager.status(conf)
+    assert status.problems == ()
+    assert status.peers[0].role == "primary"
+    assert status.checked == pytest.approx(time.time() - 60, abs=5)
+    assert status.verdict == "degraded"
+    assert status.reason.startswith("no health check from the node daemon in 6")
+
+
+def test_fresh_problems_are_listed_and_judged(conf, node):
+    files = added(conf)
+    write_health(files, problems=[
+        {"kind": "replica-short", "severity": "degraded", "since": 1000.0,
+         "message": "replica holds 0 of the primary 169.254.192.2's 20200 entries"}])
+    (status,) = manager.status(conf)
+    assert status.problems == (
+        "replica holds 0 of the primary 169.254.192.2's 20200 entries",)
+    assert (status.verdict, status.reason) == ("degraded", status.problems[0])
+
+
+def test_status_of_a_router_whose_conntrackd_is_down(conf, node):
+    files = added(conf, peers=("169.254.192.2", "169.254.192.3"))
+    write_health(files)
+    node.running = False
+    (status,) = manager.status(conf)
+    assert (status.conntrackd_pid, status.conntrackd_alive) == (None, False)
+    assert status.conntrackd_started is status.conntrackd_uptime_seconds is None
+    assert status.kernel_entries is status.internal_cache is None
+    assert status.replication is None
+    assert [peer.address for peer in status.peers] == ["169.254.192.2",
+                                                       "169.254.192.3"]
+    assert status.peers[1] == manager.PeerStatus("169.254.192.3", "unknown", None,
+                                                 None, None)
+    assert (status.verdict, status.reason) == ("broken", "conntrackd is not running")
+
+
+def test_replication_is_unknown_when_conntrackd_answers_only_for_its_caches(conf,
+                                                                             node):
+    added(conf)
+    del node.answers["network"]
+    (status,) = manager.status(conf)
+    assert status.external_cache == 20200
+    assert status.replication is None
+
+
+def test_status_of_a_router_whose_namespace_or_spec_is_gone(conf, node):
+    files = added(conf)
+    node.namespaces.clear()
+    node.running = False
+    assert manager.status(conf)[0].reason == "namespace qrouter-r1 does not exist"
+    files.spec.write_text("{")
+    (status,) = manager.status(conf)
+    assert (status.namespace, status.peers, status.verdict, status.reason) == (
+        "", (), "broken", "its spec.json is missing or unreadable")
