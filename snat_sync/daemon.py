@@ -20,6 +20,14 @@ as a safety net. SIGHUP re-reads the configuration files too and adds every rout
 again, which rewrites only what changed and restarts only the conntrackd whose
 configuration did.
 
+Every [health] check_interval the daemon checks each router on the pool (`check`):
+it reads its conntrackd's figures from the control socket, sends them to the
+peers' daemons (reports.py), lets repair.assess decide what is wrong and what to
+repair, carries the repairs out under the router's transition lock, writes
+health.json for `snat-sync status`, and rotates conntrackd's log. It serves the
+Prometheus metrics on [metrics] listen_address:listen_port and, if asked, writes
+them to a textfile for node_exporter.
+
 Stopping the daemon leaves the conntrackd instances running: they keep replicating
 while it is away, and the next daemon adopts them. `stop_routers` stops them too.
 """
@@ -39,9 +47,13 @@ import time
 
 from snat_sync import conntrackd as conntrackd_module
 from snat_sync import failover
+from snat_sync import history
 from snat_sync import manager
+from snat_sync import metrics
 from snat_sync import namespace
 from snat_sync import options
+from snat_sync import repair
+from snat_sync import reports as reports_module
 from snat_sync import statedir
 from snat_sync import watcher as watcher_module
 from snat_sync.errors import InvalidInput, SnatSyncError
@@ -56,6 +68,10 @@ NEUTRON_MARKER = "from-neutron"
 # pidfds, netlink sockets (each with its event loop's descriptors) and children's
 # pipes of hundreds of routers outgrow the usual 1024.
 OPEN_FILES = 65536
+# Repairs kept in health.json for `snat-sync status`; history.jsonl keeps more.
+RECENT_REPAIRS = 10
+# The pool's job key of the metrics textfile; no router id looks like it.
+METRICS_JOB = "(metrics)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +297,124 @@ def transition(conf, router_id, role, arrived):
              role.value, record.outcome)
 
 
+# -- health checks (run on the pool) ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    """What a router's health check leaves for the next one."""
+
+    memory: repair.Memory
+    recent_repairs: tuple
+
+
+def check(conf, spec, pid, peer_reports, memory, recent_repairs, channel):
+    """One health check of one router: observe, report, assess, repair, record."""
+    files = manager.router_files(conf, spec.router_id)
+    daemon = manager.daemon_for(conf, spec, files)
+    last = statedir.read_json(files.last_transition)
+    role = recorded_role(last)
+    observation = observe(conf, daemon, pid, role.value if role else "unknown")
+    if channel is not None and observation.internal is not None:
+        channel.send(reports_module.encode_report(
+            spec.router_id, observation.role, last.get("arrived") if role else None,
+            observation.internal, observation.external, observation.kernel,
+            time.time()))
+    assessment = repair.assess(observation, peer_reports, spec.peer_addresses,
+                               memory, repair.Settings.from_conf(conf))
+    _log_problem_changes(spec.router_id, memory, assessment.problems)
+    recent = list(recent_repairs)
+    for planned in assessment.repairs:
+        recent.append(run_repair(conf, daemon, files, planned, observation.role))
+    recent = tuple(recent[-RECENT_REPAIRS:])
+    statedir.write_json(files.health, {
+        "checked": observation.at,
+        "interval": conf.health.check_interval,
+        "role": observation.role,
+        "peers": [{"address": report.address, "role": report.role,
+                   "seen": report.received, "internal": report.internal,
+                   "external": report.external, "kernel": report.kernel}
+                  for _address, report in sorted(peer_reports.items())],
+        "problems": [problem.to_dict() for problem in assessment.problems],
+        "repairs": list(recent),
+    }, durable=False)
+    if statedir.rotate_log(files.log_file, conf.conntrackd.log_max_bytes,
+                           conf.conntrackd.log_backups):
+        LOG.info("router %s: rotated %s", spec.router_id, files.log_file)
+    return CheckResult(assessment.memory, recent)
+
+
+def observe(conf, daemon, pid, role):
+    """The router's figures now, from its conntrackd's control socket and /proc."""
+    timeout = conf.conntrackd.control_timeout
+    cache = daemon.cache_stats(timeout=timeout)
+    network_text = daemon.stats("network", timeout=timeout) if cache else None
+    network = (conntrackd_module.parse_network_stats(network_text)
+               if network_text else None)
+    return repair.Observation(
+        at=time.time(),
+        role=role,
+        conntrackd_alive=cache is not None or daemon.process() is not None,
+        internal=cache.internal_active if cache else None,
+        external=cache.external_active if cache else None,
+        kernel=namespace.kernel_entry_count(pid) if pid else None,
+        messages_lost=network.messages_lost if network else None,
+        messages_malformed=network.messages_malformed if network else None,
+    )
+
+
+def run_repair(conf, daemon, files, planned, role):
+    """Carry one repair out under the transition lock; record and log it.
+
+    A transition that ran since the check changed what is right: if the role is
+    no longer the one the repair was decided for, it is skipped.
+    """
+    router_id = files.directory.name
+    record = {"kind": "repair", "repair": planned.name, "router": router_id,
+              "role": role, "reason": planned.reason, "started": time.time(),
+              "steps": []}
+    with failover.transition_lock(files.transition_lock, conf.failover.lock_timeout):
+        current = recorded_role(statedir.read_json(files.last_transition))
+        if (current.value if current else "unknown") != role:
+            record["outcome"] = "skipped"
+            record["error"] = f"the router became {current.value if current else '?'}"
+        else:
+            for step in planned.steps:
+                record["steps"].append(dataclasses.asdict(
+                    failover.run_step(step, daemon, conf)))
+            failed = [step for step in record["steps"] if not step["ok"]]
+            record["outcome"] = "failed" if failed else "done"
+            if failed:
+                record["error"] = f"{failed[0]['name']}: {failed[0]['error']}"
+        record["finished"] = time.time()
+        history.record_repair(files, record, conf.failover.history_size)
+    timings = ", ".join(f"{step['name']} {step['duration_ms']:.1f} ms"
+                        for step in record["steps"])
+    LOG.log(logging.INFO if record["outcome"] == "done" else logging.ERROR,
+            "router %s: repair %s %s in %.1f ms (%s): %s%s", router_id, planned.name,
+            record["outcome"], (record["finished"] - record["started"]) * 1000,
+            timings or "no steps", planned.reason,
+            f"; {record['error']}" if "error" in record else "")
+    return record
+
+
+def _log_problem_changes(router_id, memory, problems):
+    """One line when a problem appears, one when it is gone."""
+    before = {kind for kind, _since in memory.since}
+    now = {problem.kind for problem in problems}
+    for problem in problems:
+        if problem.kind not in before:
+            LOG.log(logging.ERROR if problem.severity == repair.BROKEN
+                    else logging.WARNING, "router %s: %s: %s", router_id,
+                    problem.kind, problem.message)
+    for kind in sorted(before - now):
+        LOG.info("router %s: %s: resolved", router_id, kind)
+
+
+def write_metrics_textfile(path, snapshot_source):
+    metrics.write_textfile(path, snapshot_source())
+
+
 # -- the daemon -------------------------------------------------------------------------
 
 
@@ -292,6 +426,11 @@ class Tracked:
     pid: int | None = None
     pidfd: int | None = None
     watcher: object = None
+    channel: reports_module.ReportChannel | None = None
+    channel_namespace: int | None = None
+    peer_reports: dict = dataclasses.field(default_factory=dict)
+    memory: repair.Memory = dataclasses.field(default_factory=repair.Memory)
+    recent_repairs: tuple = ()
 
 
 class Daemon:
@@ -316,6 +455,10 @@ class Daemon:
         self.spec_stamp = None
         self.namespace_stamp = None
         self.last_full = 0.0
+        self.next_check = 0.0
+        self.metrics_server = None
+        self.metrics_lock = threading.Lock()
+        self.metrics_cache = (float("-inf"), None)
 
     # -- main loop ---------------------------------------------------------------
 
@@ -326,6 +469,7 @@ class Daemon:
                     signal.SIGINT: signal.signal(signal.SIGINT, self._on_signal)}
         LOG.info("snat-sync daemon started, state path %s", self.conf.state_path)
         try:
+            self._serve_metrics()
             while not self.stop_requested:
                 self.run_once(timeout=1.0)
         finally:
@@ -337,6 +481,7 @@ class Daemon:
     def run_once(self, timeout):
         """Reconcile when due, then wait up to timeout for events and handle them."""
         self._reconcile_if_due()
+        self._check_if_due()
         for key, _events in self.selector.select(timeout):
             kind, router_id = key.data
             if kind == "wake":
@@ -345,6 +490,8 @@ class Daemon:
                 self._on_exit(router_id)
             elif kind == "watch":
                 self._on_address_event(router_id)
+            elif kind == "report":
+                self._on_reports(router_id)
         self._collect_results()
 
     def _reconcile_if_due(self):
@@ -361,10 +508,10 @@ class Daemon:
             self.reconcile(rerender=reload)
         elif namespace_stamp != self.namespace_stamp:
             # A namespace came or went (maybe one of ours, re-created): a watcher
-            # on a deleted namespace would never see an event again.
+            # or report socket in a deleted namespace would never hear again.
             self.namespace_stamp = namespace_stamp
             for router_id, tracked in list(self.tracked.items()):
-                self._ensure_watcher(router_id, tracked.spec)
+                self._ensure_namespace_sockets(router_id, tracked.spec)
 
     def _reload_options(self):
         """Re-read the configuration files; keep the running options if one is bad."""
@@ -422,7 +569,7 @@ class Daemon:
             self._untrack(router_id)
         for router_id, spec in desired.items():
             if configured.get(router_id) == spec:
-                self._ensure_watcher(router_id, spec)
+                self._ensure_namespace_sockets(router_id, spec)
 
     # -- per-router jobs -------------------------------------------------------------
 
@@ -462,6 +609,9 @@ class Daemon:
                 router_id, outcome, result = self.results.get_nowait()
             except queue.Empty:
                 break
+            if outcome == "checked" and router_id in self.tracked:
+                self.tracked[router_id].memory = result.memory
+                self.tracked[router_id].recent_repairs = result.recent_repairs
             if outcome == "started" and result:
                 spec = self._spec_of(router_id)
                 if spec is not None:
@@ -476,7 +626,7 @@ class Daemon:
                             router_id)
                 continue
             self._track(router_id, spec, running[router_id])
-            self._ensure_watcher(router_id, spec)
+            self._ensure_namespace_sockets(router_id, spec)
 
     def _spec_of(self, router_id):
         try:
@@ -518,6 +668,7 @@ class Daemon:
         if tracked.watcher is not None:
             self.selector.unregister(tracked.watcher.fileno())
             tracked.watcher.close()
+        self._close_channel(tracked)
 
     def _on_exit(self, router_id):
         tracked = self.tracked.get(router_id)
@@ -532,6 +683,98 @@ class Daemon:
 
     def _restart(self, router_id, spec):
         self._submit(router_id, "started", start, self.conf, spec)
+
+    # -- health checks and peer reports ----------------------------------------------
+
+    def _check_if_due(self):
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.conf.health.check_interval
+        with self.lock:
+            busy = set(self.busy)
+        for router_id, tracked in self.tracked.items():
+            if router_id in busy or tracked.pid is None:
+                continue
+            self._submit(router_id, "checked", check, self.conf, tracked.spec,
+                         tracked.pid, dict(tracked.peer_reports), tracked.memory,
+                         tracked.recent_repairs, tracked.channel)
+        if self.conf.metrics.textfile and METRICS_JOB not in busy:
+            self._submit(METRICS_JOB, "metrics", write_metrics_textfile,
+                         self.conf.metrics.textfile, self._metrics_snapshot)
+
+    def _ensure_namespace_sockets(self, router_id, spec):
+        self._ensure_watcher(router_id, spec)
+        self._ensure_channel(router_id, spec)
+
+    def _ensure_channel(self, router_id, spec):
+        tracked = self.tracked.get(router_id)
+        if tracked is None:
+            return
+        inode = namespace.namespace_inode(spec.namespace)
+        if tracked.channel is not None and tracked.channel_namespace == inode:
+            return
+        self._close_channel(tracked)
+        if inode is None:
+            return
+        port = reports_module.report_port(self.conf.health.base_port, spec.vrid)
+        try:
+            channel = reports_module.ReportChannel(spec, port)
+        except Exception as error:  # pyroute2 and bind raise a variety of errors
+            LOG.error("router %s: cannot open the report socket on %s port %d in "
+                      "namespace %s: %s", router_id, spec.local_address, port,
+                      spec.namespace, error)
+            return
+        tracked.channel, tracked.channel_namespace = channel, inode
+        self.selector.register(channel.fileno(), selectors.EVENT_READ,
+                               ("report", router_id))
+
+    def _close_channel(self, tracked):
+        if tracked.channel is not None:
+            self.selector.unregister(tracked.channel.fileno())
+            tracked.channel.close()
+        tracked.channel = tracked.channel_namespace = None
+
+    def _on_reports(self, router_id):
+        tracked = self.tracked[router_id]
+        try:
+            received = tracked.channel.read(time.time())
+        except OSError as error:
+            LOG.error("router %s: reading peer reports failed: %s", router_id, error)
+            self._close_channel(tracked)
+            return
+        for report in received:
+            tracked.peer_reports[report.address] = report
+
+    # -- metrics ----------------------------------------------------------------------
+
+    def _serve_metrics(self):
+        port = self.conf.metrics.listen_port
+        if not port:
+            return
+        try:
+            self.metrics_server = metrics.serve(
+                self.conf.metrics.listen_address, port, self._metrics_snapshot)
+        except SnatSyncError as error:
+            LOG.error("metrics not served: %s", error)
+            return
+        LOG.info("serving metrics on %s port %d", self.conf.metrics.listen_address,
+                 port)
+
+    def _metrics_snapshot(self):
+        """The metrics' figures, gathered at most once per health check interval."""
+        with self.metrics_lock:
+            gathered_at, snapshot = self.metrics_cache
+            if time.monotonic() - gathered_at >= self.conf.health.check_interval:
+                try:
+                    snapshot = metrics.gather(self.conf)
+                except (SnatSyncError, OSError) as error:
+                    LOG.error("gathering the metrics failed: %s", error)
+                    if snapshot is None:
+                        raise
+                    return snapshot
+                self.metrics_cache = (time.monotonic(), snapshot)
+            return snapshot
 
     # -- the role watcher -------------------------------------------------------------
 
@@ -586,6 +829,8 @@ class Daemon:
     # -- shutdown -------------------------------------------------------------------------
 
     def shutdown(self):
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.pool.shutdown(wait=True, cancel_futures=True)
         for router_id in list(self.tracked):
             spec = self.tracked[router_id].spec

@@ -28,6 +28,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import stat
 import tempfile
 
@@ -197,11 +198,13 @@ def ensure_directory(path):
     os.chmod(path, 0o700)
 
 
-def write_atomically(path, content, mode=0o600):
+def write_atomically(path, content, mode=0o600, durable=True):
     """Replace path with content so that readers see the old or the new file whole.
 
     The temporary file lives in the same directory, so the final rename is atomic;
-    it is fsynced first so a crash cannot leave an empty file behind.
+    it is fsynced first so a crash cannot leave an empty file behind. A file that
+    is rewritten every few seconds and means nothing after a reboot (health.json)
+    skips the fsyncs (durable=False).
     """
     path = pathlib.Path(path)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -210,12 +213,14 @@ def write_atomically(path, content, mode=0o600):
             os.fchmod(stream.fileno(), mode)
             stream.write(content)
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
-    _fsync_directory(path.parent)
+    if durable:
+        _fsync_directory(path.parent)
 
 
 def _fsync_directory(directory):
@@ -227,8 +232,37 @@ def _fsync_directory(directory):
         os.close(descriptor)
 
 
-def write_json(path, data):
-    write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json(path, data, durable=True):
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n",
+                     durable=durable)
+
+
+def rotate_log(path, max_bytes, backups):
+    """Rotate a log another process appends to, once it is larger than max_bytes.
+
+    Copy, then empty in place: conntrackd keeps the log open for good and writes
+    with O_APPEND, so after the truncation its next line lands at the start of
+    the emptied file. path.1 is the newest copy, path.<backups> the oldest.
+    Returns True if it rotated. Lines written between the copy and the
+    truncation are lost; at conntrackd's rate that is rarely more than one.
+    """
+    path = pathlib.Path(path)
+    try:
+        if max_bytes == 0 or path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for number in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{number}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{number + 1}"))
+    with open(path, "rb") as source, open(
+            os.open(path.with_name(f"{path.name}.1"),
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600),
+            "wb") as copy:
+        shutil.copyfileobj(source, copy)
+    os.truncate(path, 0)
+    return True
 
 
 def read_json(path):

@@ -199,3 +199,30 @@ def test_ensure_directory_refuses_a_symlink_as_the_directory_itself(tmp_path):
     with pytest.raises(InvalidInput, match="symbolic link"):
         statedir.ensure_directory(tmp_path / "r1")
     assert mode(real) == 0o755, "the link's target must not be chmod'ed"
+
+
+def test_a_log_over_its_limit_is_copied_and_emptied_in_place(tmp_path):
+    log = tmp_path / "conntrackd.log"
+    log.write_text("old\n")
+    assert not statedir.rotate_log(log, 100, 3)
+    writer = open(log, "a")  # conntrackd keeps its log open with O_APPEND
+    for generation in range(4):
+        writer.write(f"generation {generation}\n" * 20)
+        writer.flush()
+        assert statedir.rotate_log(log, 100, 3)
+        assert log.stat().st_size == 0
+    writer.write("after\n")
+    writer.flush()
+    assert log.read_text() == "after\n"  # appended at the start, no hole
+    assert (tmp_path / "conntrackd.log.1").read_text().startswith("generation 3")
+    assert (tmp_path / "conntrackd.log.3").read_text().startswith("generation 1")
+    assert not (tmp_path / "conntrackd.log.4").exists()
+    assert oct((tmp_path / "conntrackd.log.1").stat().st_mode & 0o777) == "0o600"
+    writer.close()
+
+
+def test_a_missing_log_or_a_zero_limit_never_rotates(tmp_path):
+    assert not statedir.rotate_log(tmp_path / "absent.log", 100, 3)
+    log = tmp_path / "conntrackd.log"
+    log.write_text("x" * 1000)
+    assert not statedir.rotate_log(log, 0, 3)

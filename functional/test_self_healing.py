@@ -1,0 +1,200 @@
+"""The node daemons repair replication faults by themselves, and only when allowed.
+
+Each test runs the fault twice: with [health] repair on, the replica must be
+complete again within seconds; with it off, the same fault must leave it short,
+which proves the repair (and nothing else) mended it.
+"""
+
+import contextlib
+import json
+import subprocess
+import time
+
+import pytest
+
+from snat_sync import conntrackd as conntrackd_module
+from snat_sync import demo
+from snat_sync import lab as lab_module
+
+ENTRIES = 2000
+REPAIR_WINDOW = 12  # seconds: a check a second, two checks in a row, the resync
+
+
+def write_config(path, repair, resync_on_backup=True):
+    path.write_text(
+        "[health]\n"
+        "check_interval = 1\n"
+        f"repair = {str(repair).lower()}\n"
+        "repair_backoff = 5\n"
+        "[failover]\n"
+        f"resync_on_backup = {str(resync_on_backup).lower()}\n"
+        "[metrics]\n"
+        "listen_port = 0\n")
+    path.chmod(0o600)
+    return path
+
+
+def add_router(lab, router, state_path, config):
+    return lab_module.snat_sync_router_add(lab, router, state_path,
+                                           "--config-file", config)
+
+
+@contextlib.contextmanager
+def running_daemon(state_path, config, log_path):
+    process = subprocess.Popen(
+        lab_module.python_module("snat_sync", "--config-file", config,
+                                 "--state-path", state_path, "daemon",
+                                 "--workers", 2),
+        stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+        env=lab_module.package_environment(), start_new_session=True)
+    try:
+        yield process
+    finally:
+        lab_module.stop_process(process, timeout=10)
+
+
+def cache(router, registration):
+    result = lab_module.run(
+        ["conntrackd", "-C", str(registration.conntrackd_config), "-s", "cache"],
+        namespace=router.namespace)
+    return conntrackd_module.parse_cache_stats(result.stdout)
+
+
+def notify(registration, state):
+    hook = registration.conntrackd_config.parent / "notify.sh"
+    subprocess.run([str(hook), "INSTANCE", "VR_1", state, "100"], check=True,
+                   timeout=60)
+
+
+def wait_until_settled(state_paths, router_id):
+    """Wait until each daemon has heard its peer in its final role, and two more
+    checks have passed: the primary resyncs once when its peer turns backup, and
+    that must not be mistaken for the repair under test."""
+    def heard(name, role):
+        path = state_paths[name] / "routers" / router_id / "health.json"
+        health = json.loads(path.read_text()) if path.exists() else {}
+        return any(peer["role"] == role for peer in health.get("peers", []))
+
+    assert lab_module.wait_until(
+        lambda: heard("r1", "backup") and heard("r2", "primary"), 15)
+    time.sleep(2.5)
+
+
+def repairs(state_path, router_id):
+    path = state_path / "routers" / router_id / "history.jsonl"
+    if not path.exists():
+        return []
+    return [entry for entry in map(json.loads, path.read_text().splitlines())
+            if entry.get("kind") == "repair"]
+
+
+@pytest.mark.parametrize("repair", [True, False], ids=["repair-on", "repair-off"])
+def test_a_backup_whose_replica_lost_entries_asks_for_the_whole_table(
+        lab, state_paths, tmp_path, repair):
+    """A stall FTFW never mends: the backup's replica lost entries on its own side
+    (here flushed; a conntrackd restarted behind the daemon's back does the same).
+    The primary keeps no record of what the backup holds, so it resends nothing."""
+    r1, r2 = lab.routers
+    configs = {name: write_config(tmp_path / f"{name}.conf", repair)
+               for name in ("r1", "r2")}
+    registrations = {router.name: add_router(lab, router, state_paths[router.name],
+                                             configs[router.name])
+                     for router in lab.routers}
+    with contextlib.ExitStack() as stack:
+        for router in lab.routers:
+            stack.enter_context(running_daemon(
+                state_paths[router.name], configs[router.name],
+                tmp_path / f"daemon-{router.name}.log"))
+        notify(registrations["r1"], "MASTER")
+        notify(registrations["r2"], "BACKUP")
+        wait_until_settled(state_paths, lab.router_id)
+        loaded = lab_module.load_idle_entries(r1, ENTRIES, tmp_path)
+        assert loaded == ENTRIES
+        assert lab_module.wait_until(
+            lambda: cache(r2, registrations["r2"]).external_active >= ENTRIES, 15)
+
+        lab_module.run(["conntrackd", "-C", str(registrations["r2"].conntrackd_config),
+                        "-f", "external"], namespace=r2.namespace)
+        assert cache(r2, registrations["r2"]).external_active < ENTRIES
+        flushed = time.monotonic()
+
+        mended = lab_module.wait_until(
+            lambda: cache(r2, registrations["r2"]).external_active >= ENTRIES,
+            REPAIR_WINDOW, interval=0.2)
+        log = lab_module.read_tail(tmp_path / "daemon-r2.log", 4000)
+        status = lab_module.snat_sync_status(state_paths["r2"], lab.router_id)[0]
+        if repair:
+            assert mended, log
+            took = time.monotonic() - flushed
+            assert took < REPAIR_WINDOW
+            done = [entry for entry in repairs(state_paths["r2"], lab.router_id)
+                    if entry["repair"] == "request-resync"]
+            assert done and done[-1]["outcome"] == "done", done
+            assert "repair request-resync done" in log
+        else:
+            assert not mended, "the replica was mended with repair off"
+            assert repairs(state_paths["r2"], lab.router_id) == []
+            assert "replica-short" in log
+            assert any("replica holds" in problem for problem in status["problems"]), (
+                status)
+            assert status["verdict"] == "degraded"
+
+
+@pytest.mark.parametrize("repair", [True, False], ids=["repair-on", "repair-off"])
+def test_the_survivor_of_a_split_brain_resends_its_table(lab, state_paths, tmp_path,
+                                                         repair):
+    """Both nodes primary (r2 stops hearing r1's VRRP adverts), then r2 yields.
+
+    As primary r2 flushed its replica; the idle entries never change, so FTFW has
+    nothing to send it. The backups' own resync request is off here
+    (resync_on_backup = false, and r2 repairs nothing), so only the survivor's
+    repair can make r2's replica complete again."""
+    r1, r2 = lab.routers
+    configs = {"r1": write_config(tmp_path / "r1.conf", repair, False),
+               "r2": write_config(tmp_path / "r2.conf", False, False)}
+    registrations = {router.name: add_router(lab, router, state_paths[router.name],
+                                             configs[router.name])
+                     for router in lab.routers}
+    with contextlib.ExitStack() as stack:
+        for router in lab.routers:
+            stack.enter_context(running_daemon(
+                state_paths[router.name], configs[router.name],
+                tmp_path / f"daemon-{router.name}.log"))
+        for router in lab.routers:
+            lab_module.start_keepalived(lab, router,
+                                        registrations[router.name].notify_command)
+        lab_module.wait_for_primary(lab, r1)
+        demo.wait_for_role(state_paths["r1"], lab.router_id, "primary")
+        demo.wait_for_role(state_paths["r2"], lab.router_id, "backup")
+        assert lab_module.load_idle_entries(r1, ENTRIES, tmp_path) == ENTRIES
+        assert lab_module.wait_until(
+            lambda: cache(r2, registrations["r2"]).external_active >= ENTRIES, 15)
+        wait_until_settled(state_paths, lab.router_id)
+
+        drop_vrrp = ["INPUT", "-i", r2.ha.device, "-p", "vrrp", "-j", "DROP"]
+        lab_module.run(["iptables", "-A", *drop_vrrp], namespace=r2.namespace)
+        demo.wait_for_role(state_paths["r2"], lab.router_id, "primary", timeout=20)
+        assert lab_module.has_vip(r1), "r1 should still be primary: a split brain"
+        assert lab_module.wait_until(
+            lambda: "split-brain" in lab_module.read_tail(
+                tmp_path / "daemon-r1.log", 20000), 10), "r1 never saw the split brain"
+        assert cache(r2, registrations["r2"]).external_active < ENTRIES
+
+        lab_module.run(["iptables", "-D", *drop_vrrp], namespace=r2.namespace)
+        demo.wait_for_role(state_paths["r2"], lab.router_id, "backup", timeout=20)
+        assert lab_module.primary(lab) is r1
+
+        mended = lab_module.wait_until(
+            lambda: cache(r2, registrations["r2"]).external_active >= ENTRIES,
+            REPAIR_WINDOW, interval=0.2)
+        log = lab_module.read_tail(tmp_path / "daemon-r1.log", 20000)
+        survivor_repairs = [entry for entry in repairs(state_paths["r1"], lab.router_id)
+                            if entry["repair"] == "survivor-resync"]
+        if repair:
+            assert mended, log
+            assert survivor_repairs and survivor_repairs[-1]["outcome"] == "done"
+            assert [step["name"] for step in survivor_repairs[-1]["steps"]] == [
+                "resync-from-kernel", "bulk-send"]
+        else:
+            assert not mended, "r2's replica was complete again with repair off"
+            assert survivor_repairs == []
