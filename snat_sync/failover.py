@@ -142,19 +142,25 @@ def plan(role, resync_on_backup=True, guard=True, inject=False):
     return steps
 
 
-def is_superseded(last_record, arrived):
-    """True if a transition that arrived at `arrived` is older than the last one run."""
-    return bool(last_record) and last_record.get("arrived", 0) > arrived
+def is_superseded(latest_arrival, arrived):
+    """True if a transition that arrived at `arrived` is older than the newest one
+    that has taken the router's lock (see statedir's latest-arrival)."""
+    return latest_arrival is not None and latest_arrival > arrived
 
 
-def is_already_done(last_record, role):
-    """True if the last transition took the router into role and succeeded.
+def is_already_done(last_record, role, latest_arrival=None):
+    """True if the last transition took the router into role and succeeded, and
+    nothing has changed the router since.
 
     Two triggers report the same VRRP change (keepalived's notify and the daemon's
-    address watcher); whichever comes second finds the work done.
+    address watcher); whichever comes second finds the work done. A MASTER hook
+    whose own transition was then superseded has committed and lifted the guard
+    unrecorded; its arrival, newer than the last record's, says so.
     """
     return (bool(last_record) and last_record.get("role") == role.value
-            and last_record.get("outcome") == "done")
+            and last_record.get("outcome") == "done"
+            and (latest_arrival is None
+                 or latest_arrival <= last_record.get("arrived", 0)))
 
 
 def commit_problems(commit, expected):
@@ -243,18 +249,20 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
     with transition_lock(files.transition_lock, options.failover.lock_timeout):
         record = TransitionRecord(router_id, role.value, arrived, time.time())
         last = statedir.read_json(files.last_transition)
-        if is_superseded(last, arrived):
+        latest_arrival = statedir.read_latest_arrival(files.latest_arrival)
+        if is_superseded(latest_arrival, arrived):
             record.outcome = "superseded"
             record.finished = time.time()
             LOG.warning(
-                "router %s: %s transition that arrived at %.6f skipped: the %s "
-                "transition that arrived at %.6f is newer",
-                router_id, role.value, arrived, last.get("role"), last.get("arrived"),
+                "router %s: %s transition that arrived at %.6f skipped: a transition "
+                "that arrived at %.6f has run", router_id, role.value, arrived,
+                latest_arrival,
             )
             history.record_transition(files, record.to_dict(),
                                       options.failover.history_size)
             return record
-        if skip_if_done and is_already_done(last, role):
+        statedir.write_latest_arrival(files.latest_arrival, arrived)
+        if skip_if_done and is_already_done(last, role, latest_arrival):
             record.outcome = "already-done"
             record.finished = time.time()
             LOG.info("router %s: already %s, nothing to do", router_id, role.value)

@@ -12,6 +12,9 @@
         guard-lift.nft        the one that removes it (see guard.py)
         transition.lock       serialises transitions of this router
         last-transition.json  what the latest transition did, step by step
+        latest-arrival        when the newest transition that took the lock arrived
+                              (written under the lock by snat-sync and by the hook,
+                              as $EPOCHREALTIME's digits): an older one is skipped
         history.jsonl         the latest transitions and repairs, one JSON per line
                               (bounded; see history.py)
         counters.json         transition, repair and commit-duration counters
@@ -98,6 +101,10 @@ class RouterFiles:
     @property
     def transition_lock(self):
         return self.directory / "transition.lock"
+
+    @property
+    def latest_arrival(self):
+        return self.directory / "latest-arrival"
 
     @property
     def history(self):
@@ -235,6 +242,26 @@ def _fsync_directory(directory):
 def write_json(path, data, durable=True):
     write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n",
                      durable=durable)
+
+
+# Seconds since the epoch with up to 9 decimals. The hook writes $EPOCHREALTIME's
+# form (10 digits, a dot, 6 digits), which it can compare as strings.
+ARRIVAL = re.compile(r"\d{1,15}(\.\d{1,9})?")
+
+
+def read_latest_arrival(path):
+    """The arrival time in a latest-arrival file; None if there is none or it is bad."""
+    text = read_text(path)
+    if text is None or not ARRIVAL.fullmatch(text.strip()):
+        return None
+    return float(text.strip())
+
+
+def write_latest_arrival(path, arrived):
+    """Record arrived if it is the newest; the caller holds the transition lock."""
+    latest = read_latest_arrival(path)
+    if latest is None or arrived > latest:
+        write_atomically(path, f"{arrived:.6f}\n", durable=False)
 
 
 def rotate_log(path, max_bytes, backups):

@@ -160,14 +160,17 @@ def test_a_router_removed_meanwhile_is_not_started_again(conf, router_files,
 # -- failover.is_already_done (the second of two triggers is a no-op) -----------------
 
 
-@pytest.mark.parametrize("record, role, done", [
-    ({"role": "primary", "outcome": "done"}, Role.PRIMARY, True),
-    ({"role": "primary", "outcome": "failed"}, Role.PRIMARY, False),
-    ({"role": "backup", "outcome": "done"}, Role.PRIMARY, False),
-    (None, Role.BACKUP, False),
+@pytest.mark.parametrize("record, role, latest, done", [
+    ({"role": "primary", "outcome": "done", "arrived": 10.0}, Role.PRIMARY, None, True),
+    ({"role": "primary", "outcome": "done", "arrived": 10.0}, Role.PRIMARY, 10.0, True),
+    # a MASTER hook committed after the record, its own transition superseded
+    ({"role": "backup", "outcome": "done", "arrived": 10.0}, Role.BACKUP, 11.0, False),
+    ({"role": "primary", "outcome": "failed"}, Role.PRIMARY, None, False),
+    ({"role": "backup", "outcome": "done"}, Role.PRIMARY, None, False),
+    (None, Role.BACKUP, None, False),
 ])
-def test_is_already_done(record, role, done):
-    assert failover.is_already_done(record, role) is done
+def test_is_already_done(record, role, latest, done):
+    assert failover.is_already_done(record, role, latest) is done
 
 
 def test_a_transition_already_done_is_not_redone(conf, router_files):

@@ -170,15 +170,14 @@ def test_plan_fault_and_stop(role):
     assert failover.plan(role, resync_on_backup=False) == failover.plan(role)
 
 
-@pytest.mark.parametrize("last, arrived, superseded", [
+@pytest.mark.parametrize("latest, arrived, superseded", [
     (None, 100.0, False),
-    ({}, 100.0, False),
-    ({"arrived": 50.0}, 100.0, False),
-    ({"arrived": 100.0}, 100.0, False),
-    ({"arrived": 100.5}, 100.0, True),
+    (50.0, 100.0, False),
+    (100.0, 100.0, False),
+    (100.5, 100.0, True),
 ])
-def test_is_superseded(last, arrived, superseded):
-    assert failover.is_superseded(last, arrived) is superseded
+def test_is_superseded(latest, arrived, superseded):
+    assert failover.is_superseded(latest, arrived) is superseded
 
 
 def test_hook_step_parse():

@@ -386,6 +386,28 @@ class TestHookRuns:
         assert steps[0].exit_status == 3
         assert after == ["r1", "INSTANCE", "VR_7", "MASTER", "100"]
 
+    def test_master_records_its_arrival_for_later_transitions(self, hook_setup):
+        files, hook, _conntrackd_calls, command = hook_setup
+        run_hook(hook, "INSTANCE", "VR_7", "MASTER", "100")
+        arrived = float(hook_handover(files)[len(command) + 2])
+        assert statedir.read_latest_arrival(files.latest_arrival) == arrived
+
+    @pytest.mark.parametrize("latest, commits", [
+        ("9999999999.000000", False),  # a newer transition has run
+        ("1000000000.000000", True),
+        ("garbage", True),
+    ])
+    def test_master_older_than_the_newest_transition_commits_nothing(
+            self, hook_setup, latest, commits):
+        files, hook, conntrackd_calls, command = hook_setup
+        files.latest_arrival.write_text(latest + "\n")
+        run_hook(hook, "INSTANCE", "VR_7", "MASTER", "100")
+        steps, _after = hook_steps(hook_handover(files)[len(command):])
+        assert conntrackd_calls.exists() is commits
+        assert [step.name for step in steps] == (["commit"] if commits else [])
+        if not commits:
+            assert files.latest_arrival.read_text() == latest + "\n"
+
     def test_master_waits_for_the_transition_lock(self, tmp_path, hook_setup):
         files, _hook, conntrackd_calls, command = hook_setup
         fake_conntrackd = tmp_path / "fake conntrackd$1"
