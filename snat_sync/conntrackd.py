@@ -296,6 +296,32 @@ def find_daemon(config_path, namespace):
     return None
 
 
+def find_daemons(wanted):
+    """{key: process} of the conntrackd running each wanted configuration.
+
+    wanted: {key: (config path, namespace)}. One pass over the process table for
+    all of them, however many: a router's daemon runs its conntrackd.conf inside
+    its namespace.
+    """
+    by_config = {str(config): (key, netns.namespace_inode(namespace))
+                 for key, (config, namespace) in wanted.items()}
+    found = {}
+    for process, cmdline, inode in _conntrackd_processes(
+            lambda cmdline: config_argument(cmdline) in by_config):
+        key, namespace_inode = by_config[config_argument(cmdline)]
+        if inode == namespace_inode:
+            found[key] = process
+    return found
+
+
+def config_argument(cmdline):
+    """The configuration file a conntrackd command line names with -C."""
+    for index, argument in enumerate(cmdline[:-1]):
+        if argument == "-C":
+            return cmdline[index + 1]
+    return None
+
+
 def daemons_with_config(config_path):
     """Every conntrackd running config_path, in whatever namespace."""
     return [process for process, _cmdline, _inode in _conntrackd_processes(

@@ -213,30 +213,9 @@ def _parse_spec_file(path, inode, mtime_ns, size):
 
 
 def running_daemons(conf, configured):
-    """{router_id: pid} of the configured routers whose conntrackd runs.
-
-    One pass over the process table for all routers: a router's daemon runs its
-    conntrackd.conf inside its namespace.
-    """
-    wanted = {}
-    for router_id, spec in configured.items():
-        files = manager.router_files(conf, router_id)
-        wanted[str(files.conntrackd_config)] = (
-            router_id, namespace.namespace_inode(spec.namespace))
-    running = {}
-    for process, cmdline, inode in conntrackd_module._conntrackd_processes(
-            lambda cmdline: _config_argument(cmdline) in wanted):
-        router_id, router_inode = wanted[_config_argument(cmdline)]
-        if inode == router_inode:
-            running[router_id] = process.pid
-    return running
-
-
-def _config_argument(cmdline):
-    for index, argument in enumerate(cmdline[:-1]):
-        if argument == "-C":
-            return cmdline[index + 1]
-    return None
+    """{router_id: pid} of the configured routers whose conntrackd runs."""
+    return {router_id: process.pid for router_id, process
+            in manager.running_conntrackd(conf, configured).items()}
 
 
 # -- jobs (run on the pool) -----------------------------------------------------------
@@ -767,7 +746,7 @@ class Daemon:
             gathered_at, snapshot = self.metrics_cache
             if time.monotonic() - gathered_at >= self.conf.health.check_interval:
                 try:
-                    snapshot = metrics.gather(self.conf)
+                    snapshot = metrics.gather(self.conf, read_addresses=False)
                 except (SnatSyncError, OSError) as error:
                     LOG.error("gathering the metrics failed: %s", error)
                     if snapshot is None:

@@ -315,14 +315,35 @@ class RouterStatus:
         return dataclasses.asdict(self)
 
 
-def status(conf, router_id=None):
+def running_conntrackd(conf, specs):
+    """{router_id: psutil.Process} of the routers in specs whose conntrackd runs,
+    found in one pass over the process table."""
+    return conntrackd.find_daemons({
+        router_id: (router_files(conf, router_id).conntrackd_config, spec.namespace)
+        for router_id, spec in specs.items()})
+
+
+def status(conf, router_id=None, read_addresses=True):
+    """The RouterStatus of one router or of all.
+
+    read_addresses: take a router's role from where its primary address is (a
+    netlink dump in its namespace, some milliseconds each); the node daemon, whose
+    watchers keep the transitions in step with the address, passes False and gets
+    the role of the last transition.
+    """
     if router_id is not None:
         ids = [check_router_id(router_id)]
         if not router_files(conf, router_id).spec.exists():
             raise InvalidInput("router", router_id, "unknown here")
     else:
         ids = _router_ids(conf)
-    return [_router_status(conf, each) for each in ids]
+    files = {each: router_files(conf, each) for each in ids}
+    specs = {each: _load_spec(files[each]) for each in ids}
+    processes = running_conntrackd(conf, {each: spec for each, spec in specs.items()
+                                          if spec is not None})
+    return [_router_status(conf, each, files[each], specs[each], processes.get(each),
+                           read_addresses)
+            for each in ids]
 
 
 def _router_ids(conf):
@@ -339,22 +360,19 @@ def _router_ids(conf):
     return ids
 
 
-def _router_status(conf, router_id):
+def _router_status(conf, router_id, files, spec, process, read_addresses):
     now = time.time()
-    files = router_files(conf, router_id)
-    spec = _load_spec(files)
     last = statedir.read_json(files.last_transition)
     last = last if isinstance(last, dict) else None
     report = health.parse_report(statedir.read_json(files.health))
     daemon = daemon_for(conf, spec, files) if spec else None
-    process = daemon.process() if daemon else None
     stats = daemon.cache_stats() if process else None
     drops = stats.internal_no_space + stats.external_no_space if stats else None
     if drops:
         LOG.error("router %s: conntrackd's cache is full (no space left in cache): "
                   "%d entries were dropped and will not survive a failover; raise "
                   "[conntrackd] hash_limit", router_id, drops)
-    role, role_source = _role(spec, last)
+    role, role_source = _role(spec if read_addresses else None, last)
     started = _started(process)
     fresh = report is not None and report.is_fresh(now)
     verdict = health.judge(health.Facts(

@@ -334,9 +334,12 @@ def _host_port(address, port):
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def gather(conf):
-    """The snapshot of every router under the state path: status and counters."""
-    statuses = manager.status(conf)
+def gather(conf, read_addresses=True):
+    """The snapshot of every router under the state path: status and counters.
+
+    read_addresses: see manager.status.
+    """
+    statuses = manager.status(conf, read_addresses=read_addresses)
     counters = {
         each.router: history.read_counters(manager.router_files(conf, each.router))
         for each in statuses

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from snat_sync import conntrackd as conntrackd_module
 from snat_sync import daemon as daemon_module
 from snat_sync import failover
 from snat_sync import statedir
@@ -223,9 +224,9 @@ def test_read_neutron_specs_marks_bad_files(state_path):
 
 
 def test_config_argument():
-    assert daemon_module._config_argument(
+    assert conntrackd_module.config_argument(
         ["conntrackd", "-C", "/x/conntrackd.conf", "-d"]) == "/x/conntrackd.conf"
-    assert daemon_module._config_argument(["conntrackd", "-C"]) is None
+    assert conntrackd_module.config_argument(["conntrackd", "-C"]) is None
 
 
 # -- the event loop, with stand-in jobs -------------------------------------------------------

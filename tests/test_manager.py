@@ -294,8 +294,8 @@ class FakeNode:
                         "queue": QUEUE_STATS}
         self.holds = False
         self.namespaces = {"qrouter-r1"}
-        monkeypatch.setattr(conntrackd.Conntrackd, "process",
-                            lambda daemon: FakeProcess() if self.running else None)
+        monkeypatch.setattr(manager, "running_conntrackd", lambda conf, specs: {
+            router_id: FakeProcess() for router_id in specs if self.running})
         monkeypatch.setattr(conntrackd.Conntrackd, "stats",
                             lambda daemon, kind, timeout=None: self.answers.get(kind))
         monkeypatch.setattr(manager.namespace, "namespace_inode",

@@ -426,7 +426,7 @@ def test_gather_takes_each_routers_status_and_counters(conf, state_path, spec,
                                                        monkeypatch):
     files = statedir.RouterFiles.under(state_path, "r1")
     statedir.ensure_directory(files.directory)
-    monkeypatch.setattr(manager, "status", lambda conf: [PRIMARY])
+    monkeypatch.setattr(manager, "status", lambda conf, read_addresses: [PRIMARY])
     snapshot = metrics.gather(conf)
     assert snapshot.statuses == (PRIMARY,)
     assert snapshot.counters == {"r1": history.read_counters(files)}
