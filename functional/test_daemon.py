@@ -32,10 +32,11 @@ def add_router(lab, router, state_path, primary_address=None):
 
 
 @contextlib.contextmanager
-def running_daemon(state_path, log_path):
+def running_daemon(state_path, log_path, *global_arguments):
+    """`snat-sync daemon` on a node; global_arguments (--config-file F) go first."""
     process = subprocess.Popen(
-        lab_module.python_module("snat_sync", "--state-path", state_path, "daemon",
-                                 "--workers", 2),
+        lab_module.python_module("snat_sync", *global_arguments, "--state-path",
+                                 state_path, "daemon", "--workers", 2),
         stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
         env=lab_module.package_environment(), start_new_session=True)
     try:

@@ -16,6 +16,8 @@ from snat_sync import conntrackd as conntrackd_module
 from snat_sync import demo
 from snat_sync import lab as lab_module
 
+from functional.test_daemon import running_daemon
+
 ENTRIES = 2000
 REPAIR_WINDOW = 12  # seconds: a check a second, two checks in a row, the resync
 
@@ -34,23 +36,19 @@ def write_config(path, repair, resync_on_backup=True):
     return path
 
 
-def add_router(lab, router, state_path, config):
-    return lab_module.snat_sync_router_add(lab, router, state_path,
-                                           "--config-file", config)
-
-
 @contextlib.contextmanager
-def running_daemon(state_path, config, log_path):
-    process = subprocess.Popen(
-        lab_module.python_module("snat_sync", "--config-file", config,
-                                 "--state-path", state_path, "daemon",
-                                 "--workers", 2),
-        stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
-        env=lab_module.package_environment(), start_new_session=True)
-    try:
-        yield process
-    finally:
-        lab_module.stop_process(process, timeout=10)
+def nodes_with_daemons(lab, state_paths, tmp_path, configs):
+    """Both routers added and each node's daemon running, with its config file;
+    yields {router name: registration}. The daemons are stopped on the way out."""
+    registrations = {router.name: lab_module.snat_sync_router_add(
+        lab, router, state_paths[router.name], "--config-file", configs[router.name])
+        for router in lab.routers}
+    with contextlib.ExitStack() as stack:
+        for router in lab.routers:
+            stack.enter_context(running_daemon(
+                state_paths[router.name], tmp_path / f"daemon-{router.name}.log",
+                "--config-file", configs[router.name]))
+        yield registrations
 
 
 def cache(router, registration):
@@ -97,14 +95,7 @@ def test_a_backup_whose_replica_lost_entries_asks_for_the_whole_table(
     r1, r2 = lab.routers
     configs = {name: write_config(tmp_path / f"{name}.conf", repair)
                for name in ("r1", "r2")}
-    registrations = {router.name: add_router(lab, router, state_paths[router.name],
-                                             configs[router.name])
-                     for router in lab.routers}
-    with contextlib.ExitStack() as stack:
-        for router in lab.routers:
-            stack.enter_context(running_daemon(
-                state_paths[router.name], configs[router.name],
-                tmp_path / f"daemon-{router.name}.log"))
+    with nodes_with_daemons(lab, state_paths, tmp_path, configs) as registrations:
         notify(registrations["r1"], "MASTER")
         notify(registrations["r2"], "BACKUP")
         wait_until_settled(state_paths, lab.router_id)
@@ -152,14 +143,7 @@ def test_the_survivor_of_a_split_brain_resends_its_table(lab, state_paths, tmp_p
     r1, r2 = lab.routers
     configs = {"r1": write_config(tmp_path / "r1.conf", repair, False),
                "r2": write_config(tmp_path / "r2.conf", False, False)}
-    registrations = {router.name: add_router(lab, router, state_paths[router.name],
-                                             configs[router.name])
-                     for router in lab.routers}
-    with contextlib.ExitStack() as stack:
-        for router in lab.routers:
-            stack.enter_context(running_daemon(
-                state_paths[router.name], configs[router.name],
-                tmp_path / f"daemon-{router.name}.log"))
+    with nodes_with_daemons(lab, state_paths, tmp_path, configs) as registrations:
         for router in lab.routers:
             lab_module.start_keepalived(lab, router,
                                         registrations[router.name].notify_command)

@@ -344,11 +344,10 @@ def format_status(statuses):
         return "no routers"
     header = ("ROUTER", "ROLE", "VERDICT", "CONNTRACKD", "KERNEL", "INTERNAL",
               "EXTERNAL", "PEERS", "LOST/MALFORMED", "LAST TRANSITION")
-    rows = [header, *(_status_row(each) for each in statuses)]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    lines = [_table_line(header, widths)]
-    for each, row in zip(statuses, rows[1:]):
-        lines.append(_table_line(row, widths))
+    table = _table([header, *(_status_row(each) for each in statuses)])
+    lines = [table[0]]
+    for each, line in zip(statuses, table[1:]):
+        lines.append(line)
         if each.verdict != "in-sync":
             lines.append(f"    reason: {each.reason}")
     counts = collections.Counter(each.verdict for each in statuses)
@@ -358,8 +357,11 @@ def format_status(statuses):
     return "\n".join(lines)
 
 
-def _table_line(row, widths):
-    return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+def _table(rows):
+    """The rows (the header first) as lines of columns padded to their widest cell."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in rows]
 
 
 ROLE_SOURCES = {"address": " (addr)", "last-transition": " (last)"}
@@ -418,13 +420,9 @@ def _describe_transition(record):
 
 def _when(epoch):
     """Time of day for the last day, the date before."""
-    try:
-        moment = time.localtime(epoch)
-    except (OverflowError, OSError, ValueError):
-        return "-"
     if abs(time.time() - epoch) < 86400:
-        return time.strftime("%H:%M:%S", moment)
-    return time.strftime("%Y-%m-%d", moment)
+        return _local_time(epoch, "%H:%M:%S")
+    return _local_time(epoch, "%Y-%m-%d")
 
 
 def format_history(entries):
@@ -436,11 +434,7 @@ def format_history(entries):
         return "no history"
     header = ("TIME", "KIND", "WHAT", "OUTCOME", "TOTAL", "STEPS",
               "COMMITTED/EXPECTED/FAILED", "FIRST ERROR")
-    rows = [header, *(_history_row(entry) for entry in entries)]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-        for row in rows)
+    return "\n".join(_table([header, *(_history_row(entry) for entry in entries)]))
 
 
 def _history_row(entry):
@@ -483,14 +477,15 @@ def _first_error(entry, steps):
     return next((_one_line(error) for error in errors if error), "-")
 
 
-def _local_time(epoch):
+def _local_time(epoch, layout="%Y-%m-%d %H:%M:%S.{ms}"):
+    """epoch in local time; {ms} in layout stands for its milliseconds."""
     if epoch is None:
         return "-"
     try:
         moment = time.localtime(epoch)
     except (OverflowError, OSError, ValueError):
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", moment) + f".{int(epoch % 1 * 1000):03d}"
+    return time.strftime(layout, moment).format(ms=f"{int(epoch % 1 * 1000):03d}")
 
 
 def _number(value):

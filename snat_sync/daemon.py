@@ -20,8 +20,9 @@ as a safety net. SIGHUP re-reads the configuration files too and adds every rout
 again, which rewrites only what changed and restarts only the conntrackd whose
 configuration did.
 
-Every [health] check_interval the daemon checks each router on the pool (`check`):
-it reads its conntrackd's figures from the control socket, sends them to the
+Every [health] check_interval the daemon checks the routers that have no job
+running, one after another in one pool job (`check_all`, `check`): for each it
+reads its conntrackd's figures from the control socket, sends them to the
 peers' daemons (reports.py), lets repair.assess decide what is wrong and what to
 repair, carries the repairs out under the router's transition lock, writes
 health.json for `snat-sync status`, and rotates conntrackd's log. It serves the
@@ -38,6 +39,7 @@ import dataclasses
 import functools
 import logging
 import os
+import pathlib
 import queue
 import resource
 import selectors
@@ -70,7 +72,11 @@ NEUTRON_MARKER = "from-neutron"
 OPEN_FILES = 65536
 # Repairs kept in health.json for `snat-sync status`; history.jsonl keeps more.
 RECENT_REPAIRS = 10
-# The pool's job key of the metrics textfile; no router id looks like it.
+# Seconds between rewrites of a health.json whose figures alone changed.
+HEALTH_FILE_PERIOD = 10.0
+# The pool's job keys of the health checks and of the metrics textfile; no router
+# id looks like them.
+HEALTH_JOB = "(health)"
 METRICS_JOB = "(metrics)"
 
 
@@ -280,16 +286,21 @@ def transition(conf, router_id, role, arrived):
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckResult:
-    """What a router's health check leaves for the next one."""
+class HealthState:
+    """What a router's health checks carry from one to the next."""
 
-    memory: repair.Memory
-    recent_repairs: tuple
+    memory: repair.Memory = repair.Memory()
+    recent_repairs: tuple = ()
+    # health.json: when it was last written, and what it said then (see check).
+    written: float = float("-inf")
+    summary: tuple = ()
 
 
-def check(conf, spec, pid, peer_reports, memory, recent_repairs, channel):
-    """One health check of one router: observe, report, assess, repair, record."""
-    files = manager.router_files(conf, spec.router_id)
+def check(conf, spec, files, pid, peer_reports, state, channel):
+    """One health check of one router: observe, report, assess, repair, record.
+
+    Returns the HealthState for the next check.
+    """
     daemon = manager.daemon_for(conf, spec, files)
     last = statedir.read_json(files.last_transition)
     role = recorded_role(last)
@@ -300,27 +311,71 @@ def check(conf, spec, pid, peer_reports, memory, recent_repairs, channel):
             observation.internal, observation.external, observation.kernel,
             time.time()))
     assessment = repair.assess(observation, peer_reports, spec.peer_addresses,
-                               memory, repair.Settings.from_conf(conf))
-    _log_problem_changes(spec.router_id, memory, assessment.problems)
-    recent = list(recent_repairs)
+                               state.memory, repair.Settings.from_conf(conf))
+    _log_problem_changes(spec.router_id, state.memory, assessment.problems)
+    recent = list(state.recent_repairs)
     for planned in assessment.repairs:
         recent.append(run_repair(conf, daemon, files, planned, observation.role))
     recent = tuple(recent[-RECENT_REPAIRS:])
+    summary = (observation.role,
+               tuple((address, report.role) for address, report
+                     in sorted(peer_reports.items())),
+               tuple(problem.kind for problem in assessment.problems), len(recent))
+    written = state.written
+    if summary != state.summary or observation.at - written >= health_file_period(conf):
+        write_health(conf, files, observation, peer_reports, assessment.problems,
+                     recent)
+        written = observation.at
+    if statedir.rotate_log(files.log_file, conf.conntrackd.log_max_bytes,
+                           conf.conntrackd.log_backups):
+        LOG.info("router %s: rotated %s", spec.router_id, files.log_file)
+    return HealthState(assessment.memory, recent, written, summary)
+
+
+def check_all(conf, checks):
+    """Check the routers one after another; {router_id: HealthState}.
+
+    checks: (router_id, the arguments of check after conf). One job for all
+    routers, not one each: hundreds of small jobs spread over the pool's threads
+    cost more than twice the CPU of the checks themselves (measured: 3.6 % of a
+    core for 100 routers every 3 s, against 1.4 % in one thread). A router whose
+    check fails keeps its state and is checked again next time.
+    """
+    states = {}
+    for router_id, arguments in checks:
+        try:
+            states[router_id] = check(conf, *arguments)
+        except (SnatSyncError, OSError) as error:
+            LOG.error("router %s: health check failed: %s", router_id, error)
+        except Exception:
+            LOG.exception("router %s: health check failed", router_id)
+    return states
+
+
+def health_file_period(conf):
+    """How often health.json is rewritten when nothing in it but figures changed.
+
+    Rewriting it costs more CPU than the rest of a check (about 0.4 ms): with
+    hundreds of routers it is kept to every HEALTH_FILE_PERIOD seconds, and
+    written at once when a role, peer's role, problem or repair changes.
+    """
+    return max(conf.health.check_interval, HEALTH_FILE_PERIOD)
+
+
+def write_health(conf, files, observation, peer_reports, problems, recent_repairs):
+    """health.json for `snat-sync status` (read back by health.parse_report)."""
     statedir.write_json(files.health, {
         "checked": observation.at,
-        "interval": conf.health.check_interval,
+        # Readers judge freshness by it: the file is rewritten at least this often.
+        "interval": health_file_period(conf),
         "role": observation.role,
         "peers": [{"address": report.address, "role": report.role,
                    "seen": report.received, "internal": report.internal,
                    "external": report.external, "kernel": report.kernel}
                   for _address, report in sorted(peer_reports.items())],
-        "problems": [problem.to_dict() for problem in assessment.problems],
-        "repairs": list(recent),
+        "problems": [problem.to_dict() for problem in problems],
+        "repairs": list(recent_repairs),
     }, durable=False)
-    if statedir.rotate_log(files.log_file, conf.conntrackd.log_max_bytes,
-                           conf.conntrackd.log_backups):
-        LOG.info("router %s: rotated %s", spec.router_id, files.log_file)
-    return CheckResult(assessment.memory, recent)
 
 
 def observe(conf, daemon, pid, role):
@@ -402,14 +457,14 @@ class Tracked:
     """What the daemon holds for one router it runs."""
 
     spec: RouterSpec
+    files: statedir.RouterFiles
     pid: int | None = None
     pidfd: int | None = None
     watcher: object = None
     channel: reports_module.ReportChannel | None = None
     channel_namespace: int | None = None
     peer_reports: dict = dataclasses.field(default_factory=dict)
-    memory: repair.Memory = dataclasses.field(default_factory=repair.Memory)
-    recent_repairs: tuple = ()
+    health: HealthState = HealthState()
 
 
 class Daemon:
@@ -588,9 +643,10 @@ class Daemon:
                 router_id, outcome, result = self.results.get_nowait()
             except queue.Empty:
                 break
-            if outcome == "checked" and router_id in self.tracked:
-                self.tracked[router_id].memory = result.memory
-                self.tracked[router_id].recent_repairs = result.recent_repairs
+            if outcome == "checked":
+                for checked, state in result.items():
+                    if checked in self.tracked:
+                        self.tracked[checked].health = state
             if outcome == "started" and result:
                 spec = self._spec_of(router_id)
                 if spec is not None:
@@ -621,7 +677,10 @@ class Daemon:
             self._untrack(router_id)
             tracked = None
         if tracked is None:
-            tracked = self.tracked[router_id] = Tracked(spec)
+            # The router's directory was checked when it was configured.
+            files = statedir.RouterFiles(
+                pathlib.Path(self.conf.state_path).absolute() / "routers" / router_id)
+            tracked = self.tracked[router_id] = Tracked(spec, files)
         if tracked.pid == pid:
             return
         self._forget_pid(tracked)
@@ -672,12 +731,13 @@ class Daemon:
         self.next_check = now + self.conf.health.check_interval
         with self.lock:
             busy = set(self.busy)
-        for router_id, tracked in self.tracked.items():
-            if router_id in busy or tracked.pid is None:
-                continue
-            self._submit(router_id, "checked", check, self.conf, tracked.spec,
-                         tracked.pid, dict(tracked.peer_reports), tracked.memory,
-                         tracked.recent_repairs, tracked.channel)
+        if HEALTH_JOB not in busy:
+            checks = [(router_id, (tracked.spec, tracked.files, tracked.pid,
+                                   dict(tracked.peer_reports), tracked.health,
+                                   tracked.channel))
+                      for router_id, tracked in self.tracked.items()
+                      if router_id not in busy and tracked.pid is not None]
+            self._submit(HEALTH_JOB, "checked", check_all, self.conf, checks)
         if self.conf.metrics.textfile and METRICS_JOB not in busy:
             self._submit(METRICS_JOB, "metrics", write_metrics_textfile,
                          self.conf.metrics.textfile, self._metrics_snapshot)

@@ -51,10 +51,15 @@ class ReportedPeer:
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
+    """A fault the node daemon's check found (repair.assess), as health.json has it."""
+
     kind: str
     severity: str  # DEGRADED or BROKEN
     since: float | None
     message: str
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,8 +108,9 @@ def _router_families(statuses):
         labels=["router", "verdict"])
     checked = GaugeMetricFamily(
         "snat_sync_health_check_timestamp_seconds",
-        "When the node daemon last checked the router's replication, seconds since "
-        "the epoch; the verdict is only as fresh as this.",
+        "When the node daemon last recorded a check of the router's replication "
+        "(health.json: at once when a role or problem changes, else at least every "
+        "10 s), seconds since the epoch; the verdict is only as fresh as this.",
         labels=["router"])
     for each in statuses:
         info.add_metric([each.router, each.namespace, each.role], 1)

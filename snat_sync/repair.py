@@ -32,9 +32,8 @@ import dataclasses
 
 from snat_sync import failover
 from snat_sync.failover import Role
+from snat_sync.health import BROKEN, DEGRADED, Problem
 
-DEGRADED = "degraded"
-BROKEN = "broken"
 # A replica this close to the primary's count is in step: entries come and go
 # between the two reads.
 SHORT_TOLERANCE_MINIMUM = 16
@@ -74,17 +73,6 @@ class Settings:
         health = conf.health
         return cls(health.repair, health.repair_after, health.repair_backoff,
                    health.short_tolerance_percent, health.peer_timeout)
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    kind: str
-    severity: str  # DEGRADED or BROKEN
-    since: float
-    message: str
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
