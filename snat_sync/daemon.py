@@ -74,6 +74,8 @@ OPEN_FILES = 65536
 RECENT_REPAIRS = 10
 # Seconds between rewrites of a health.json whose figures alone changed.
 HEALTH_FILE_PERIOD = 10.0
+# Seconds the metrics' figures are reused for scrapes and the textfile.
+METRICS_PERIOD = 15.0
 # The pool's job keys of the health checks and of the metrics textfile; no router
 # id looks like them.
 HEALTH_JOB = "(health)"
@@ -737,7 +739,8 @@ class Daemon:
                                    tracked.channel))
                       for router_id, tracked in self.tracked.items()
                       if router_id not in busy and tracked.pid is not None]
-            self._submit(HEALTH_JOB, "checked", check_all, self.conf, checks)
+            if checks:
+                self._submit(HEALTH_JOB, "checked", check_all, self.conf, checks)
         if self.conf.metrics.textfile and METRICS_JOB not in busy:
             self._submit(METRICS_JOB, "metrics", write_metrics_textfile,
                          self.conf.metrics.textfile, self._metrics_snapshot)
@@ -801,10 +804,13 @@ class Daemon:
                  port)
 
     def _metrics_snapshot(self):
-        """The metrics' figures, gathered at most once per health check interval."""
+        """The metrics' figures, gathered at most every METRICS_PERIOD seconds (or
+        health check interval, if longer): each gathering asks every router's
+        conntrackd again, and Prometheus scrapes every 15 s or more."""
         with self.metrics_lock:
             gathered_at, snapshot = self.metrics_cache
-            if time.monotonic() - gathered_at >= self.conf.health.check_interval:
+            period = max(self.conf.health.check_interval, METRICS_PERIOD)
+            if time.monotonic() - gathered_at >= period:
                 try:
                     snapshot = metrics.gather(self.conf, read_addresses=False)
                 except (SnatSyncError, OSError) as error:

@@ -261,7 +261,8 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
             history.record_transition(files, record.to_dict(),
                                       options.failover.history_size)
             return record
-        statedir.write_latest_arrival(files.latest_arrival, arrived)
+        if latest_arrival is None or arrived > latest_arrival:
+            statedir.write_latest_arrival(files.latest_arrival, arrived)
         if skip_if_done and is_already_done(last, role, latest_arrival):
             record.outcome = "already-done"
             record.finished = time.time()

@@ -21,12 +21,14 @@ import dataclasses
 import math
 import re
 
+from snat_sync.failover import Role
+
 IN_SYNC = "in-sync"
 DEGRADED = "degraded"
 BROKEN = "broken"
 SEVERITIES = (DEGRADED, BROKEN)
 # The roles a node (or a peer's report) may have; anything else reads "unknown".
-PEER_ROLES = ("primary", "backup", "fault", "stop")
+PEER_ROLES = tuple(role.value for role in Role)
 # health.json is fresh while the daemon has missed fewer than three checks.
 FRESH_CHECKS = 3
 # Bounds for what health.json may hold: it is read as untrusted input.

@@ -364,8 +364,8 @@ metrics_opts = [
         "textfile",
         default="",
         help="Also write the metrics to this file for node_exporter's textfile "
-        "collector (rewritten atomically at every health check); empty writes "
-        "none. Its name must end in .prom.",
+        "collector (rewritten atomically at the health checks, at most every "
+        "15 s); empty writes none. Its name must end in .prom.",
     ),
 ]
 

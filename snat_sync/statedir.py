@@ -258,10 +258,8 @@ def read_latest_arrival(path):
 
 
 def write_latest_arrival(path, arrived):
-    """Record arrived if it is the newest; the caller holds the transition lock."""
-    latest = read_latest_arrival(path)
-    if latest is None or arrived > latest:
-        write_atomically(path, f"{arrived:.6f}\n", durable=False)
+    """Record arrived as the newest arrival; the caller holds the transition lock."""
+    write_atomically(path, f"{arrived:.6f}\n", durable=False)
 
 
 def rotate_log(path, max_bytes, backups):

@@ -267,6 +267,14 @@ def stand_ins(monkeypatch):
                         lambda conf, configured: {key: value for key, value
                                                   in running.items()
                                                   if key in configured})
+
+    def check_all(conf, checks):
+        check_all.calls.append(tuple(router_id for router_id, _ in checks))
+        return {router_id: daemon_module.HealthState(written=1.0)
+                for router_id, _ in checks}
+
+    check_all.calls = []
+    monkeypatch.setattr(daemon_module, "check_all", check_all)
     yield calls, running, processes
     for process in processes:
         process.kill()
@@ -352,7 +360,7 @@ def test_sighup_re_reads_the_options_and_re_adds_every_router(
     write_router(state_path, make_spec("a"))
     node = daemon_module.Daemon(ConfView(conf, state_path), ["snat-sync"], workers=2)
     try:
-        assert run_until(node, lambda: calls == [("start", "a")])
+        assert run_until(node, lambda: ("start", "a") in calls)
         node._on_signal(daemon_module.signal.SIGHUP, None)
         assert run_until(node, lambda: ("add", "a", False) in calls)
     finally:
@@ -380,3 +388,13 @@ def test_address_events_run_transitions_in_order(node, state_path, stand_ins,
 
     assert run_until(node, lambda: seen == [Role.PRIMARY, Role.BACKUP])
     node.tracked["a"].watcher = None
+
+
+def test_running_routers_are_health_checked_in_one_job(node, state_path, stand_ins):
+    for name in ("a", "b"):
+        write_router(state_path, make_spec(name))
+    assert run_until(node, lambda: all(
+        name in node.tracked and node.tracked[name].pid for name in ("a", "b")))
+    node.next_check = 0.0
+    assert run_until(node, lambda: ("a", "b") in daemon_module.check_all.calls)
+    assert run_until(node, lambda: node.tracked["a"].health.written == 1.0)
