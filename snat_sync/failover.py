@@ -144,8 +144,8 @@ def plan(role, resync_on_backup=True, guard=True, inject=False):
 
 def is_superseded(latest_arrival, arrived):
     """True if a transition that arrived at `arrived` is older than the newest one
-    that has taken the router's lock (see statedir's latest-arrival)."""
-    return latest_arrival is not None and latest_arrival > arrived
+    that has taken the router's lock (a statedir.LatestArrival, or None)."""
+    return latest_arrival is not None and latest_arrival.at > arrived
 
 
 def is_already_done(last_record, role, latest_arrival=None):
@@ -155,12 +155,13 @@ def is_already_done(last_record, role, latest_arrival=None):
     Two triggers report the same VRRP change (keepalived's notify and the daemon's
     address watcher); whichever comes second finds the work done. A MASTER hook
     whose own transition was then superseded has committed and lifted the guard
-    unrecorded; its arrival, newer than the last record's, says so.
+    unrecorded; its arrival, newer than the last record's and not one that only
+    confirmed, says so.
     """
     return (bool(last_record) and last_record.get("role") == role.value
             and last_record.get("outcome") == "done"
-            and (latest_arrival is None
-                 or latest_arrival <= last_record.get("arrived", 0)))
+            and (latest_arrival is None or latest_arrival.confirmed_only
+                 or latest_arrival.at <= last_record.get("arrived", 0)))
 
 
 def commit_problems(commit, expected):
@@ -256,14 +257,16 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
             LOG.warning(
                 "router %s: %s transition that arrived at %.6f skipped: a transition "
                 "that arrived at %.6f has run", router_id, role.value, arrived,
-                latest_arrival,
+                latest_arrival.at,
             )
             history.record_transition(files, record.to_dict(),
                                       options.failover.history_size)
             return record
-        if latest_arrival is None or arrived > latest_arrival:
-            statedir.write_latest_arrival(files.latest_arrival, arrived)
-        if skip_if_done and is_already_done(last, role, latest_arrival):
+        already_done = skip_if_done and is_already_done(last, role, latest_arrival)
+        if latest_arrival is None or arrived > latest_arrival.at:
+            statedir.write_latest_arrival(
+                files.latest_arrival, statedir.LatestArrival(arrived, already_done))
+        if already_done:
             record.outcome = "already-done"
             record.finished = time.time()
             LOG.info("router %s: already %s, nothing to do", router_id, role.value)

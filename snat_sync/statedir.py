@@ -244,22 +244,39 @@ def write_json(path, data, durable=True):
                      durable=durable)
 
 
-# Seconds since the epoch with up to 9 decimals. The hook writes $EPOCHREALTIME's
-# form (10 digits, a dot, 6 digits), which it can compare as strings.
-ARRIVAL = re.compile(r"\d{1,15}(\.\d{1,9})?")
+@dataclasses.dataclass(frozen=True)
+class LatestArrival:
+    """The newest transition that took a router's lock (its latest-arrival file).
+
+    at: when it arrived. confirmed_only: it found the role the last recorded
+    transition had reached and changed nothing (already-done); otherwise it may
+    have changed the router (the notify hook commits before snat-sync records).
+    """
+
+    at: float
+    confirmed_only: bool = False
+
+
+# Seconds since the epoch with up to 9 decimals, then " already-done" for a
+# transition that only confirmed. The hook writes $EPOCHREALTIME's form (10 digits,
+# a dot, 6 digits) alone, and compares the first field as a string.
+LATEST_ARRIVAL = re.compile(r"(\d{1,15}(?:\.\d{1,9})?)( already-done)?")
 
 
 def read_latest_arrival(path):
-    """The arrival time in a latest-arrival file; None if there is none or it is bad."""
+    """The LatestArrival in a latest-arrival file; None if there is none or it is bad."""
     text = read_text(path)
-    if text is None or not ARRIVAL.fullmatch(text.strip()):
+    match = LATEST_ARRIVAL.fullmatch(text.strip()) if text is not None else None
+    if match is None:
         return None
-    return float(text.strip())
+    return LatestArrival(float(match.group(1)), match.group(2) is not None)
 
 
-def write_latest_arrival(path, arrived):
-    """Record arrived as the newest arrival; the caller holds the transition lock."""
-    write_atomically(path, f"{arrived:.6f}\n", durable=False)
+def write_latest_arrival(path, latest):
+    """Record the newest arrival; the caller holds the transition lock."""
+    write_atomically(path, f"{latest.at:.6f}"
+                     + (" already-done" if latest.confirmed_only else "") + "\n",
+                     durable=False)
 
 
 def rotate_log(path, max_bytes, backups):

@@ -163,9 +163,14 @@ def test_a_router_removed_meanwhile_is_not_started_again(conf, router_files,
 
 @pytest.mark.parametrize("record, role, latest, done", [
     ({"role": "primary", "outcome": "done", "arrived": 10.0}, Role.PRIMARY, None, True),
-    ({"role": "primary", "outcome": "done", "arrived": 10.0}, Role.PRIMARY, 10.0, True),
+    ({"role": "primary", "outcome": "done", "arrived": 10.0}, Role.PRIMARY,
+     statedir.LatestArrival(10.0), True),
     # a MASTER hook committed after the record, its own transition superseded
-    ({"role": "backup", "outcome": "done", "arrived": 10.0}, Role.BACKUP, 11.0, False),
+    ({"role": "backup", "outcome": "done", "arrived": 10.0}, Role.BACKUP,
+     statedir.LatestArrival(11.0), False),
+    # a third trigger of the same change: the second only confirmed
+    ({"role": "primary", "outcome": "done", "arrived": 10.0}, Role.PRIMARY,
+     statedir.LatestArrival(11.0, confirmed_only=True), True),
     ({"role": "primary", "outcome": "failed"}, Role.PRIMARY, None, False),
     ({"role": "backup", "outcome": "done"}, Role.PRIMARY, None, False),
     (None, Role.BACKUP, None, False),

@@ -177,6 +177,7 @@ def test_plan_fault_and_stop(role):
     (100.5, 100.0, True),
 ])
 def test_is_superseded(latest, arrived, superseded):
+    latest = None if latest is None else statedir.LatestArrival(latest)
     assert failover.is_superseded(latest, arrived) is superseded
 
 
@@ -758,3 +759,21 @@ def test_plan_with_injected_entries_neither_commits_guards_nor_purges(role, expe
 def test_plan_with_injected_entries_on_backup_without_resync():
     steps = failover.plan(Role.BACKUP, resync_on_backup=False, inject=True)
     assert [step.name for step in steps] == ["ensure-running"]
+
+
+def test_a_third_trigger_of_the_same_change_also_finds_it_done(files, conf, journal):
+    """The watcher starts after the address appeared: its own start and the address
+    event both report primary, and keepalived's notify comes third."""
+    failover.run_transition("r1", Role.PRIMARY, FakeDaemon(files, journal), files,
+                            conf, 2000.0, skip_if_done=True)
+    before = files.last_transition.read_bytes()
+    for arrived in (2000.1, 2000.2):
+        journal.clear()
+        late = FakeDaemon(files, journal)
+        record = failover.run_transition("r1", Role.PRIMARY, late, files, conf,
+                                         arrived, skip_if_done=True)
+        assert record.outcome == "already-done"
+        assert late.calls == []
+    assert files.last_transition.read_bytes() == before
+    assert statedir.read_latest_arrival(files.latest_arrival) == \
+        statedir.LatestArrival(2000.2, confirmed_only=True)

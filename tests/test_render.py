@@ -390,10 +390,12 @@ class TestHookRuns:
         files, hook, _conntrackd_calls, command = hook_setup
         run_hook(hook, "INSTANCE", "VR_7", "MASTER", "100")
         arrived = float(hook_handover(files)[len(command) + 2])
-        assert statedir.read_latest_arrival(files.latest_arrival) == arrived
+        assert statedir.read_latest_arrival(files.latest_arrival) == \
+            statedir.LatestArrival(arrived)
 
     @pytest.mark.parametrize("latest, commits", [
         ("9999999999.000000", False),  # a newer transition has run
+        ("9999999999.000000 already-done", False),
         ("1000000000.000000", True),
         ("garbage", True),
     ])
