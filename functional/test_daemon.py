@@ -70,12 +70,10 @@ def test_daemon_restores_a_killed_conntrackd_and_the_failover_keeps_every_flow(
         for router in lab.routers:
             stack.enter_context(running_daemon(state_paths[router.name],
                                                tmp_path / f"daemon-{router.name}.log"))
-        for router in lab.routers:
-            hook = str(directories[router.name] / "notify.sh")
-            lab_module.start_keepalived(lab, router, hook, settings.advert_int)
-        lab_module.wait_for_primary(lab, r1)
-        demo.wait_for_role(state_paths["r1"], lab.router_id, "primary")
-        demo.wait_for_role(state_paths["r2"], lab.router_id, "backup")
+        demo.start_keepalived_pair(
+            lab, {name: str(directory / "notify.sh")
+                  for name, directory in directories.items()},
+            state_paths, settings.advert_int)
         server = demo.start_server(lab, tmp_path, settings.client_duration + 10)
         client = demo.start_client(lab, tmp_path, settings)
         started = time.monotonic()

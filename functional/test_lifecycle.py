@@ -84,11 +84,7 @@ def test_router_remove_leaves_nothing(lab, add_router, state_paths):
 def test_status_after_failover(lab, add_router, state_paths):
     r1, r2 = lab.routers
     notify = {router.name: add_router(router).notify_command for router in lab.routers}
-    for router in lab.routers:
-        lab_module.start_keepalived(lab, router, notify[router.name])
-    lab_module.wait_for_primary(lab, r1)
-    demo.wait_for_role(state_paths["r1"], lab.router_id, "primary")
-    demo.wait_for_role(state_paths["r2"], lab.router_id, "backup")
+    demo.start_keepalived_pair(lab, notify, state_paths)
     entries = [
         lab_module.SnatEntry("udp", address, 40001, 50000 + index)
         for index, address in enumerate(lab_module.CLIENT_ADDRESSES)

@@ -144,12 +144,9 @@ def test_the_survivor_of_a_split_brain_resends_its_table(lab, state_paths, tmp_p
     configs = {"r1": write_config(tmp_path / "r1.conf", repair, False),
                "r2": write_config(tmp_path / "r2.conf", False, False)}
     with nodes_with_daemons(lab, state_paths, tmp_path, configs) as registrations:
-        for router in lab.routers:
-            lab_module.start_keepalived(lab, router,
-                                        registrations[router.name].notify_command)
-        lab_module.wait_for_primary(lab, r1)
-        demo.wait_for_role(state_paths["r1"], lab.router_id, "primary")
-        demo.wait_for_role(state_paths["r2"], lab.router_id, "backup")
+        demo.start_keepalived_pair(
+            lab, {name: registration.notify_command
+                  for name, registration in registrations.items()}, state_paths)
         assert lab_module.load_idle_entries(r1, ENTRIES, tmp_path) == ENTRIES
         assert lab_module.wait_until(
             lambda: cache(r2, registrations["r2"]).external_active >= ENTRIES, 15)

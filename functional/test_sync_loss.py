@@ -123,18 +123,14 @@ def wait_for_replica(primary, primary_config, backup, backup_config, at_least, t
 def start_routers(lab, state_paths, *global_arguments):
     """`router add` on both nodes, keepalived with the printed notify hook, until r1
     is primary and both transitions are done; return the registrations."""
-    r1, _ = lab.routers
     registrations = {
         router.name: lab_module.snat_sync_router_add(
             lab, router, state_paths[router.name], *global_arguments)
         for router in lab.routers
     }
-    for router in lab.routers:
-        lab_module.start_keepalived(lab, router,
-                                    registrations[router.name].notify_command)
-    lab_module.wait_for_primary(lab, r1)
-    demo.wait_for_role(state_paths["r1"], lab.router_id, "primary")
-    demo.wait_for_role(state_paths["r2"], lab.router_id, "backup")
+    demo.start_keepalived_pair(
+        lab, {name: registration.notify_command
+              for name, registration in registrations.items()}, state_paths)
     return registrations
 
 

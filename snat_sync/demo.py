@@ -176,19 +176,29 @@ def wait_for_exit(process, log_path, timeout):
 def start_routers(lab, workdir, with_snat_sync, settings):
     """keepalived on both routers (notifying snat-sync when it is used) until r1 is
     primary and, with snat-sync, both transitions have run."""
+    if not with_snat_sync:
+        start_keepalived_pair(lab, {}, advert_int=settings.advert_int)
+        return
+    notify_commands = register_with_snat_sync(lab, workdir,
+                                              settings.snat_sync_arguments)
+    state_paths = {router.name: node_state_path(workdir, router)
+                   for router in lab.routers}
+    start_keepalived_pair(lab, notify_commands, state_paths, settings.advert_int)
+
+
+def start_keepalived_pair(lab, notify_commands, state_paths=None, advert_int=1):
+    """keepalived on both routers, each with its notify command if it has one
+    ({router name: command}), until r1 is primary and, given the nodes' snat-sync
+    state paths ({router name: path}), r1's primary and r2's backup transitions
+    have run."""
     r1, r2 = lab.routers
-    notify_commands = (
-        register_with_snat_sync(lab, workdir, settings.snat_sync_arguments)
-        if with_snat_sync else {}
-    )
     for router in lab.routers:
-        lab_module.start_keepalived(
-            lab, router, notify_commands.get(router.name), settings.advert_int
-        )
+        lab_module.start_keepalived(lab, router, notify_commands.get(router.name),
+                                    advert_int)
     lab_module.wait_for_primary(lab, r1)
-    if with_snat_sync:
-        wait_for_role(node_state_path(workdir, r1), lab.router_id, "primary")
-        wait_for_role(node_state_path(workdir, r2), lab.router_id, "backup")
+    if state_paths is not None:
+        wait_for_role(state_paths[r1.name], lab.router_id, "primary")
+        wait_for_role(state_paths[r2.name], lab.router_id, "backup")
 
 
 def load_idle_entries(lab, workdir, settings, with_snat_sync):
