@@ -247,6 +247,9 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
     and counters (history.py), under the lock.
     """
     done_by_hook = {step.name: step for step in hook_steps}
+    # To the microsecond, as the hook's $EPOCHREALTIME and the latest-arrival file
+    # hold it: compared with the file, an arrival must read back as itself.
+    arrived = round(arrived, 6)
     with transition_lock(files.transition_lock, options.failover.lock_timeout):
         record = TransitionRecord(router_id, role.value, arrived, time.time())
         last = statedir.read_json(files.last_transition)

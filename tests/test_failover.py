@@ -777,3 +777,16 @@ def test_a_third_trigger_of_the_same_change_also_finds_it_done(files, conf, jour
     assert files.last_transition.read_bytes() == before
     assert statedir.read_latest_arrival(files.latest_arrival) == \
         statedir.LatestArrival(2000.2, confirmed_only=True)
+
+
+def test_an_arrival_finer_than_a_microsecond_is_still_found_done(files, conf,
+                                                                  journal):
+    """The watcher stamps arrivals with time.time(): latest-arrival keeps six
+    decimals, and the record must compare equal to what the file reads back."""
+    arrived = 1795564674.7237809  # .6f rounds it up, past the unrounded value
+    failover.run_transition("r1", Role.PRIMARY, FakeDaemon(files, journal), files,
+                            conf, arrived, skip_if_done=True)
+    journal.clear()
+    record = failover.run_transition("r1", Role.PRIMARY, FakeDaemon(files, journal),
+                                     files, conf, arrived + 0.05, skip_if_done=True)
+    assert record.outcome == "already-done"
