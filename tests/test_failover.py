@@ -439,7 +439,7 @@ def test_fault_and_stop_raise_the_guard_and_shorten_timers(files, conf, role, da
 
 def test_the_record_is_written_with_timings_and_commit_counts(files, conf, journal):
     daemon = FakeDaemon(files, journal, delay=0.02)
-    before = time.time()
+    before = round(time.time(), 6)  # arrivals are kept to the microsecond
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, before)
     written = statedir.read_json(files.last_transition)
     assert written == record.to_dict()
