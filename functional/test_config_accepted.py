@@ -35,7 +35,7 @@ from oslo_config import types as oslo_types
 
 from snat_sync import guard, options, render, statedir
 from snat_sync.errors import InvalidInput
-from snat_sync.router import RouterSpec
+from snat_sync.router import NamespaceFacts, RouterSpec
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("conntrackd") or not shutil.which("nft"),
@@ -167,7 +167,7 @@ def test_accepted_input_renders_a_config_conntrackd_parses(
         files = statedir.RouterFiles.under(f"{short_directory}/{state_part}",
                                            spec.router_id)
         files.check_socket_path()
-        facts = render.NamespaceFacts(
+        facts = NamespaceFacts(
             ha_network_of(spec.local_address, spec.peer_addresses), nf_conntrack_max)
         settings_ = render.conntrackd_settings(spec, conntrackd_options_, facts, files)
     except InvalidInput as error:

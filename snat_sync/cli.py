@@ -18,7 +18,7 @@ from snat_sync import options
 from snat_sync import render
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
-from snat_sync.router import RouterSpec
+from snat_sync.router import NamespaceFacts, RouterSpec
 
 LOG = logging.getLogger("snat_sync")
 
@@ -304,7 +304,7 @@ def _render(conf, command):
                            shown, f"needs {missing} too")
     if all(given):
         files = manager.router_files(conf, spec.router_id)
-        facts = render.NamespaceFacts(_network(command.ha_network, spec),
+        facts = NamespaceFacts(_network(command.ha_network, spec),
                                       _nf_conntrack_max(command.nf_conntrack_max))
         rendered = manager.generate(conf, spec, facts, files,
                                     _snat_sync_command(conf))

@@ -11,7 +11,6 @@ is the thin edge that runs the plan against a router's conntrackd.
 """
 
 import dataclasses
-import enum
 import fcntl
 import logging
 import math
@@ -23,15 +22,9 @@ from snat_sync import guard
 from snat_sync import history
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
+from snat_sync.roles import Role
 
 LOG = logging.getLogger(__name__)
-
-
-class Role(enum.Enum):
-    PRIMARY = "primary"
-    BACKUP = "backup"
-    FAULT = "fault"
-    STOP = "stop"
 
 
 KEEPALIVED_STATES = {

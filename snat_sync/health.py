@@ -21,7 +21,7 @@ import dataclasses
 import math
 import re
 
-from snat_sync.failover import Role
+from snat_sync.roles import Role
 
 IN_SYNC = "in-sync"
 DEGRADED = "degraded"

@@ -9,8 +9,9 @@ import pathlib
 import re
 import subprocess
 
+from snat_sync import roles
 from snat_sync.errors import InvalidInput
-from snat_sync.render import NamespaceFacts
+from snat_sync.router import NamespaceFacts
 
 NETNS_RUN_DIR = pathlib.Path("/run/netns")
 
@@ -146,13 +147,10 @@ def holds_address(namespace, interface, address):
     """Whether address (an ip_interface: address and prefix) is on the interface.
 
     The same test the daemon's role watcher applies to address events
-    (watcher.role_change), on a dump of the interface's addresses. None when the
+    (roles.role_change), on a dump of the interface's addresses. None when the
     namespace or the interface is missing, or netlink cannot be read.
     """
     from pyroute2 import IPRoute
-
-    from snat_sync import watcher
-    from snat_sync.failover import Role
 
     if namespace_inode(namespace) is None:
         return None
@@ -166,8 +164,8 @@ def holds_address(namespace, interface, address):
     except Exception:  # pyroute2 raises a variety of errors
         return None
     for message in messages:
-        event = watcher.address_event(message)  # a dump lists them as RTM_NEWADDR
-        if event is not None and watcher.role_change(
-                event, address, interface) is Role.PRIMARY:
+        event = roles.address_event(message)  # a dump lists them as RTM_NEWADDR
+        if event is not None and roles.role_change(
+                event, address, interface) is roles.Role.PRIMARY:
             return True
     return False

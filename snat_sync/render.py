@@ -22,14 +22,6 @@ LOOPBACK_NETWORKS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class NamespaceFacts:
-    """What verification learned from the router's namespace."""
-
-    ha_network: ipaddress.IPv4Network | ipaddress.IPv6Network
-    nf_conntrack_max: int
-
-
-@dataclasses.dataclass(frozen=True)
 class Scheduler:
     policy: str
     priority: int

@@ -31,7 +31,7 @@ since the last check (FTFW asks again for lost ones), conntrackd not running
 import dataclasses
 
 from snat_sync import failover
-from snat_sync.failover import Role
+from snat_sync.roles import Role
 from snat_sync.health import BROKEN, DEGRADED, Problem
 
 # A replica this close to the primary's count is in step: entries come and go

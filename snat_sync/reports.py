@@ -28,7 +28,7 @@ import socket
 
 from pyroute2 import netns as pyroute2_netns
 
-from snat_sync.failover import Role
+from snat_sync.roles import Role
 
 VERSION = 1
 # A report is about 150 bytes; anything much larger is not one of ours.

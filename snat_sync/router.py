@@ -12,6 +12,16 @@ import re
 
 from snat_sync.errors import InvalidInput
 
+
+@dataclasses.dataclass(frozen=True)
+class NamespaceFacts:
+    """What verification learned from the router's namespace (namespace.gather_facts);
+    rendering needs it beside the spec."""
+
+    ha_network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    nf_conntrack_max: int
+
+
 ROUTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # ip-netns(8) names become file names under /run/netns.
 NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")

@@ -8,63 +8,18 @@ second one, and both feed the same serialised transition (manager.notify).
 
 One netlink socket per router namespace, subscribed to address events only: it costs
 a few file descriptors and no CPU until an address changes. The daemon polls the
-sockets in its own selector; `role_change` decides, the watcher only reads.
+sockets in its own selector; `roles.role_change` decides, the watcher only reads.
 """
 
-import dataclasses
 import errno
-import ipaddress
 import socket
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR
 
-from snat_sync.failover import Role
+from snat_sync.roles import Role, address_event, role_change
 
 RECEIVE_SIZE = 65536
-
-ADDRESS_ADDED = "RTM_NEWADDR"
-ADDRESS_REMOVED = "RTM_DELADDR"
-
-
-@dataclasses.dataclass(frozen=True)
-class AddressEvent:
-    """One netlink address message, reduced to what the decision needs."""
-
-    kind: str  # ADDRESS_ADDED or ADDRESS_REMOVED
-    interface: ipaddress.IPv4Interface | ipaddress.IPv6Interface
-    label: str | None  # the interface name (IPv4 only), else None
-
-
-def role_change(event, primary_address, ha_interface):
-    """The role an address event says the node took, or None if it says nothing.
-
-    The primary address appearing means keepalived made this node primary; its
-    disappearing means it left that role (backup is what the node does next,
-    whether keepalived went to BACKUP, FAULT or was stopped).
-    """
-    if event.interface != primary_address:
-        return None
-    if event.label is not None and event.label != ha_interface:
-        return None
-    if event.kind == ADDRESS_ADDED:
-        return Role.PRIMARY
-    if event.kind == ADDRESS_REMOVED:
-        return Role.BACKUP
-    return None
-
-
-def address_event(message):
-    """The AddressEvent of a pyroute2 address message; None if it is none."""
-    kind = message.get("event")
-    address = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
-    if kind not in (ADDRESS_ADDED, ADDRESS_REMOVED) or address is None:
-        return None
-    try:
-        interface = ipaddress.ip_interface(f"{address}/{message['prefixlen']}")
-    except ValueError:
-        return None
-    return AddressEvent(kind, interface, message.get_attr("IFA_LABEL"))
 
 
 class RoleWatcher:

@@ -13,7 +13,7 @@ from snat_sync import daemon as daemon_module
 from snat_sync import failover
 from snat_sync import statedir
 from snat_sync.daemon import Action, desired_routers, reconcile_plan, restore_steps
-from snat_sync.failover import Role
+from snat_sync.roles import Role
 from snat_sync.router import RouterSpec
 
 

@@ -17,9 +17,9 @@ from snat_sync import statedir
 from snat_sync.conntrackd import ConntrackdError
 from snat_sync.errors import InvalidInput
 from snat_sync.guard import GuardError
-from snat_sync.router import RouterSpec
+from snat_sync.router import NamespaceFacts, RouterSpec
 
-FACTS = render.NamespaceFacts(ipaddress.ip_network("169.254.192.0/18"), 262144)
+FACTS = NamespaceFacts(ipaddress.ip_network("169.254.192.0/18"), 262144)
 COMMAND = ["/usr/bin/python3", "-m", "snat_sync", "--state-path", "/state"]
 
 

@@ -28,7 +28,7 @@ from oslo_config import cfg
 
 from snat_sync import conntrackd, failover, options, render, statedir
 from snat_sync.errors import InvalidInput
-from snat_sync.router import RouterSpec, SyncChannel
+from snat_sync.router import NamespaceFacts, RouterSpec, SyncChannel
 
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
@@ -306,7 +306,7 @@ state_paths = st.lists(st.from_regex(r"[\w.,:=+@%~-]{1,12}", fullmatch=True)
 def rendered_configs(draw):
     spec = draw(good_specs())
     settings_options = draw(conntrackd_options())
-    facts = render.NamespaceFacts(ha_network_of(spec, draw(st.integers(0, 8))),
+    facts = NamespaceFacts(ha_network_of(spec, draw(st.integers(0, 8))),
                                   draw(st.integers(1, options.CONNTRACKD_INT_MAX // 2)))
     files = statedir.RouterFiles.under(draw(state_paths), spec.router_id)
     return spec, settings_options, facts, files

@@ -11,10 +11,10 @@ from snat_sync import failover
 from snat_sync import render
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput
-from snat_sync.router import RouterSpec
+from snat_sync.router import NamespaceFacts, RouterSpec
 
 HA_NETWORK = ipaddress.ip_network("169.254.192.0/18")
-FACTS = render.NamespaceFacts(HA_NETWORK, 262144)
+FACTS = NamespaceFacts(HA_NETWORK, 262144)
 
 
 def parse_blocks(text):
@@ -82,7 +82,7 @@ def test_udp_config(conf):
 def test_udp_config_over_ipv6(conf):
     text, _files = render_config(conf, make_spec(local="fd00:a::1",
                                                  peers=["fd00:a::2"]),
-                                 render.NamespaceFacts(
+                                 NamespaceFacts(
                                      ipaddress.ip_network("fd00:a::/64"), 1000))
     blocks = parse_blocks(text)
     udp = blocks["Sync"]["UDP"]["_lines"]
@@ -170,7 +170,7 @@ def test_hash_limit_is_at_least_twice_nf_conntrack_max(
     assert render.hash_limit(configured, nf_conntrack_max) == expected
     conf = make_conf(write_config(f"[conntrackd]\nhash_limit = {configured}\n"))
     text, _files = render_config(conf, make_spec(),
-                                 render.NamespaceFacts(HA_NETWORK, nf_conntrack_max))
+                                 NamespaceFacts(HA_NETWORK, nf_conntrack_max))
     general = parse_blocks(text)["General"]["_lines"]
     assert f"HashLimit {expected}" in general
     assert "HashSize 12289" in general

@@ -5,9 +5,8 @@ import ipaddress
 import pytest
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
-from snat_sync.failover import Role
-from snat_sync.watcher import (ADDRESS_ADDED, ADDRESS_REMOVED, AddressEvent,
-                               address_event, role_change)
+from snat_sync.roles import (ADDRESS_ADDED, ADDRESS_REMOVED, AddressEvent, Role,
+                             address_event, role_change)
 
 PRIMARY = ipaddress.ip_interface("169.254.0.7/24")
 HA = "ha-1a2b3c4d-5e"
