@@ -44,7 +44,7 @@ import time
 from neutron_lib.agent import l3_extension
 from oslo_config import cfg
 
-from snat_sync import daemon
+from snat_sync import inventory
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
 from snat_sync.router import RouterSpec, check_router_id
@@ -152,7 +152,7 @@ class SnatSyncExtension(l3_extension.L3AgentExtension):
         self.conf.register_opts(OPTS, group=GROUP)
         check_no_neutron_conntrackd(self.conf)
         state_path = statedir.check_state_path(self.conf.snat_sync.state_path)
-        self.inbox = state_path / daemon.NEUTRON_DIRECTORY
+        self.inbox = state_path / inventory.NEUTRON_DIRECTORY
         statedir.ensure_directory(self.inbox)
         LOG.info("snat_sync: router specs go to %s for snat-sync daemon", self.inbox)
 

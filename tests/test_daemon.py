@@ -11,8 +11,12 @@ import pytest
 from snat_sync import conntrackd as conntrackd_module
 from snat_sync import daemon as daemon_module
 from snat_sync import failover
+from snat_sync import health_check
+from snat_sync import inventory
+from snat_sync import jobs as jobs_module
+from snat_sync import reconcile
 from snat_sync import statedir
-from snat_sync.daemon import Action, desired_routers, reconcile_plan, restore_steps
+from snat_sync.reconcile import Action, desired_routers, reconcile_plan, restore_steps
 from snat_sync.roles import Role
 from snat_sync.router import RouterSpec
 
@@ -102,7 +106,7 @@ def test_nothing_to_restore_otherwise(role):
     (["primary"], None),
 ])
 def test_recorded_role(record, role):
-    assert daemon_module.recorded_role(record) is role
+    assert reconcile.recorded_role(record) is role
 
 
 class FakeConntrackd:
@@ -128,11 +132,11 @@ class FakeConntrackd:
 def test_start_restores_the_recorded_role(conf, router_files, monkeypatch, role,
                                           expected):
     fake = FakeConntrackd()
-    monkeypatch.setattr(daemon_module.manager, "daemon_for", lambda *a: fake)
+    monkeypatch.setattr(jobs_module.manager, "daemon_for", lambda *a: fake)
     statedir.write_json(router_files.spec, make_spec("r1").to_dict())
     statedir.write_json(router_files.last_transition, {"role": role})
 
-    daemon_module.start(conf, make_spec("r1"))
+    jobs_module.start(conf, make_spec("r1"))
 
     assert fake.calls == expected
 
@@ -140,11 +144,11 @@ def test_start_restores_the_recorded_role(conf, router_files, monkeypatch, role,
 def test_start_of_a_running_conntrackd_restores_nothing(conf, router_files,
                                                         monkeypatch):
     fake = FakeConntrackd(starts=False)
-    monkeypatch.setattr(daemon_module.manager, "daemon_for", lambda *a: fake)
+    monkeypatch.setattr(jobs_module.manager, "daemon_for", lambda *a: fake)
     statedir.write_json(router_files.spec, make_spec("r1").to_dict())
     statedir.write_json(router_files.last_transition, {"role": "primary"})
 
-    daemon_module.start(conf, make_spec("r1"))
+    jobs_module.start(conf, make_spec("r1"))
 
     assert fake.calls == ["start"]
 
@@ -152,9 +156,9 @@ def test_start_of_a_running_conntrackd_restores_nothing(conf, router_files,
 def test_a_router_removed_meanwhile_is_not_started_again(conf, router_files,
                                                          monkeypatch):
     fake = FakeConntrackd()
-    monkeypatch.setattr(daemon_module.manager, "daemon_for", lambda *a: fake)
+    monkeypatch.setattr(jobs_module.manager, "daemon_for", lambda *a: fake)
 
-    assert daemon_module.start(conf, make_spec("r1")) is False
+    assert jobs_module.start(conf, make_spec("r1")) is False
     assert fake.calls == []
 
 
@@ -198,11 +202,11 @@ def write_router(state_path, spec, neutron=False):
     statedir.ensure_directory(files.directory)
     statedir.write_json(files.spec, spec.to_dict())
     if neutron:
-        (files.directory / daemon_module.NEUTRON_MARKER).write_text("")
+        (files.directory / inventory.NEUTRON_MARKER).write_text("")
 
 
 def write_neutron_file(state_path, name, content):
-    directory = state_path / daemon_module.NEUTRON_DIRECTORY
+    directory = state_path / inventory.NEUTRON_DIRECTORY
     directory.mkdir(parents=True, exist_ok=True)
     (directory / name).write_text(content)
 
@@ -214,7 +218,7 @@ def test_read_configured_knows_which_routers_neutron_added(state_path):
     (state_path / "routers" / "broken").mkdir()
     (state_path / "routers" / "broken" / "spec.json").write_text("{")
 
-    assert daemon_module.read_configured(state_path) == ({"a": a, "b": b}, {"b"})
+    assert inventory.read_configured(state_path) == ({"a": a, "b": b}, {"b"})
 
 
 def test_read_neutron_specs_marks_bad_files(state_path):
@@ -224,7 +228,7 @@ def test_read_neutron_specs_marks_bad_files(state_path):
     write_neutron_file(state_path, "other.json", json.dumps(good.to_dict()))
     write_neutron_file(state_path, ".good.json.tmp", "{")
 
-    assert daemon_module.read_neutron_specs(state_path) == {
+    assert inventory.read_neutron_specs(state_path) == {
         "bad": None, "good": good, "other": None}
 
 
@@ -265,21 +269,21 @@ def stand_ins(monkeypatch):
         shutil.rmtree(conf.state_path_for_test / "routers" / router_id)
         return True
 
-    monkeypatch.setattr(daemon_module, "start", start)
-    monkeypatch.setattr(daemon_module, "add", add)
+    monkeypatch.setattr(jobs_module, "start", start)
+    monkeypatch.setattr(jobs_module, "add", add)
     monkeypatch.setattr(daemon_module.manager, "remove_router", remove)
-    monkeypatch.setattr(daemon_module, "running_daemons",
+    monkeypatch.setattr(inventory, "running_daemons",
                         lambda conf, configured: {key: value for key, value
                                                   in running.items()
                                                   if key in configured})
 
     def check_all(conf, checks):
         check_all.calls.append(tuple(router_id for router_id, _ in checks))
-        return {router_id: daemon_module.HealthState(written=1.0)
+        return {router_id: health_check.HealthState(written=1.0)
                 for router_id, _ in checks}
 
     check_all.calls = []
-    monkeypatch.setattr(daemon_module, "check_all", check_all)
+    monkeypatch.setattr(health_check, "check_all", check_all)
     yield calls, running, processes
     for process in processes:
         process.kill()
@@ -383,13 +387,13 @@ class FakeWatcher:
 def test_address_events_run_transitions_in_order(node, state_path, stand_ins,
                                                  monkeypatch):
     seen = []
-    monkeypatch.setattr(daemon_module, "transition",
+    monkeypatch.setattr(jobs_module, "transition",
                         lambda conf, router_id, role, arrived: seen.append(role))
     write_router(state_path, make_spec("a"))
     assert run_until(node, lambda: "a" in node.tracked and node.tracked["a"].pid)
     node.tracked["a"].watcher = FakeWatcher([Role.PRIMARY, Role.BACKUP])
 
-    node._on_address_event("a")
+    node.routers.on_event("watch", "a")
 
     assert run_until(node, lambda: seen == [Role.PRIMARY, Role.BACKUP])
     node.tracked["a"].watcher = None
@@ -401,5 +405,5 @@ def test_running_routers_are_health_checked_in_one_job(node, state_path, stand_i
     assert run_until(node, lambda: all(
         name in node.tracked and node.tracked[name].pid for name in ("a", "b")))
     node.next_check = 0.0
-    assert run_until(node, lambda: ("a", "b") in daemon_module.check_all.calls)
+    assert run_until(node, lambda: ("a", "b") in health_check.check_all.calls)
     assert run_until(node, lambda: node.tracked["a"].health.written == 1.0)

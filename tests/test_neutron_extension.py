@@ -10,7 +10,7 @@ from neutron_lib.agent import l3_extension
 from oslo_config import cfg
 from stevedore import named
 
-from snat_sync import daemon
+from snat_sync import inventory
 from snat_sync import neutron_extension
 from snat_sync.neutron_extension import ConntrackdConflict, SnatSyncExtension
 
@@ -104,7 +104,7 @@ def extension(agent_conf):
 
 
 def inbox(agent_conf):
-    return daemon.read_neutron_specs(agent_conf.snat_sync.state_path)
+    return inventory.read_neutron_specs(agent_conf.snat_sync.state_path)
 
 
 def test_stevedore_loads_it_by_name_as_an_l3_agent_extension(agent_conf):

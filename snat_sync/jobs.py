@@ -1,0 +1,70 @@
+"""The daemon's jobs that change one router, run on its thread pool (one job at a
+time per router): add or start a router and restore its conntrackd's state, and
+the address watcher's transitions. Each takes the router's transition lock, as
+keepalived's notify hook does.
+"""
+
+import logging
+
+from snat_sync import failover
+from snat_sync import manager
+from snat_sync import statedir
+from snat_sync.inventory import NEUTRON_MARKER
+from snat_sync.reconcile import recorded_role, restore_steps
+
+LOG = logging.getLogger(__name__)
+
+
+def add(conf, spec, snat_sync_command, from_neutron):
+    """manager.add_router, then restore the state if conntrackd was (re)started.
+
+    Jobs that start conntrackd return a true value; the main loop then looks up the
+    new processes of all such routers in one pass over the process table.
+    """
+    result = manager.add_router(conf, spec, snat_sync_command)
+    files = result.rendered.files
+    if from_neutron:
+        statedir.write_atomically(files.directory / NEUTRON_MARKER, "")
+    if result.conntrackd_started:
+        daemon = manager.daemon_for(conf, spec, files)
+        with failover.transition_lock(files.transition_lock,
+                                      conf.failover.lock_timeout):
+            restore(conf, daemon, files)
+    return result.pid
+
+
+def start(conf, spec):
+    """Start a router's conntrackd that is not running, and restore its state.
+
+    Under the router's transition lock, so no transition runs against a
+    half-restored daemon and the role read here is the one the restore acts on.
+    """
+    files = manager.router_files(conf, spec.router_id)
+    daemon = manager.daemon_for(conf, spec, files)
+    with failover.transition_lock(files.transition_lock, conf.failover.lock_timeout):
+        if statedir.read_json(files.spec) is None:
+            LOG.info("router %s was removed meanwhile; not starting it",
+                     spec.router_id)
+            return False
+        if daemon.start(conf.conntrackd.scheduler):
+            LOG.warning("router %s: conntrackd was not running; started it",
+                        spec.router_id)
+            restore(conf, daemon, files)
+    return True
+
+
+def restore(conf, daemon, files):
+    """Run restore_steps for the recorded role; the caller holds the lock."""
+    role = recorded_role(statedir.read_json(files.last_transition))
+    for step in restore_steps(role):
+        daemon.control(*step.arguments, timeout=conf.conntrackd.control_timeout)
+    if role is not None:
+        LOG.info("router %s: restored conntrackd state as %s", files.directory.name,
+                 role.value)
+
+
+def transition(conf, router_id, role, arrived):
+    """The watcher's trigger: the same serialised transition keepalived's runs."""
+    record = manager.notify(conf, router_id, [role.value], arrived, skip_if_done=True)
+    LOG.info("router %s: %s transition from the address watcher: %s", router_id,
+             role.value, record.outcome)

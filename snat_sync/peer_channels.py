@@ -1,0 +1,58 @@
+"""The daemon's peer channels: one report socket per router, bound in the router's
+namespace (reports.ReportChannel) and polled in the daemon's selector. The peers'
+daemons send their health reports to it; the health check (health_check.py)
+sends ours through it. A channel follows its namespace: when the namespace is
+re-created the channel is opened anew in the new one.
+"""
+
+import logging
+import selectors
+import time
+
+from snat_sync import namespace
+from snat_sync import reports as reports_module
+
+LOG = logging.getLogger(__name__)
+
+
+class PeerChannels:
+    def __init__(self, conf, selector):
+        self.conf = conf
+        self.selector = selector
+
+    def ensure(self, router_id, tracked, spec):
+        """Open the router's channel in its namespace as it is now, if need be."""
+        inode = namespace.namespace_inode(spec.namespace)
+        if tracked.channel is not None and tracked.channel_namespace == inode:
+            return
+        self.close(tracked)
+        if inode is None:
+            return
+        port = reports_module.report_port(self.conf.health.base_port, spec.vrid)
+        try:
+            channel = reports_module.ReportChannel(spec, port)
+        except Exception as error:  # pyroute2 and bind raise a variety of errors
+            LOG.error("router %s: cannot open the report socket on %s port %d in "
+                      "namespace %s: %s", router_id, spec.local_address, port,
+                      spec.namespace, error)
+            return
+        tracked.channel, tracked.channel_namespace = channel, inode
+        self.selector.register(channel.fileno(), selectors.EVENT_READ,
+                               ("report", router_id))
+
+    def close(self, tracked):
+        if tracked.channel is not None:
+            self.selector.unregister(tracked.channel.fileno())
+            tracked.channel.close()
+        tracked.channel = tracked.channel_namespace = None
+
+    def read(self, router_id, tracked):
+        """Keep the reports waiting on the router's channel, the latest per peer."""
+        try:
+            received = tracked.channel.read(time.time())
+        except OSError as error:
+            LOG.error("router %s: reading peer reports failed: %s", router_id, error)
+            self.close(tracked)
+            return
+        for report in received:
+            tracked.peer_reports[report.address] = report
