@@ -24,7 +24,8 @@ from snat_sync import statedir
 from snat_sync.errors import SnatSyncError
 from snat_sync.reconcile import recorded_role
 
-LOG = logging.getLogger(__name__)
+# The daemon's rooms log as the daemon did before it was split into them.
+LOG = logging.getLogger("snat_sync.daemon")
 
 # Repairs kept in health.json for `snat-sync status`; history.jsonl keeps more.
 RECENT_REPAIRS = 10

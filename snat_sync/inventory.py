@@ -17,7 +17,8 @@ from snat_sync import statedir
 from snat_sync.errors import InvalidInput
 from snat_sync.router import RouterSpec, check_router_id
 
-LOG = logging.getLogger(__name__)
+# The daemon's rooms log as the daemon did before it was split into them.
+LOG = logging.getLogger("snat_sync.daemon")
 
 NEUTRON_DIRECTORY = "neutron"
 # In a router's directory: the router was added from neutron/<id>.json.

@@ -10,7 +10,8 @@ import threading
 
 from snat_sync.errors import SnatSyncError
 
-LOG = logging.getLogger(__name__)
+# The daemon's rooms log as the daemon did before it was split into them.
+LOG = logging.getLogger("snat_sync.daemon")
 
 
 class RouterJobs:

@@ -12,7 +12,8 @@ from snat_sync import statedir
 from snat_sync.inventory import NEUTRON_MARKER
 from snat_sync.reconcile import recorded_role, restore_steps
 
-LOG = logging.getLogger(__name__)
+# The daemon's rooms log as the daemon did before it was split into them.
+LOG = logging.getLogger("snat_sync.daemon")
 
 
 def add(conf, spec, snat_sync_command, from_neutron):

@@ -13,7 +13,8 @@ import time
 from snat_sync import metrics
 from snat_sync.errors import SnatSyncError
 
-LOG = logging.getLogger(__name__)
+# The daemon's rooms log as the daemon did before it was split into them.
+LOG = logging.getLogger("snat_sync.daemon")
 
 # Seconds the metrics' figures are reused for scrapes and the textfile.
 METRICS_PERIOD = 15.0

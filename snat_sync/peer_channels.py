@@ -12,7 +12,8 @@ import time
 from snat_sync import namespace
 from snat_sync import reports as reports_module
 
-LOG = logging.getLogger(__name__)
+# The daemon's rooms log as the daemon did before it was split into them.
+LOG = logging.getLogger("snat_sync.daemon")
 
 
 class PeerChannels:

@@ -13,7 +13,8 @@ from snat_sync import namespace
 from snat_sync import watcher as watcher_module
 from snat_sync.roles import Role
 
-LOG = logging.getLogger(__name__)
+# The daemon's rooms log as the daemon did before it was split into them.
+LOG = logging.getLogger("snat_sync.daemon")
 
 
 class RoleWatchers:

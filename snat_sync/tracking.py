@@ -17,7 +17,8 @@ from snat_sync.peer_channels import PeerChannels
 from snat_sync.role_watchers import RoleWatchers
 from snat_sync.router import RouterSpec
 
-LOG = logging.getLogger(__name__)
+# The daemon's rooms log as the daemon did before it was split into them.
+LOG = logging.getLogger("snat_sync.daemon")
 
 
 @dataclasses.dataclass
