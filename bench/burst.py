@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import psutil  # noqa: E402
 
-from snat_sync import lab as lab_module  # noqa: E402
+from snat_sync.lab import topology as lab_module  # noqa: E402
 
 FTFW_KEYS = ("ResendQueueSize", "ACKWindowSize", "DisableExternalCache", "PurgeTimeout")
 UDP_KEYS = ("SndSocketBuffer", "RcvSocketBuffer")

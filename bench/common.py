@@ -24,7 +24,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from snat_sync import conntrackd  # noqa: E402
-from snat_sync import lab as lab_module  # noqa: E402
+from snat_sync.lab import topology as lab_module  # noqa: E402
 
 HA_ADDRESSES = ("169.254.192.1", "169.254.192.2")
 GATEWAY = "203.0.113.10"

@@ -1,6 +1,6 @@
 """Benchmark: data-plane gap of live flows at failover, and flows alive after it.
 
-Each scenario is the failover demo's (snat_sync.demo): a fresh namespace lab with two
+Each scenario is the failover demo's (snat_sync.lab.demo): a fresh namespace lab with two
 keepalived routers (advert_int 1) that SNAT, 16 TCP + 16 UDP long-lived flows from 8
 client addresses (shared source ports), r1 crashed 3 s in, flows kept 10 s more.
 It is assembled here from demo's and lab's own steps because run_scenario has no way
@@ -48,9 +48,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from snat_sync import demo  # noqa: E402
-from snat_sync import flows  # noqa: E402
-from snat_sync import lab as lab_module  # noqa: E402
+from snat_sync.lab import demo  # noqa: E402
+from snat_sync.lab import flows  # noqa: E402
+from snat_sync.lab import topology as lab_module  # noqa: E402
 
 UPSTREAM_LIKE_CONFIG = """[conntrackd]
 protocols = TCP,SCTP,DCCP

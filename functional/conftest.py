@@ -10,8 +10,8 @@ import pathlib
 
 import pytest
 
-from snat_sync import demo
-from snat_sync import lab as lab_module
+from snat_sync.lab import demo
+from snat_sync.lab import topology as lab_module
 
 FUNCTIONAL_DIRECTORY = pathlib.Path(__file__).resolve().parent
 

@@ -11,9 +11,9 @@ import signal
 import subprocess
 import time
 
-from snat_sync import demo
-from snat_sync import flows
-from snat_sync import lab as lab_module
+from snat_sync.lab import demo
+from snat_sync.lab import flows
+from snat_sync.lab import topology as lab_module
 
 PRIMARY_ADDRESS = "169.254.0.{vrid}/24"
 

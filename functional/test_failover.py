@@ -1,6 +1,6 @@
 """A crash of the primary router, with and without snat-sync (about 20 s each)."""
 
-from snat_sync import demo
+from snat_sync.lab import demo
 
 
 def describe(flows):

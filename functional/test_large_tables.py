@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from snat_sync import demo
-from snat_sync import lab as lab_module
+from snat_sync.lab import demo
+from snat_sync.lab import topology as lab_module
 
 from functional.test_failover import describe
 

@@ -5,8 +5,8 @@ import re
 import signal
 import time
 
-from snat_sync import demo
-from snat_sync import lab as lab_module
+from snat_sync.lab import demo
+from snat_sync.lab import topology as lab_module
 
 
 def conntrackd_paths(config):

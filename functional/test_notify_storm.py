@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from snat_sync import guard
-from snat_sync import lab as lab_module
+from snat_sync.lab import topology as lab_module
 
 IDLE_ENTRIES = 20_000
 HOOKS = 50

@@ -1,6 +1,6 @@
 """conntrackd started by `snat-sync router add` replicates r1's table to r2."""
 
-from snat_sync import lab as lab_module
+from snat_sync.lab import topology as lab_module
 
 ENTRIES = (
     lab_module.SnatEntry("tcp", "192.168.100.11", 40001, 40001),

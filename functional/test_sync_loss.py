@@ -19,9 +19,9 @@ import json
 import re
 import time
 
-from snat_sync import demo
-from snat_sync import flows
-from snat_sync import lab as lab_module
+from snat_sync.lab import demo
+from snat_sync.lab import flows
+from snat_sync.lab import topology as lab_module
 
 from functional.test_failover import describe
 

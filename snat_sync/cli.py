@@ -241,7 +241,7 @@ def _dispatch(conf, arrived):
         return daemon.Daemon(conf, _snat_sync_command(conf), command.workers,
                              command.full_interval, command.stop_routers).run()
     if command.name == "demo":
-        from snat_sync import demo
+        from snat_sync.lab import demo  # the one import of the lab: the test bench
 
         if not 1 <= command.flows <= MAX_DEMO_FLOWS:
             raise InvalidInput("--flows", command.flows,

@@ -1,4 +1,4 @@
-"""snat_sync.flows: the flow plan, the verdicts, and a short run over loopback."""
+"""snat_sync.lab.flows: the flow plan, the verdicts, and a short run over loopback."""
 
 import json
 import socket
@@ -8,7 +8,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies
 
-from snat_sync import flows
+from snat_sync.lab import flows
 
 ADDRESSES = tuple(f"192.168.100.{host}" for host in range(11, 19))
 
@@ -113,7 +113,7 @@ def test_short_run_over_loopback(tmp_path):
     base_port = free_port(socket.SOCK_STREAM)
     ready = tmp_path / "ready"
     server = subprocess.Popen([
-        sys.executable, "-m", "snat_sync.flows", "server", "--address", "127.0.0.1",
+        sys.executable, "-m", "snat_sync.lab.flows", "server", "--address", "127.0.0.1",
         "--port", str(port), "--duration", "10", "--ready-file", str(ready),
         "--output", str(tmp_path / "server.json"),
     ])
@@ -124,7 +124,7 @@ def test_short_run_over_loopback(tmp_path):
             subprocess.run(["sleep", "0.05"], check=True)
         client = subprocess.run(
             [
-                sys.executable, "-m", "snat_sync.flows", "client",
+                sys.executable, "-m", "snat_sync.lab.flows", "client",
                 "--server", "127.0.0.1",
                 "--port", str(port), "--addresses", "127.0.0.11,127.0.0.12",
                 "--tcp-flows", "2", "--udp-flows", "2", "--base-port", str(base_port),

@@ -1,10 +1,10 @@
-"""The pure parts of snat_sync.lab and snat_sync.demo (no root, no namespaces)."""
+"""The pure parts of snat_sync.lab.topology and snat_sync.lab.demo (no root, no namespaces)."""
 
 import pytest
 
-from snat_sync import demo
-from snat_sync import flows
-from snat_sync import lab
+from snat_sync.lab import demo
+from snat_sync.lab import flows
+from snat_sync.lab import topology as lab
 
 
 def fake_lab(prefix="ss-a1b2c3"):

@@ -42,7 +42,7 @@ HA_ADDRESSES = ("169.254.192.1", "169.254.192.2")
 HA_PREFIXLEN = 18
 BRIDGES = ("br-int", "br-ha", "br-ext")
 INTERFACE_NAME_MAX = 15  # IFNAMSIZ is 16 bytes including the terminating NUL.
-PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 
 
 class LabError(RuntimeError):

@@ -1,8 +1,8 @@
 """Long-lived TCP and UDP test flows through the lab's SNAT router, and their verdicts.
 
-    python3 -m snat_sync.flows server --address 203.0.113.100 --duration 20 \
+    python3 -m snat_sync.lab.flows server --address 203.0.113.100 --duration 20 \
         --output server.json
-    python3 -m snat_sync.flows client --server 203.0.113.100 --duration 14 \
+    python3 -m snat_sync.lab.flows client --server 203.0.113.100 --duration 14 \
         --output client.json
 
 Each client flow sends a small numbered message every 50-100 ms and the server echoes
@@ -441,7 +441,7 @@ def write_report(report, output):
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(
-        prog="python3 -m snat_sync.flows", description=__doc__.split("\n\n")[0]
+        prog="python3 -m snat_sync.lab.flows", description=__doc__.split("\n\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     server = commands.add_parser(

@@ -1,6 +1,6 @@
 """The failover demo: the same crash, once with keepalived alone, once with snat-sync.
 
-Each scenario builds a fresh lab (see `snat_sync.lab`), lets r1 win the VRRP
+Each scenario builds a fresh lab (see `snat_sync.lab.topology`), lets r1 win the VRRP
 election, starts long-lived TCP and UDP flows from the client through r1's SNAT to the
 server, crashes r1 a few seconds in, keeps the flows going for a while after r2 has
 taken over, and then asks every flow whether it is still alive and whether the server
@@ -10,7 +10,7 @@ With snat-sync, r1 and r2 are each registered with `snat-sync router add` (each 
 its own state path, as two separate nodes would have) before keepalived starts, and
 keepalived's notify line is the command that `router add` printed.
 
-    python3 -m snat_sync.demo [--flows N]      (root; cleans up after itself)
+    python3 -m snat_sync.lab.demo [--flows N]      (root; cleans up after itself)
 """
 
 import argparse
@@ -26,8 +26,8 @@ import sys
 import tempfile
 import time
 
-from snat_sync import flows
-from snat_sync import lab as lab_module
+from snat_sync.lab import flows
+from snat_sync.lab import topology as lab_module
 
 DEFAULT_FLOWS = 16
 REQUIRED_BINARIES = (
@@ -126,7 +126,7 @@ def start_server(lab, workdir, duration):
         lab,
         lab.server_namespace,
         lab_module.python_module(
-            "snat_sync.flows", "server",
+            "snat_sync.lab.flows", "server",
             "--address", lab_module.SERVER_ADDRESS,
             "--port", SERVER_PORT,
             "--duration", duration,
@@ -147,7 +147,7 @@ def start_client(lab, workdir, settings):
         lab,
         lab.client_namespace,
         lab_module.python_module(
-            "snat_sync.flows", "client",
+            "snat_sync.lab.flows", "client",
             "--server", lab_module.SERVER_ADDRESS,
             "--port", SERVER_PORT,
             "--addresses", ",".join(lab_module.CLIENT_ADDRESSES),
@@ -451,7 +451,7 @@ def main(flows=DEFAULT_FLOWS):
 
 def command_line(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python3 -m snat_sync.demo", description=__doc__.split("\n\n")[0]
+        prog="python3 -m snat_sync.lab.demo", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--flows", type=int, default=DEFAULT_FLOWS,
                         help=f"TCP flows and UDP flows each (default {DEFAULT_FLOWS})")
