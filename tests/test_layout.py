@@ -14,6 +14,11 @@ import snat_sync
 
 PACKAGE_DIRECTORY = pathlib.Path(snat_sync.__file__).resolve().parent
 LAB = "snat_sync.lab"
+# The thin edges (netlink, /proc, processes, files, sockets) and what they may
+# import: each other and the shared vocabulary, never a decision module.
+EDGES = {f"snat_sync.{name}" for name in (
+    "namespace", "conntrackd", "guard", "statedir", "watcher", "reports")}
+VOCABULARY = {f"snat_sync.{name}" for name in ("errors", "roles", "router")}
 
 
 def module_name(path):
@@ -123,6 +128,13 @@ def test_the_graph_sees_the_package():
 def test_no_import_circle_inside_the_package():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_edges_import_no_decision_module():
+    graph = import_graph(everywhere=True)
+    offenders = sorted(f"{edge} imports {target}" for edge in EDGES
+                       for target in graph[edge] - EDGES - VOCABULARY)
+    assert offenders == [], "; ".join(offenders)
 
 
 def test_no_product_module_imports_the_lab():
