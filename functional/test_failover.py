@@ -23,6 +23,8 @@ def test_snat_sync_keeps_flows(tmp_path):
     assert result.summary.udp_alive_same_endpoint == result.summary.udp_total == 16
     transition = result.last_transition
     assert transition["role"] == "primary" and transition["outcome"] == "done", transition
+    assert [step["name"] for step in transition["steps"]] == [
+        "resync-from-kernel", "bulk-send"], transition
 
 
 def test_keepalived_alone_loses_flows(tmp_path):
@@ -35,11 +37,11 @@ def test_keepalived_alone_loses_flows(tmp_path):
     assert result.new_primary_status is None
 
 
-def test_injected_entries_keep_flows(tmp_path):
-    """With replicated entries injected into the backup's kernel table there is no
-    commit at failover; every flow must survive all the same."""
-    config = tmp_path / "inject.conf"
-    config.write_text("[conntrackd]\ninject_replicated_entries = true\n")
+def test_cold_standby_keeps_flows(tmp_path):
+    """With the replica kept in conntrackd's external cache and committed at
+    failover behind the guard, every flow must survive all the same."""
+    config = tmp_path / "cold.conf"
+    config.write_text("[failover]\nstandby_mode = cold\n")
     settings = demo.ScenarioSettings(
         snat_sync_arguments=("--config-file", str(config)))
     result = demo.run_scenario(tmp_path / "run", with_snat_sync=True,
@@ -50,5 +52,6 @@ def test_injected_entries_keep_flows(tmp_path):
     assert not lost, describe(lost)
     transition = result.last_transition
     assert [step["name"] for step in transition["steps"]] == [
-        "resync-from-kernel", "bulk-send"], transition
+        "commit", "lift-guard", "flush-caches", "resync-from-kernel", "bulk-send"], \
+        transition
     assert transition["outcome"] == "done", transition

@@ -17,6 +17,7 @@ import math
 import os
 import time
 
+from snat_sync import connection_table
 from snat_sync import conntrackd as conntrackd_module
 from snat_sync import guard
 from snat_sync import history
@@ -98,33 +99,48 @@ ENSURE_RUNNING = Step("ensure-running", action="start-daemon")
 RAISE_GUARD = Step("raise-guard", action="raise-guard")
 SHORTEN_TIMERS = Step("shorten-timers", arguments=("-t",))
 REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
+FORGET_OWN_ENTRIES = Step("forget-own-entries", arguments=("-f", "internal"))
+FLUSH_KERNEL_TABLE = Step("flush-kernel-table", action="flush-kernel-table")
 
 
 HOOK_STEP_NAMES = (COMMIT.name, LIFT_GUARD.name)
+WARM = "warm"
+COLD = "cold"
 
 
-def plan(role, resync_on_backup=True, guard=True, inject=False):
+def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True):
     """The steps that take a router's conntrackd into role, in order.
 
+    Warm standby (replicated entries live in the backups' kernel tables):
+    primary: the table is complete already; read it into conntrackd's own cache
+             (-R), so that conntrackd reports its changes and ends, and send all
+             of it to the peers, which are backups now (-B).
+    backup:  make sure the daemon runs; forget the entries it held as its own
+             (-f internal), or their ends would be sent to the primary and delete
+             live entries there; empty the kernel table and ask the primary for
+             its whole one (-n), so that whatever the node held before (a table
+             from before a crash or partition, its own flows as the old primary)
+             the replica is exactly the primary's.
+    fault, stop: this node forwards nothing and speaks for no entry: forget its own.
+
+    Cold standby (replicated entries wait in conntrackd's external cache):
     primary: put the replicated entries into the kernel and lift the guard, then
-             start over from the kernel's table and send all of it to the peers,
-             which are backups now.
+             start over from the kernel's table and send all of it to the peers.
     backup:  make sure the daemon runs, raise the guard, let entries this node
              forwarded as primary expire (PurgeTimeout), and ask the primary for
              its whole table.
-    fault, stop: this node forwards nothing: raise the guard, let entries expire.
+    fault, stop: raise the guard, let entries expire.
 
-    With replicated entries injected into the kernel (inject), the new primary's
-    table is already complete: it only resyncs its cache from the kernel and sends
-    it, and no node schedules the purge of its kernel table, which would delete
-    the injected entries a backup holds for the next failover.
+    Without resync_on_backup a backup neither asks for the table nor, with warm
+    standby, empties its own (it would stay empty).
     """
-    if inject:
+    if standby_mode == WARM:
         if role is Role.PRIMARY:
             return (RESYNC_FROM_KERNEL, BULK_SEND)
         if role is Role.BACKUP:
-            return (ENSURE_RUNNING, *(REQUEST_RESYNC,) * resync_on_backup)
-        return ()
+            return (ENSURE_RUNNING, FORGET_OWN_ENTRIES,
+                    *(FLUSH_KERNEL_TABLE, REQUEST_RESYNC) * resync_on_backup)
+        return (FORGET_OWN_ENTRIES,)
     if role is Role.PRIMARY:
         return (COMMIT, *(LIFT_GUARD,) * guard, FLUSH_CACHES, RESYNC_FROM_KERNEL,
                 BULK_SEND)
@@ -270,9 +286,9 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                                       options.failover.history_size)
             return record
         commit_failed = False
-        steps = plan(role, options.failover.resync_on_backup,
-                     options.failover.reset_window_guard,
-                     options.conntrackd.inject_replicated_entries)
+        steps = plan(role, options.failover.standby_mode,
+                     options.failover.resync_on_backup,
+                     options.failover.reset_window_guard)
         for step in steps:
             if step.discards_replicated_entries and commit_failed:
                 step_record = StepRecord(step.name, time.time(), 0.0, False,
@@ -332,6 +348,9 @@ def run_step(step, daemon, options):
             guard.raise_guard(daemon.namespace, daemon.files)
         elif step.action == "lift-guard":
             guard.lift_guard(daemon.namespace, daemon.files)
+        elif step.action == "flush-kernel-table":
+            connection_table.flush(daemon.namespace,
+                                   options.conntrackd.control_timeout)
         else:
             timeout = (options.conntrackd.commit_timeout if step.uses_commit_timeout
                        else options.conntrackd.control_timeout)

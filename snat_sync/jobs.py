@@ -57,7 +57,7 @@ def start(conf, spec):
 def restore(conf, daemon, files):
     """Run restore_steps for the recorded role; the caller holds the lock."""
     role = recorded_role(statedir.read_json(files.last_transition))
-    for step in restore_steps(role):
+    for step in restore_steps(role, conf.failover.standby_mode):
         daemon.control(*step.arguments, timeout=conf.conntrackd.control_timeout)
     if role is not None:
         LOG.info("router %s: restored conntrackd state as %s", files.directory.name,

@@ -21,6 +21,7 @@ from snat_sync import failover
 from snat_sync import guard
 from snat_sync import health
 from snat_sync import namespace
+from snat_sync import refresh
 from snat_sync import render
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
@@ -40,6 +41,7 @@ class RenderedRouter:
     keepalived_snippet: str
     guard_raise: str
     guard_lift: str
+    refresh_rules: str
 
     @property
     def notify_command(self):
@@ -52,6 +54,7 @@ class RenderedRouter:
             self.files.conntrackd_config: (self.conntrackd_config, 0o600),
             self.files.guard_raise: (self.guard_raise, 0o600),
             self.files.guard_lift: (self.guard_lift, 0o600),
+            self.files.refresh_rules: (self.refresh_rules, 0o600),
             self.files.notify_hook: (self.notify_hook, 0o700),
         }
 
@@ -98,7 +101,8 @@ def daemon_for(conf, spec, files):
 
 def generate(conf, spec, facts, files, snat_sync_command):
     """Render every file of a router. Pure."""
-    settings = render.conntrackd_settings(spec, conf.conntrackd, facts, files)
+    settings = render.conntrackd_settings(spec, conf.conntrackd, facts, files,
+                                          warm_standby=is_warm(conf))
     guard_raise, guard_lift = render.render_guard(spec, guard.TABLE)
     return RenderedRouter(
         spec=spec,
@@ -112,13 +116,15 @@ def generate(conf, spec, facts, files, snat_sync_command):
             conf.failover.lock_timeout,
             conf.conntrackd.commit_timeout,
             spec.namespace if _uses_guard(conf) else None,
-            commits=not conf.conntrackd.inject_replicated_entries,
+            commits=not is_warm(conf),
         ),
         keepalived_snippet=render.render_keepalived_snippet(
             spec, str(files.notify_hook)
         ),
         guard_raise=guard_raise,
         guard_lift=guard_lift,
+        refresh_rules=render.render_refresh(
+            spec, refresh.TABLE, render.refresh_settings(conf.failover)),
     )
 
 
@@ -174,10 +180,11 @@ def add_router(conf, spec, snat_sync_command):
                 content, mode = rendered.contents()[path]
                 statedir.write_atomically(path, content, mode)
             started = daemon.start(conf.conntrackd.scheduler)
+            refresh.apply(spec.namespace, files)
         if not _uses_guard(conf):
             _lift_guard_if_up(spec, files)
     except BaseException:
-        _undo_add(conf, files, is_new, previous, previous_spec)
+        _undo_add(conf, spec, files, is_new, previous, previous_spec)
         raise
     if changed or started:
         LOG.info("router %s: %s; conntrackd %s", spec.router_id,
@@ -188,10 +195,11 @@ def add_router(conf, spec, snat_sync_command):
     return AddResult(rendered, tuple(changed), started, process and process.pid)
 
 
-def _undo_add(conf, files, is_new, previous, previous_spec):
+def _undo_add(conf, spec, files, is_new, previous, previous_spec):
     """Leave the router as it was before a failed add."""
     if is_new:
         shutil.rmtree(files.directory, ignore_errors=True)
+        _remove_refresh(spec)
         return
     for path, content in previous.items():
         if content is None:
@@ -219,6 +227,7 @@ def remove_router(conf, router_id):
         if spec is not None:
             daemon_for(conf, spec, files).stop()
             _lift_guard_if_up(spec, files)
+            _remove_refresh(spec)
         for process in conntrackd.daemons_with_config(str(files.conntrackd_config)):
             LOG.warning("router %s: killing conntrackd pid %d outside its namespace",
                         router_id, process.pid)
@@ -228,10 +237,19 @@ def remove_router(conf, router_id):
     return True
 
 
+def is_warm(conf):
+    """Warm standby: backups hold the replica in their kernel tables."""
+    return conf.failover.standby_mode == "warm"
+
+
 def _uses_guard(conf):
-    """The guard waits for a commit; with injected entries there is none."""
-    return (conf.failover.reset_window_guard
-            and not conf.conntrackd.inject_replicated_entries)
+    """The guard waits for a commit; warm standby has none."""
+    return conf.failover.reset_window_guard and not is_warm(conf)
+
+
+def _remove_refresh(spec):
+    if namespace.namespace_inode(spec.namespace) is not None:
+        refresh.remove(spec.namespace)
 
 
 def _lift_guard_if_up(spec, files):

@@ -146,22 +146,6 @@ conntrackd_opts = [
         "refuses every later cache flush. Memory grows with it: conntrackd RSS "
         "2.9 MB at 12289, 4.3 MB at 32768.",
     ),
-    cfg.BoolOpt(
-        "inject_replicated_entries",
-        default=False,
-        help="Put replicated entries straight into each backup's kernel table "
-        "(conntrackd's DisableExternalCache) instead of keeping them in its "
-        "external cache and committing them at failover. Nothing is left to "
-        "commit, so a large table adds no commit time to the failover, and the "
-        "reset-window guard is not used. Measured at 100,000 idle entries: UDP gap "
-        "over VRRP detection +0.12 s with it, +1.02 s with the commit and guard. "
-        "Off by default: an injected entry keeps the timeout it had at its last "
-        "change on the primary and nothing refreshes it while the flow lives, so "
-        "a UDP flow that outlives nf_conntrack_udp_timeout_stream (120 s) since "
-        "its last state change loses its entry on the backup. Measured with that "
-        "timeout at 10 s and the crash 15 s in: 0/16 UDP flows kept their public "
-        "port with it, 16/16 with the commit and guard.",
-    ),
     cfg.IntOpt(
         "hash_limit",
         default=0,
@@ -255,10 +239,51 @@ conntrackd_opts = [
 ]
 
 failover_opts = [
+    cfg.StrOpt(
+        "standby_mode",
+        default="warm",
+        choices=[
+            ("warm", "replicated entries go straight into each backup's kernel "
+             "table and are kept fresh there; becoming primary loads nothing"),
+            ("cold", "replicated entries wait in conntrackd's external cache and "
+             "are committed into the kernel at failover, behind the reset-window "
+             "guard"),
+        ],
+        help="How a backup holds the replica. warm (conntrackd's "
+        "DisableExternalCache, with refreshes of live flows and a flush and "
+        "resync whenever a node becomes backup) makes a failover cost VRRP "
+        "detection alone at any table size. cold keeps the replica out of the "
+        "backup's kernel: the commit at failover takes about 1 s per 100,000 "
+        "entries, during which replicated flows wait behind the guard.",
+    ),
+    cfg.IntOpt(
+        "refresh_interval",
+        default=4,
+        choices=[0, 1, 2, 4, 8, 16, 32, 64],
+        help="warm standby: seconds between refreshes of a live flow's entry on "
+        "the backups. The first packet of each flow after every such tick flips "
+        "a bit of its connection mark (an nftables rule in the router's "
+        "namespace), so conntrack reports the entry and conntrackd sends it with "
+        "its fresh timeout; idle entries cost nothing. Keep it well below the "
+        "shortest conntrack timeout of a live flow (UDP: "
+        "nf_conntrack_udp_timeout, 30 s). 0 turns refreshes off: then a flow "
+        "whose state no longer changes loses its backup entry once the timeout "
+        "it had at its last change runs out. A power of two: the rule ticks on "
+        "the bits of the time of day.",
+    ),
+    cfg.IntOpt(
+        "refresh_mark_bit",
+        default=15,
+        min=0,
+        max=31,
+        help="warm standby: the bit of the connection mark (ct mark) the refresh "
+        "flips. Choose a bit nothing else in the router namespaces uses; "
+        "Neutron's address scopes use the upper 16 bits.",
+    ),
     cfg.BoolOpt(
         "reset_window_guard",
         default=True,
-        help="While a router is not primary, drop (never reject) packets on its "
+        help="cold standby: while a router is not primary, drop (never reject) packets on its "
         "interfaces that conntrack cannot place, until the commit at failover has "
         "finished. Without it, packets of replicated flows that arrive between "
         "keepalived raising the addresses and the end of the commit are answered "

@@ -61,17 +61,22 @@ def reconcile_plan(desired, configured, running, rerender=False):
     return tuple(actions)
 
 
-def restore_steps(last_role):
+def restore_steps(last_role, standby_mode=failover.WARM):
     """What a freshly (re)started conntrackd needs, given the router's last role.
 
     A new conntrackd has empty caches. On the primary it reads the kernel's table
     (-R) and sends all of it to the backups (-B), whose replica it refreshes; on a
-    backup it asks the primary for its whole table (-n). Otherwise there is nothing
-    to restore: without a recorded role the next transition sets things up.
+    backup it asks the primary for its whole table (-n). A new conntrackd also
+    reads its kernel table as its own: on a warm backup those are the replicated
+    entries, which it must forget first (-f internal), or it would report their
+    ends to the primary as its own. Otherwise there is nothing to restore: without
+    a recorded role the next transition sets things up.
     """
     if last_role is Role.PRIMARY:
         return (failover.RESYNC_FROM_KERNEL, failover.BULK_SEND)
     if last_role is Role.BACKUP:
+        if standby_mode == failover.WARM:
+            return (failover.FORGET_OWN_ENTRIES, failover.REQUEST_RESYNC)
         return (failover.REQUEST_RESYNC,)
     return ()
 

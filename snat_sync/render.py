@@ -41,7 +41,7 @@ class ConntrackdSettings:
     netlink_overrun_resync: int
     hash_size: int
     hash_limit: int
-    inject_replicated_entries: bool
+    warm_standby: bool
     scheduler: Scheduler | None
     protocols: tuple
     ignored_networks: tuple
@@ -59,8 +59,12 @@ def hash_limit(configured, nf_conntrack_max):
     return max(configured, 2 * nf_conntrack_max)
 
 
-def conntrackd_settings(spec, conntrackd_options, facts, files):
-    """Decide the content of a router's conntrackd.conf."""
+def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=True):
+    """Decide the content of a router's conntrackd.conf.
+
+    warm_standby: conntrackd puts replicated entries straight into the kernel
+    (DisableExternalCache) instead of keeping them for a commit.
+    """
     options = conntrackd_options
     scheduler = None
     if options.scheduler != "other":
@@ -82,7 +86,7 @@ def conntrackd_settings(spec, conntrackd_options, facts, files):
         netlink_overrun_resync=options.netlink_overrun_resync,
         hash_size=options.hash_size,
         hash_limit=hash_limit(options.hash_limit, facts.nf_conntrack_max),
-        inject_replicated_entries=options.inject_replicated_entries,
+        warm_standby=warm_standby,
         scheduler=scheduler,
         protocols=tuple(options.protocols),
         ignored_networks=(*LOOPBACK_NETWORKS, facts.ha_network),
@@ -114,8 +118,8 @@ def render_notify_hook(router_id, files, conntrackd_binary, command, lock_timeou
                        commit_timeout, guard_namespace=None, commits=True):
     """The hook keepalived runs.
 
-    commits: on MASTER it commits the external cache first (false when replicated
-    entries are injected into the kernel, leaving nothing to commit);
+    commits: on MASTER it commits the external cache first (false with warm
+    standby: the replicated entries are in the kernel already);
     guard_namespace set: it then lifts the guard in that namespace.
     """
     return _render(
@@ -139,6 +143,43 @@ def render_guard(spec, table):
                "table": table}
     return (_render("guard-raise.nft.j2", context),
             _render("guard-lift.nft.j2", context))
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshSettings:
+    """The warm standby's refreshes of one router; interval 0 means none."""
+
+    interval: int
+    mark_bit: int
+
+    @property
+    def enabled(self):
+        return self.interval > 0
+
+    @property
+    def tick(self):
+        """The interval as a time of day: the bit of `meta hour` that ticks."""
+        minutes, seconds = divmod(self.interval, 60)
+        return f"00:{minutes:02d}:{seconds:02d}"
+
+
+def refresh_settings(failover_options):
+    """The refreshes a router gets: none with cold standby, which needs none."""
+    if failover_options.standby_mode != "warm":
+        return RefreshSettings(0, failover_options.refresh_mark_bit)
+    return RefreshSettings(failover_options.refresh_interval,
+                           failover_options.refresh_mark_bit)
+
+
+def render_refresh(spec, table, settings):
+    """The ruleset that adds (or, with refreshes off, removes) the refresh table."""
+    mark = 1 << settings.mark_bit
+    return _render("refresh.nft.j2", {
+        "router_id": spec.router_id, "ha_interface": spec.ha_interface,
+        "table": table, "enabled": settings.enabled, "interval": settings.interval,
+        "tick": settings.tick, "mark_bit": settings.mark_bit, "mark": mark,
+        "cleared_mask": 0xFFFFFFFF ^ mark,
+    })
 
 
 def render_keepalived_snippet(spec, notify_command):

@@ -10,6 +10,8 @@
         notify.log            what snat-sync logged while running the hook
         guard-raise.nft       nftables ruleset of the reset-window guard, and
         guard-lift.nft        the one that removes it (see guard.py)
+        refresh.nft           nftables ruleset of the warm standby's refreshes
+                              (see refresh.py)
         transition.lock       serialises transitions of this router
         last-transition.json  what the latest transition did, step by step
         latest-arrival        when the newest transition that took the lock arrived
@@ -97,6 +99,10 @@ class RouterFiles:
     @property
     def guard_lift(self):
         return self.directory / "guard-lift.nft"
+
+    @property
+    def refresh_rules(self):
+        return self.directory / "refresh.nft"
 
     @property
     def transition_lock(self):

@@ -72,3 +72,9 @@ def router_files(state_path):
     statedir.ensure_directory(files.directory)
     return files
 
+
+
+@pytest.fixture
+def cold_conf(make_conf, write_config):
+    """The options with cold standby, for what only it has: the commit, the guard."""
+    return make_conf(write_config("[failover]\nstandby_mode = cold\n"))

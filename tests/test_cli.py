@@ -28,6 +28,12 @@ def add_router_files(state_path, spec):
     return files
 
 
+@pytest.fixture
+def cold_config(write_config):
+    """Cold standby: the notify tests below are about the commit and the guard."""
+    return str(write_config("[failover]\nstandby_mode = cold\n"))
+
+
 def everything_under(path):
     return sorted(str(each.relative_to(path)) for each in path.rglob("*")) \
         if path.exists() else []
@@ -93,7 +99,7 @@ def answer_cache_stats(monkeypatch):
                         lambda path, kind, timeout: CACHE_STATS)
 
 
-def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp,
+def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp, cold_config,
                                                            monkeypatch):
     answer_cache_stats(monkeypatch)
     files = add_router_files(state_path, spec)
@@ -103,7 +109,7 @@ def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp,
                 *(conntrackd_command(files, flag) for flag in ("-f", "-R", "-B"))]
     for command in expected:
         fp.register(command)
-    status = run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
+    status = run(state_path, "--config-file", cold_config, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
                  "--arrived", "1234.5")
     assert status == 0
     assert list(fp.calls) == expected
@@ -114,13 +120,13 @@ def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp,
                                 "seconds": 0.00001, "expected": 3}
 
 
-def test_notify_with_the_hook_steps_skips_them(state_path, spec, fp, monkeypatch):
+def test_notify_with_the_hook_steps_skips_them(state_path, spec, fp, cold_config, monkeypatch):
     answer_cache_stats(monkeypatch)
     files = add_router_files(state_path, spec)
     files.log_file.write_text(COMMIT_LOG)
     for flag in ("-f", "-R", "-B"):
         fp.register(conntrackd_command(files, flag))
-    status = run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
+    status = run(state_path, "--config-file", cold_config, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
                  "--arrived", "1000.0", "--hook-step", "commit,1000.1,1000.3,0",
                  "--hook-step", "lift-guard,1000.3,1000.305,0")
     assert status == 0
@@ -133,7 +139,7 @@ def test_notify_with_the_hook_steps_skips_them(state_path, spec, fp, monkeypatch
     assert steps[1]["duration_ms"] == pytest.approx(5, abs=0.01)
 
 
-def test_notify_backup_raises_the_guard(state_path, spec, fp, monkeypatch):
+def test_notify_backup_raises_the_guard(state_path, spec, fp, cold_config, monkeypatch):
     files = add_router_files(state_path, spec)
     monkeypatch.setattr(manager.conntrackd.Conntrackd, "start",
                         lambda daemon, policy="other": False)
@@ -141,18 +147,18 @@ def test_notify_backup_raises_the_guard(state_path, spec, fp, monkeypatch):
                 conntrackd_command(files, "-n")]
     for command in expected:
         fp.register(command)
-    assert run(state_path, "notify", "r1", "BACKUP") == 0
+    assert run(state_path, "--config-file", cold_config, "notify", "r1", "BACKUP") == 0
     assert list(fp.calls) == expected
 
 
-def test_notify_exits_1_when_the_transition_fails(state_path, spec, fp):
+def test_notify_exits_1_when_the_transition_fails(state_path, spec, fp, cold_config):
     files = add_router_files(state_path, spec)
     fp.register(conntrackd_command(files, "-c"), returncode=1)
     fp.register(conntrackd_command(files, "-s", "cache"), returncode=1)
     fp.register(nft_command(files, "guard_lift"))
     for flag in ("-R", "-B"):
         fp.register(conntrackd_command(files, flag))
-    assert run(state_path, "notify", "r1", "MASTER") == 1
+    assert run(state_path, "--config-file", cold_config, "notify", "r1", "MASTER") == 1
     record = statedir.read_json(files.last_transition)
     assert record["outcome"] == "failed"
     assert [step["ok"] for step in record["steps"]] == [False, True, False, True, True]
@@ -160,6 +166,33 @@ def test_notify_exits_1_when_the_transition_fails(state_path, spec, fp):
 
 # -- router add -----------------------------------------------------------------------
 
+
+
+def test_notify_primary_with_warm_standby_commits_nothing(state_path, spec, fp):
+    files = add_router_files(state_path, spec)
+    expected = [conntrackd_command(files, "-R"), conntrackd_command(files, "-B")]
+    for command in expected:
+        fp.register(command)
+    assert run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100") == 0
+    assert list(fp.calls) == expected
+    record = statedir.read_json(files.last_transition)
+    assert (record["outcome"], record["commit"]) == ("done", None)
+
+
+def test_notify_backup_with_warm_standby_empties_the_table_and_asks_for_it(
+        state_path, spec, fp, monkeypatch):
+    files = add_router_files(state_path, spec)
+    monkeypatch.setattr(manager.conntrackd.Conntrackd, "start",
+                        lambda daemon, policy="other": False)
+    enter = ["nsenter", "--net=/run/netns/qrouter-r1"]
+    expected = [conntrackd_command(files, "-f", "internal"),
+                [*enter, "conntrack", "-F", "-f", "ipv4"],
+                [*enter, "conntrack", "-F", "-f", "ipv6"],
+                conntrackd_command(files, "-n")]
+    for command in expected:
+        fp.register(command)
+    assert run(state_path, "notify", "r1", "BACKUP") == 0
+    assert list(fp.calls) == expected
 
 def router_add(state_path, **overrides):
     arguments = {"--namespace": "qrouter-r1", "--ha-interface": "ha-x",

@@ -88,8 +88,16 @@ def test_restore_on_the_primary_resyncs_from_the_kernel_then_bulk_sends():
                                                                         ("-B",)]
 
 
-def test_restore_on_a_backup_asks_the_primary_for_a_resync():
-    assert [step.arguments for step in restore_steps(Role.BACKUP)] == [("-n",)]
+def test_restore_on_a_warm_backup_forgets_the_adopted_table_then_asks_for_a_resync():
+    """A new conntrackd reads its kernel table as its own; on a warm backup those
+    are the replicated entries, whose ends it must not report to the primary."""
+    assert [step.arguments for step in restore_steps(Role.BACKUP)] == [
+        ("-f", "internal"), ("-n",)]
+
+
+def test_restore_on_a_cold_backup_asks_the_primary_for_a_resync():
+    assert [step.arguments for step in restore_steps(Role.BACKUP, "cold")] == [
+        ("-n",)]
 
 
 @pytest.mark.parametrize("role", [Role.FAULT, Role.STOP, None])
@@ -127,7 +135,7 @@ class FakeConntrackd:
 
 @pytest.mark.parametrize("role, expected", [
     ("primary", ["start", ("-R",), ("-B",)]),
-    ("backup", ["start", ("-n",)]),
+    ("backup", ["start", ("-f", "internal"), ("-n",)]),
 ])
 def test_start_restores_the_recorded_role(conf, router_files, monkeypatch, role,
                                           expected):

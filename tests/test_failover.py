@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from snat_sync import connection_table
 from snat_sync import failover
 from snat_sync import history
 from snat_sync import statedir
@@ -119,8 +120,12 @@ def names(steps):
     return [step.name for step in steps]
 
 
+def cold_plan(role, **settings):
+    return failover.plan(role, failover.COLD, **settings)
+
+
 def test_plan_primary():
-    steps = failover.plan(Role.PRIMARY)
+    steps = cold_plan(Role.PRIMARY)
     assert names(steps) == ["commit", "lift-guard", "flush-caches",
                             "resync-from-kernel", "bulk-send"]
     assert [step.action for step in steps] == [
@@ -129,22 +134,22 @@ def test_plan_primary():
                                                   ("-B",)]
     assert [step.uses_commit_timeout for step in steps] == [
         True, False, False, False, False]
-    assert failover.plan(Role.PRIMARY, resync_on_backup=False) == steps
+    assert cold_plan(Role.PRIMARY, resync_on_backup=False) == steps
 
 
 def test_only_the_flush_discards_replicated_entries():
-    every_step = {step for role in Role for step in failover.plan(role)}
+    every_step = {step for role in Role for step in cold_plan(role)}
     assert {step.name for step in every_step
             if step.discards_replicated_entries} == {"flush-caches"}
 
 
 def test_plan_primary_without_guard():
-    assert names(failover.plan(Role.PRIMARY, guard=False)) == [
+    assert names(cold_plan(Role.PRIMARY, guard=False)) == [
         "commit", "flush-caches", "resync-from-kernel", "bulk-send"]
 
 
 def test_plan_backup():
-    steps = failover.plan(Role.BACKUP)
+    steps = cold_plan(Role.BACKUP)
     assert names(steps) == ["ensure-running", "raise-guard", "shorten-timers",
                             "request-resync"]
     assert [step.action for step in steps] == [
@@ -154,20 +159,20 @@ def test_plan_backup():
 
 
 def test_plan_backup_without_resync():
-    assert names(failover.plan(Role.BACKUP, resync_on_backup=False)) == [
+    assert names(cold_plan(Role.BACKUP, resync_on_backup=False)) == [
         "ensure-running", "raise-guard", "shorten-timers"]
 
 
 def test_plan_backup_without_guard():
-    assert names(failover.plan(Role.BACKUP, guard=False)) == [
+    assert names(cold_plan(Role.BACKUP, guard=False)) == [
         "ensure-running", "shorten-timers", "request-resync"]
 
 
 @pytest.mark.parametrize("role", [Role.FAULT, Role.STOP])
 def test_plan_fault_and_stop(role):
-    assert names(failover.plan(role)) == ["raise-guard", "shorten-timers"]
-    assert names(failover.plan(role, guard=False)) == ["shorten-timers"]
-    assert failover.plan(role, resync_on_backup=False) == failover.plan(role)
+    assert names(cold_plan(role)) == ["raise-guard", "shorten-timers"]
+    assert names(cold_plan(role, guard=False)) == ["shorten-timers"]
+    assert cold_plan(role, resync_on_backup=False) == cold_plan(role)
 
 
 @pytest.mark.parametrize("latest, arrived, superseded", [
@@ -318,17 +323,27 @@ def files(router_files):
     return router_files
 
 
-def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=True):
-    """Options as run_transition reads them, with a lock timeout below oslo's 1 s."""
+def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=True,
+                 standby_mode="cold"):
+    """Options as run_transition reads them, with a lock timeout below oslo's 1 s.
+
+    Cold standby unless asked: most tests here are about the commit and the guard.
+    """
     return types.SimpleNamespace(
         failover=types.SimpleNamespace(lock_timeout=lock_timeout,
                                        resync_on_backup=resync_on_backup,
                                        reset_window_guard=reset_window_guard,
+                                       standby_mode=standby_mode,
                                        history_size=200),
         conntrackd=types.SimpleNamespace(commit_timeout=60, control_timeout=10,
-                                         scheduler="other",
-                                         inject_replicated_entries=False),
+                                         scheduler="other"),
     )
+
+
+@pytest.fixture
+def conf(cold_conf):
+    """The real options, with cold standby: the commit and the guard under test."""
+    return cold_conf
 
 
 def conntrackd_command(files, *arguments):
@@ -400,7 +415,7 @@ def test_primary_uses_the_commit_timeout_for_the_commit_only(files, conf, daemon
 
 def test_primary_without_guard_never_touches_it(files, make_conf, write_config,
                                                daemon):
-    conf = make_conf(write_config("[failover]\nreset_window_guard = false\n"))
+    conf = make_conf(write_config("[failover]\nstandby_mode = cold\nreset_window_guard = false\n"))
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
     assert [call[1] for call in daemon.calls] == [("-c",), ("-f",), ("-R",), ("-B",)]
     assert record.outcome == "done"
@@ -417,14 +432,14 @@ def test_backup_ensures_the_daemon_raises_the_guard_then_shortens_and_resyncs(
 
 
 def test_backup_without_resync(files, make_conf, write_config, daemon):
-    conf = make_conf(write_config("[failover]\nresync_on_backup = false\n"))
+    conf = make_conf(write_config("[failover]\nstandby_mode = cold\nresync_on_backup = false\n"))
     failover.run_transition("r1", Role.BACKUP, daemon, files, conf, 1000.0)
     assert daemon.calls == [("start", "other"), ("raise-guard", "qrouter-r1"),
                             ("control", ("-t",), 10)]
 
 
 def test_backup_without_guard(files, make_conf, write_config, daemon):
-    conf = make_conf(write_config("[failover]\nreset_window_guard = false\n"))
+    conf = make_conf(write_config("[failover]\nstandby_mode = cold\nreset_window_guard = false\n"))
     failover.run_transition("r1", Role.BACKUP, daemon, files, conf, 1000.0)
     assert daemon.calls == [("start", "other"), ("control", ("-t",), 10),
                             ("control", ("-n",), 10)]
@@ -747,18 +762,67 @@ def test_the_lock_is_released_when_a_transition_raises(files, journal):
 
 @pytest.mark.parametrize("role, expected", [
     (Role.PRIMARY, ["resync-from-kernel", "bulk-send"]),
-    (Role.BACKUP, ["ensure-running", "request-resync"]),
-    (Role.FAULT, []),
-    (Role.STOP, []),
+    (Role.BACKUP, ["ensure-running", "forget-own-entries", "flush-kernel-table",
+                   "request-resync"]),
+    (Role.FAULT, ["forget-own-entries"]),
+    (Role.STOP, ["forget-own-entries"]),
 ])
-def test_plan_with_injected_entries_neither_commits_guards_nor_purges(role, expected):
-    steps = failover.plan(role, resync_on_backup=True, guard=True, inject=True)
-    assert [step.name for step in steps] == expected
+def test_warm_plan_neither_commits_guards_nor_purges(role, expected):
+    steps = failover.plan(role, failover.WARM, resync_on_backup=True, guard=True)
+    assert names(steps) == expected
+    assert failover.plan(role) == steps  # warm is the default
+    assert not {"commit", "lift-guard", "raise-guard", "shorten-timers",
+                "flush-caches"} & set(names(steps))
 
 
-def test_plan_with_injected_entries_on_backup_without_resync():
-    steps = failover.plan(Role.BACKUP, resync_on_backup=False, inject=True)
-    assert [step.name for step in steps] == ["ensure-running"]
+def test_warm_backup_forgets_its_own_entries_before_it_empties_the_kernel():
+    """Entries in conntrackd's own cache whose kernel copies the flush deletes would
+    be reported to the primary as ended, and deleted there: forget them first."""
+    steps = failover.plan(Role.BACKUP, failover.WARM)
+    assert [step.arguments for step in steps[1:]] == [("-f", "internal"), (),
+                                                      ("-n",)]
+    assert steps[2].action == "flush-kernel-table"
+    assert not any(step.discards_replicated_entries for step in steps)
+
+
+def test_warm_backup_without_resync_keeps_its_table():
+    """Emptied and never refilled, the replica would stay empty."""
+    steps = failover.plan(Role.BACKUP, failover.WARM, resync_on_backup=False)
+    assert names(steps) == ["ensure-running", "forget-own-entries"]
+
+
+def test_warm_backup_runs_the_exact_commands_in_order(files, fp, monkeypatch):
+    """The flush of the kernel table is conntrack -F for both families, inside the
+    router's namespace, between forgetting the own entries and asking for the table."""
+    monkeypatch.setattr(Conntrackd, "start", lambda self, scheduler="other": False)
+    order = [conntrackd_command(files, "-f", "internal"),
+             *connection_table.flush_commands("qrouter-r1"),
+             conntrackd_command(files, "-n")]
+    for command in order:
+        fp.register(command)
+    options = fast_options(standby_mode="warm")
+    record = failover.run_transition("r1", Role.BACKUP, Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5), files,
+                                     options, 3000.0)
+    assert record.outcome == "done", record.errors
+    assert list(fp.calls) == order
+    assert order[1][:2] == ["nsenter", "--net=/run/netns/qrouter-r1"]
+    assert order[1][2:] == ["conntrack", "-F", "-f", "ipv4"]
+
+
+def test_a_failed_kernel_flush_is_recorded_and_the_resync_still_runs(files, fp,
+                                                                      monkeypatch):
+    monkeypatch.setattr(Conntrackd, "start", lambda self, scheduler="other": False)
+    fp.register(conntrackd_command(files, "-f", "internal"))
+    fp.register(connection_table.flush_commands("qrouter-r1")[0], returncode=1,
+                stderr="conntrack v1.4.7 (conntrack-tools): Operation failed\n")
+    fp.register(conntrackd_command(files, "-n"))
+    record = failover.run_transition("r1", Role.BACKUP, Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5), files,
+                                     fast_options(standby_mode="warm"), 3000.0)
+    assert record.outcome == "failed"
+    assert record.errors == ["flush-kernel-table: conntrack -F -f ipv4 failed in "
+                             "namespace qrouter-r1: conntrack v1.4.7 "
+                             "(conntrack-tools): Operation failed"]
+    assert [step.ok for step in record.steps] == [True, True, False, True]
 
 
 def test_a_third_trigger_of_the_same_change_also_finds_it_done(files, conf, journal):

@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 from snat_sync import guard
+from snat_sync import nftables
 from snat_sync.errors import SnatSyncError
 
 
@@ -14,7 +15,7 @@ def nft(namespace, *arguments):
 
 
 def test_nft_command_enters_the_routers_namespace():
-    assert guard.nft_command("qrouter-r1", "-f", "x.nft") == nft("qrouter-r1", "-f",
+    assert nftables.nft_command("qrouter-r1", "-f", "x.nft") == nft("qrouter-r1", "-f",
                                                                  "x.nft")
 
 
@@ -48,10 +49,10 @@ def test_a_failing_nft_is_a_guard_error_naming_the_namespace(router_files, fp, a
 
 def test_a_hanging_nft_is_a_guard_error(router_files, fp):
     def hang(process):
-        raise subprocess.TimeoutExpired(process.args, guard.TIMEOUT)
+        raise subprocess.TimeoutExpired(process.args, nftables.TIMEOUT)
 
     fp.register(nft("qrouter-r1", "-f", str(router_files.guard_lift)), callback=hang)
-    with pytest.raises(guard.GuardError, match=f"within {guard.TIMEOUT} s"):
+    with pytest.raises(guard.GuardError, match=f"within {nftables.TIMEOUT} s"):
         guard.lift_guard("qrouter-r1", router_files)
 
 

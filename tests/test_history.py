@@ -248,8 +248,8 @@ def test_every_transition_outcome_is_recorded_and_counted(files, conf):
     assert statedir.read_json(files.last_transition)["outcome"] == "failed"
 
 
-def test_a_commit_the_hook_ran_is_observed(files, conf):
-    failover.run_transition("r1", Role.PRIMARY, FakeDaemon(files), files, conf, 1000.0,
+def test_a_commit_the_hook_ran_is_observed(files, cold_conf):
+    failover.run_transition("r1", Role.PRIMARY, FakeDaemon(files), files, cold_conf, 1000.0,
                             [HookStep("commit", 1000.1, 1000.3, 0)])
     histogram = history.read_counters(files)["commit_seconds"]
     assert histogram["count"] == 1
@@ -257,8 +257,8 @@ def test_a_commit_the_hook_ran_is_observed(files, conf):
     assert (histogram["buckets"]["0.1"], histogram["buckets"]["0.25"]) == (0, 1)
 
 
-def test_a_commit_the_hook_failed_is_not_observed(files, conf):
-    failover.run_transition("r1", Role.PRIMARY, FakeDaemon(files), files, conf, 1000.0,
+def test_a_commit_the_hook_failed_is_not_observed(files, cold_conf):
+    failover.run_transition("r1", Role.PRIMARY, FakeDaemon(files), files, cold_conf, 1000.0,
                             [HookStep("commit", 1000.1, 1000.3, 124)])
     assert history.read_counters(files)["commit_seconds"]["count"] == 0
     assert history.read_counters(files)["transitions"]["primary"]["failed"] == 1

@@ -17,7 +17,8 @@ LAB = "snat_sync.lab"
 # The thin edges (netlink, /proc, processes, files, sockets) and what they may
 # import: each other and the shared vocabulary, never a decision module.
 EDGES = {f"snat_sync.{name}" for name in (
-    "namespace", "conntrackd", "guard", "statedir", "watcher", "reports")}
+    "namespace", "conntrackd", "guard", "statedir", "watcher", "reports", "nftables",
+    "refresh", "connection_table")}
 VOCABULARY = {f"snat_sync.{name}" for name in ("errors", "roles", "router")}
 
 

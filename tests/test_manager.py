@@ -15,7 +15,7 @@ from snat_sync import manager
 from snat_sync import render
 from snat_sync import statedir
 from snat_sync.conntrackd import ConntrackdError
-from snat_sync.errors import InvalidInput
+from snat_sync.errors import InvalidInput, SnatSyncError
 from snat_sync.guard import GuardError
 from snat_sync.router import NamespaceFacts, RouterSpec
 
@@ -43,6 +43,10 @@ class FakeSystem:
                             else None)
         monkeypatch.setattr(manager.guard, "lift_guard", self.lift_guard)
         monkeypatch.setattr(manager.guard, "raise_guard", self.raise_guard)
+        monkeypatch.setattr(manager.refresh, "apply", lambda namespace, files:
+                            self.calls.append(("apply-refresh", namespace)))
+        monkeypatch.setattr(manager.refresh, "remove", lambda namespace:
+                            self.calls.append(("remove-refresh", namespace)))
         monkeypatch.setattr(manager.conntrackd, "foreign_daemons",
                             lambda namespace, config: self.foreign)
         monkeypatch.setattr(manager.conntrackd, "daemons_with_config",
@@ -86,13 +90,14 @@ def system(monkeypatch):
     return FakeSystem(monkeypatch)
 
 
-def test_generate_is_pure_and_complete(conf, spec, state_path):
+def test_generate_is_pure_and_complete(cold_conf, spec, state_path):
+    conf = cold_conf
     files = manager.router_files(conf, "r1")
     rendered = manager.generate(conf, spec, FACTS, files, COMMAND)
     contents = rendered.contents()
     assert list(contents) == [files.spec, files.conntrackd_config, files.guard_raise,
-                              files.guard_lift, files.notify_hook]
-    assert [each[1] for each in contents.values()] == [0o600] * 4 + [0o700]
+                              files.guard_lift, files.refresh_rules, files.notify_hook]
+    assert [each[1] for each in contents.values()] == [0o600] * 5 + [0o700]
     assert RouterSpec.from_dict(json.loads(contents[files.spec][0])) == spec
     assert "Port 3787" in rendered.conntrackd_config
     assert contents[files.guard_raise][0] == rendered.guard_raise
@@ -104,6 +109,24 @@ def test_generate_is_pure_and_complete(conf, spec, state_path):
             in rendered.notify_hook)
     assert rendered.notify_command == str(files.notify_hook)
     assert not state_path.exists()
+
+
+def test_generate_for_warm_standby_injects_refreshes_and_commits_nothing(conf, spec):
+    files = manager.router_files(conf, "r1")
+    rendered = manager.generate(conf, spec, FACTS, files, COMMAND)
+    assert "DisableExternalCache On" in rendered.conntrackd_config
+    assert rendered.refresh_rules == render.render_refresh(
+        spec, manager.refresh.TABLE, render.RefreshSettings(4, 15))
+    assert "ct mark set" in rendered.refresh_rules
+    assert " -c " not in rendered.notify_hook and "nft" not in rendered.notify_hook
+
+
+def test_generate_for_cold_standby_removes_the_refreshes(cold_conf, spec):
+    rendered = manager.generate(cold_conf, spec, FACTS,
+                                manager.router_files(cold_conf, "r1"), COMMAND)
+    assert "DisableExternalCache Off" in rendered.conntrackd_config
+    assert "delete table inet snat_sync_refresh" in rendered.refresh_rules
+    assert "ct mark" not in rendered.refresh_rules
 
 
 def test_generate_without_guard_renders_a_hook_that_never_lifts_it(
@@ -124,7 +147,8 @@ def test_router_files_checks_the_router_id_and_the_state_path(conf, make_conf,
         manager.router_files(conf, "r1")
 
 
-def test_add_writes_the_files_and_starts_conntrackd(conf, spec, system):
+def test_add_writes_the_files_and_starts_conntrackd(cold_conf, spec, system):
+    conf = cold_conf
     result = manager.add_router(conf, spec, COMMAND)
     files = result.rendered.files
     assert mode(files.directory) == 0o700
@@ -137,11 +161,13 @@ def test_add_writes_the_files_and_starts_conntrackd(conf, spec, system):
     assert files.guard_raise.read_text() == result.rendered.guard_raise
     assert files.guard_lift.read_text() == result.rendered.guard_lift
     assert files.notify_hook.read_text() == result.rendered.notify_hook
+    assert files.refresh_rules.read_text() == result.rendered.refresh_rules
     assert result.changed_files == (files.spec, files.conntrackd_config,
                                     files.guard_raise, files.guard_lift,
-                                    files.notify_hook)
+                                    files.refresh_rules, files.notify_hook)
     assert result.conntrackd_started is True
-    assert system.calls == [("start", "qrouter-r1", "other")]
+    assert system.calls == [("start", "qrouter-r1", "other"),
+                            ("apply-refresh", "qrouter-r1")]
 
 
 def test_add_again_with_the_same_arguments_changes_nothing(conf, spec, system):
@@ -156,14 +182,17 @@ def test_add_again_with_the_same_arguments_changes_nothing(conf, spec, system):
     assert ("stop", "qrouter-r1") not in system.calls
 
 
-def test_add_with_other_arguments_restarts_with_the_new_config(conf, spec, system):
+def test_add_with_other_arguments_restarts_with_the_new_config(cold_conf, spec, system):
+    conf = cold_conf
     manager.add_router(conf, spec, COMMAND)
     moved = RouterSpec.create("r1", "qrouter-r1-new", "ha-1a2b3c4d-5e",
                               "169.254.192.1", ["169.254.192.2"], 9)
     result = manager.add_router(conf, moved, COMMAND)
     assert system.calls == [("start", "qrouter-r1", "other"),
+                            ("apply-refresh", "qrouter-r1"),
                             ("stop", "qrouter-r1"),
-                            ("start", "qrouter-r1-new", "other")]
+                            ("start", "qrouter-r1-new", "other"),
+                            ("apply-refresh", "qrouter-r1-new")]
     assert "Port 3789" in result.rendered.files.conntrackd_config.read_text()
 
 
@@ -174,7 +203,8 @@ def test_a_new_router_whose_conntrackd_fails_leaves_nothing(conf, spec, system):
     assert not manager.router_files(conf, "r1").directory.exists()
 
 
-def test_a_failed_reconcile_restores_the_previous_router(conf, spec, system):
+def test_a_failed_reconcile_restores_the_previous_router(cold_conf, spec, system):
+    conf = cold_conf
     manager.add_router(conf, spec, COMMAND)
     files = manager.router_files(conf, "r1")
     previous = {path: path.read_text() for path in
@@ -190,7 +220,7 @@ def test_a_failed_reconcile_restores_the_previous_router(conf, spec, system):
     assert mode(files.notify_hook) == 0o700
     assert mode(files.guard_raise) == mode(files.guard_lift) == 0o600
     # stop the old daemon, fail to start the new one, try the old one again
-    assert system.calls[1:] == [("stop", "qrouter-r1"),
+    assert system.calls[2:] == [("stop", "qrouter-r1"),
                                 ("start", "qrouter-r1", "other"),
                                 ("start", "qrouter-r1", "other")]
 
@@ -212,19 +242,22 @@ def test_add_refuses_a_namespace_with_another_conntrackd(conf, spec, system):
 
 
 def test_remove_stops_conntrackd_lifts_the_guard_and_deletes_the_directory(
-        conf, spec, system):
+        cold_conf, spec, system):
+    conf = cold_conf
     manager.add_router(conf, spec, COMMAND)
     files = manager.router_files(conf, "r1")
     assert manager.remove_router(conf, "r1") is True
-    assert system.calls[-2:] == [("stop", "qrouter-r1"),
-                                 ("lift-guard", "qrouter-r1", files.guard_lift)]
+    assert system.calls[-3:] == [("stop", "qrouter-r1"),
+                                 ("lift-guard", "qrouter-r1", files.guard_lift),
+                                 ("remove-refresh", "qrouter-r1")]
     assert not files.directory.exists()
     calls = len(system.calls)
     assert manager.remove_router(conf, "r1") is False
     assert len(system.calls) == calls
 
 
-def test_remove_leaves_the_guard_of_a_namespace_that_is_gone(conf, spec, system):
+def test_remove_leaves_the_guard_of_a_namespace_that_is_gone(cold_conf, spec, system):
+    conf = cold_conf
     manager.add_router(conf, spec, COMMAND)
     system.namespaces.clear()
     assert manager.remove_router(conf, "r1") is True
@@ -238,6 +271,28 @@ def test_remove_completes_when_the_guard_cannot_be_lifted(conf, spec, system):
     system.guard_error = GuardError("cannot run nft: [Errno 2] No such file or "
                                     "directory: 'nsenter'")
     assert manager.remove_router(conf, "r1") is True
+    assert not manager.router_files(conf, "r1").directory.exists()
+
+
+def test_add_with_warm_standby_loads_the_refreshes_and_lifts_a_guard_left_up(
+        conf, spec, system):
+    result = manager.add_router(conf, spec, COMMAND)
+    files = result.rendered.files
+    assert system.calls == [("start", "qrouter-r1", "other"),
+                            ("apply-refresh", "qrouter-r1"),
+                            ("lift-guard", "qrouter-r1", files.guard_lift)]
+    assert "ct mark set" in files.refresh_rules.read_text()
+
+
+def test_a_failed_first_add_removes_the_refreshes_it_loaded(conf, spec, system,
+                                                            monkeypatch):
+    def fail(spec, files):
+        raise SnatSyncError("late failure")
+
+    monkeypatch.setattr(manager, "_lift_guard_if_up", fail)
+    with pytest.raises(SnatSyncError, match="late failure"):
+        manager.add_router(conf, spec, COMMAND)
+    assert system.calls[-1] == ("remove-refresh", "qrouter-r1")
     assert not manager.router_files(conf, "r1").directory.exists()
 
 

@@ -52,7 +52,9 @@ def make_spec(peers=("169.254.192.2",), local="169.254.192.1", vrid=7,
 
 def render_config(conf, spec, facts=FACTS):
     files = statedir.RouterFiles.under(conf.state_path, spec.router_id)
-    settings = render.conntrackd_settings(spec, conf.conntrackd, facts, files)
+    settings = render.conntrackd_settings(
+        spec, conf.conntrackd, facts, files,
+        warm_standby=conf.failover.standby_mode == "warm")
     return render.render_conntrackd_config(settings), files
 
 
@@ -63,8 +65,8 @@ def test_templates_are_found_in_the_source_tree():
         assert (directory / name).is_file()
 
 
-def test_udp_config(conf):
-    text, files = render_config(conf, make_spec())
+def test_udp_config(cold_conf):
+    text, files = render_config(cold_conf, make_spec())
     blocks = parse_blocks(text)
     assert set(blocks) == {"_lines", "Sync", "General"}
     sync = blocks["Sync"]
@@ -549,11 +551,54 @@ def test_snat_sync_command_uses_absolute_paths(tmp_path, monkeypatch):
     ]
 
 
-def test_injected_entries_disable_the_external_cache(make_conf, write_config):
-    conf = make_conf(write_config("[conntrackd]\ninject_replicated_entries = true\n"))
+def test_warm_standby_disables_the_external_cache(conf):
     text, _files = render_config(conf, make_spec())
     sync = parse_blocks(text)["Sync"]
     assert "DisableExternalCache On" in sync["Mode FTFW"]["_lines"]
+
+
+def test_the_old_inject_option_is_refused_by_name(make_conf, write_config):
+    """Warm standby replaced it; a config that still sets it must not silently run
+    something else."""
+    with pytest.raises(InvalidInput, match="inject_replicated_entries"):
+        make_conf(write_config("[conntrackd]\ninject_replicated_entries = true\n"))
+
+
+@pytest.mark.parametrize("interval, tick", [(1, "00:00:01"), (4, "00:00:04"),
+                                            (32, "00:00:32"), (64, "00:01:04")])
+def test_refresh_ticks_on_the_bit_of_the_time_of_day(interval, tick):
+    text = render.render_refresh(make_spec(), "snat_sync_refresh",
+                                 render.RefreshSettings(interval, 15))
+    rules = [line.strip() for line in text.splitlines() if "meta hour" in line]
+    assert rules == [
+        f'meta hour & "{tick}" == "00:00:00" ct mark set ct mark & 0xffff7fff',
+        f'meta hour & "{tick}" != "00:00:00" ct mark set ct mark | 0x00008000',
+    ]
+    assert 'iifname { "lo", "ha-1a2b3c4d-5e" } accept' in text
+    assert text.index("delete table inet snat_sync_refresh") < text.index(
+        "table inet snat_sync_refresh {")
+
+
+@pytest.mark.parametrize("bit, mark, cleared", [(0, "0x00000001", "0xfffffffe"),
+                                                (31, "0x80000000", "0x7fffffff")])
+def test_refresh_flips_the_configured_mark_bit_only(bit, mark, cleared):
+    text = render.render_refresh(make_spec(), "t", render.RefreshSettings(8, bit))
+    assert f"ct mark | {mark}" in text and f"ct mark & {cleared}" in text
+
+
+def test_refresh_off_or_cold_standby_only_removes_the_table(make_conf, write_config):
+    for config in ("[failover]\nrefresh_interval = 0\n",
+                   "[failover]\nstandby_mode = cold\n"):
+        settings = render.refresh_settings(make_conf(write_config(config)).failover)
+        text = render.render_refresh(make_spec(), "t", settings)
+        assert not settings.enabled
+        assert [line for line in text.splitlines() if not line.startswith("#")] == [
+            "add table inet t", "delete table inet t"]
+
+
+def test_refresh_interval_must_be_a_power_of_two(make_conf, write_config):
+    with pytest.raises(InvalidInput, match="refresh_interval"):
+        make_conf(write_config("[failover]\nrefresh_interval = 5\n"))
 
 
 def test_hook_with_injected_entries_commits_nothing(state_path):

@@ -1,0 +1,41 @@
+"""The router namespace's kernel connection table: emptying it, the thin edge.
+
+A node that becomes a warm backup empties its table before it asks the primary for
+the whole of it, so that nothing it held before (a table kept through a crash or a
+partition, its own flows as the former primary, with their TCP window data) can
+stand in for the primary's version or outlive it.
+"""
+
+import subprocess
+
+from snat_sync import namespace as netns
+from snat_sync.errors import SnatSyncError
+
+FAMILIES = ("ipv4", "ipv6")
+
+
+class ConnectionTableError(SnatSyncError):
+    pass
+
+
+def flush_commands(namespace):
+    """conntrack -F in the namespace, for each address family."""
+    enter = ["nsenter", f"--net={netns.namespace_path(namespace)}"]
+    return [[*enter, "conntrack", "-F", "-f", family] for family in FAMILIES]
+
+
+def flush(namespace, timeout):
+    for command in flush_commands(namespace):
+        try:
+            result = subprocess.run(command, capture_output=True, text=True,
+                                    timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ConnectionTableError(
+                f"{' '.join(command[2:])} did not finish within {timeout} s in "
+                f"namespace {namespace}") from None
+        except OSError as error:
+            raise ConnectionTableError(f"cannot run conntrack: {error}") from None
+        if result.returncode != 0:
+            raise ConnectionTableError(
+                f"{' '.join(command[2:])} failed in namespace {namespace}: "
+                f"{result.stderr.strip()}")
