@@ -2,8 +2,9 @@
 
 Every [health] check_interval the daemon checks the routers that have no job
 running, one after another in one pool job (`check_all`, `check`): for each it
-reads its conntrackd's figures from the control socket (`observe`), sends them to
-the peers' daemons (reports.py), lets repair.assess decide what is wrong and what
+reads its kernel count from /proc and its conntrackd's figures from the control
+socket, the latter under a short timeout (`observe`), sends them to the peers'
+daemons (reports.py) even when conntrackd did not answer, lets repair.assess decide what is wrong and what
 to repair, carries the repairs out under the router's transition lock
 (`run_repair`), writes health.json for `snat-sync status`, and rotates
 conntrackd's log. The verdict itself is health.py's and repair.py's.
@@ -11,10 +12,12 @@ conntrackd's log. The verdict itself is health.py's and repair.py's.
 
 import dataclasses
 import logging
+import os
 import time
 
 from snat_sync import conntrackd as conntrackd_module
 from snat_sync import failover
+from snat_sync import health
 from snat_sync import history
 from snat_sync import manager
 from snat_sync import namespace
@@ -31,6 +34,12 @@ LOG = logging.getLogger("snat_sync.daemon")
 RECENT_REPAIRS = 10
 # Seconds between rewrites of a health.json whose figures alone changed.
 HEALTH_FILE_PERIOD = 10.0
+# Seconds the check waits for conntrackd's figures. A conntrackd busy with the
+# events of a large burst answers only tens of seconds later; waiting the
+# control timeout for it (10 s, twice) held up the report, so the peers heard
+# nothing for as long (85 s after a 1M-entry burst), and the checks of every
+# other router behind it.
+STATS_TIMEOUT = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +51,7 @@ class HealthState:
     # health.json: when it was last written, and what it said then (see check).
     written: float = float("-inf")
     summary: tuple = ()
+    figures: tuple = ()  # the replication figures it was written with
 
 
 def check(conf, spec, files, pid, peer_reports, state, channel):
@@ -53,11 +63,11 @@ def check(conf, spec, files, pid, peer_reports, state, channel):
     last = statedir.read_json(files.last_transition)
     role = recorded_role(last)
     observation = observe(conf, daemon, pid, role.value if role else "unknown")
-    if channel is not None and observation.internal is not None:
+    if channel is not None:
         channel.send(reports_module.encode_report(
             spec.router_id, observation.role, last.get("arrived") if role else None,
             observation.internal, observation.external, observation.kernel,
-            time.time()))
+            time.time(), taken=observation.at, standby=observation.standby))
     assessment = repair.assess(observation, peer_reports, spec.peer_addresses,
                                state.memory, repair.Settings.from_conf(conf))
     _log_problem_changes(spec.router_id, state.memory, assessment.problems)
@@ -65,19 +75,62 @@ def check(conf, spec, files, pid, peer_reports, state, channel):
     for planned in assessment.repairs:
         recent.append(run_repair(conf, daemon, files, planned, observation.role))
     recent = tuple(recent[-RECENT_REPAIRS:])
+    window = health.REPORT_FRESH_CHECKS * conf.health.check_interval
     summary = (observation.role,
-               tuple((address, report.role) for address, report
-                     in sorted(peer_reports.items())),
+               tuple((address, report.role,
+                      observation.at - report.received <= window)
+                     for address, report in sorted(peer_reports.items())),
                tuple(problem.kind for problem in assessment.problems), len(recent))
-    written = state.written
-    if summary != state.summary or observation.at - written >= health_file_period(conf):
+    figures = replication_figures(observation, peer_reports)
+    written, kept = state.written, state.figures
+    if (summary != state.summary
+            or observation.at - written >= health_file_period(conf)
+            or figures_moved(kept, figures, conf.health.short_tolerance_percent)):
         write_health(conf, files, observation, peer_reports, assessment.problems,
                      recent)
-        written = observation.at
+        written, kept = observation.at, figures
+    else:
+        confirm_health(files)
     if statedir.rotate_log(files.log_file, conf.conntrackd.log_max_bytes,
                            conf.conntrackd.log_backups):
         LOG.info("router %s: rotated %s", spec.router_id, files.log_file)
-    return HealthState(assessment.memory, recent, written, summary)
+    return HealthState(assessment.memory, recent, written, summary, kept)
+
+
+def replication_figures(observation, peer_reports):
+    """The figures a verdict compares: this node's table and replica, and each
+    peer's."""
+    return ((observation.kernel, observation.internal, observation.external),
+            *((address, report.kernel, report.internal, report.external)
+              for address, report in sorted(peer_reports.items())))
+
+
+def figures_moved(before, after, percent):
+    """Whether a figure moved by more than the short tolerance since before: a
+    resync in progress is then written at every check, so that `snat-sync
+    status` and `wait` see it as it goes; at rest the file is only confirmed."""
+    if len(before) != len(after):
+        return True
+    for old_row, new_row in zip(before, after):
+        for old, new in zip(old_row, new_row):
+            if isinstance(old, str) or isinstance(new, str):
+                if old != new:
+                    return True
+            elif (old is None) != (new is None):
+                return True
+            elif old is not None and abs(new - old) > health.short_tolerance(
+                    max(old, new), percent):
+                return True
+    return False
+
+
+def confirm_health(files):
+    """Mark health.json as found still right at this check: its mtime (one
+    syscall; a rewrite costs more than the rest of the check)."""
+    try:
+        os.utime(files.health)
+    except FileNotFoundError:
+        pass
 
 
 def check_all(conf, checks):
@@ -116,10 +169,15 @@ def write_health(conf, files, observation, peer_reports, problems, recent_repair
         "checked": observation.at,
         # Readers judge freshness by it: the file is rewritten at least this often.
         "interval": health_file_period(conf),
+        # and a peer's figures by this (see health.HealthReport.figures_age)
+        "check_interval": conf.health.check_interval,
         "role": observation.role,
+        "standby": observation.standby,
         "peers": [{"address": report.address, "role": report.role,
                    "seen": report.received, "internal": report.internal,
-                   "external": report.external, "kernel": report.kernel}
+                   "external": report.external, "kernel": report.kernel,
+                   "figures_age": round(report.figures_age, 3),
+                   "standby": report.standby}
                   for _address, report in sorted(peer_reports.items())],
         "problems": [problem.to_dict() for problem in problems],
         "repairs": list(recent_repairs),
@@ -127,21 +185,26 @@ def write_health(conf, files, observation, peer_reports, problems, recent_repair
 
 
 def observe(conf, daemon, pid, role):
-    """The router's figures now, from its conntrackd's control socket and /proc."""
-    timeout = conf.conntrackd.control_timeout
+    """The router's figures now: the kernel count from /proc (cheap, and there
+    while conntrackd is busy), the caches and sync counters from conntrackd's
+    control socket if it answers within STATS_TIMEOUT, else None."""
+    at = time.time()
+    kernel = namespace.kernel_entry_count(pid) if pid else None
+    timeout = min(STATS_TIMEOUT, conf.conntrackd.control_timeout)
     cache = daemon.cache_stats(timeout=timeout)
     network_text = daemon.stats("network", timeout=timeout) if cache else None
     network = (conntrackd_module.parse_network_stats(network_text)
                if network_text else None)
     return repair.Observation(
-        at=time.time(),
+        at=at,
         role=role,
         conntrackd_alive=cache is not None or daemon.process() is not None,
         internal=cache.internal_active if cache else None,
         external=cache.external_active if cache else None,
-        kernel=namespace.kernel_entry_count(pid) if pid else None,
+        kernel=kernel,
         messages_lost=network.messages_lost if network else None,
         messages_malformed=network.messages_malformed if network else None,
+        standby=conf.failover.standby_mode,
     )
 
 

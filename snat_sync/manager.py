@@ -11,6 +11,7 @@ the third:
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 
@@ -291,6 +292,9 @@ class PeerStatus:
     last_seen: float | None
     internal_cache: int | None
     external_cache: int | None
+    kernel_entries: int | None = None
+    # how old its figures are now, by this node's clock; None without a report
+    figures_age_seconds: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +332,14 @@ class RouterStatus:
     checked: float | None  # when the node daemon last checked the router
     verdict: str  # health.IN_SYNC, health.DEGRADED or health.BROKEN
     reason: str
+    standby_mode: str = "cold"  # where a backup's replica lives (kernel if warm)
+    # What a failover now would start from (health.Replica): on a backup its
+    # replica and the primary's table as the primary last reported it; on a
+    # primary the fullest peer replica and its own table. missing: the entries
+    # a failover now would lose. None where a figure is unknown or stale.
+    replica_entries: int | None = None
+    primary_entries: int | None = None
+    missing_entries: int | None = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -341,13 +353,15 @@ def running_conntrackd(conf, specs):
         for router_id, spec in specs.items()})
 
 
-def status(conf, router_id=None, read_addresses=True):
+def status(conf, router_id=None, read_addresses=True, stats_timeout=None):
     """The RouterStatus of one router or of all.
 
     read_addresses: take a router's role from where its primary address is (a
     netlink dump in its namespace, some milliseconds each); the node daemon, whose
     watchers keep the transitions in step with the address, passes False and gets
     the role of the last transition.
+    stats_timeout: seconds to wait for each conntrackd answer (default [conntrackd]
+    control_timeout); `snat-sync wait` polls with a short one.
     """
     if router_id is not None:
         ids = [check_router_id(router_id)]
@@ -360,7 +374,7 @@ def status(conf, router_id=None, read_addresses=True):
     processes = running_conntrackd(conf, {each: spec for each, spec in specs.items()
                                           if spec is not None})
     return [_router_status(conf, each, files[each], specs[each], processes.get(each),
-                           read_addresses)
+                           read_addresses, stats_timeout)
             for each in ids]
 
 
@@ -378,13 +392,16 @@ def _router_ids(conf):
     return ids
 
 
-def _router_status(conf, router_id, files, spec, process, read_addresses):
+def _router_status(conf, router_id, files, spec, process, read_addresses,
+                   stats_timeout=None):
     now = time.time()
     last = statedir.read_json(files.last_transition)
     last = last if isinstance(last, dict) else None
-    report = health.parse_report(statedir.read_json(files.health))
+    report = health.parse_report(statedir.read_json(files.health),
+                                 confirmed=_mtime(files.health))
     daemon = daemon_for(conf, spec, files) if spec else None
-    stats = daemon.cache_stats() if process else None
+    kernel = namespace.kernel_entry_count(process.pid) if process else None
+    stats = daemon.cache_stats(timeout=stats_timeout) if process else None
     drops = stats.internal_no_space + stats.external_no_space if stats else None
     if drops:
         LOG.error("router %s: conntrackd's cache is full (no space left in cache): "
@@ -393,7 +410,7 @@ def _router_status(conf, router_id, files, spec, process, read_addresses):
     role, role_source = _role(spec if read_addresses else None, last)
     started = _started(process)
     fresh = report is not None and report.is_fresh(now)
-    verdict = health.judge(health.Facts(
+    facts = health.Facts(
         spec_readable=spec is not None,
         namespace=spec.namespace if spec else "",
         namespace_exists=spec is not None
@@ -405,22 +422,27 @@ def _router_status(conf, router_id, files, spec, process, read_addresses):
         internal_cache=stats.internal_active if stats else None,
         external_cache=stats.external_active if stats else None,
         report=report,
-    ), now)
+        kernel_entries=kernel,
+        standby_mode=conf.failover.standby_mode,
+        short_tolerance_percent=conf.health.short_tolerance_percent,
+    )
+    verdict = health.judge(facts, now)
+    replica = health.replica(facts, now)
     return RouterStatus(
         router=router_id,
         namespace=spec.namespace if spec else "",
         role=role,
         role_source=role_source,
-        peers=tuple(_peer_status(str(peer), report)
+        peers=tuple(_peer_status(str(peer), report, now)
                     for peer in (spec.peer_addresses if spec else ())),
         conntrackd_pid=process.pid if process else None,
         conntrackd_alive=process is not None,
         conntrackd_started=started,
         conntrackd_uptime_seconds=max(0.0, now - started) if started else None,
-        kernel_entries=namespace.kernel_entry_count(process.pid) if process else None,
+        kernel_entries=kernel,
         internal_cache=stats.internal_active if stats else None,
         external_cache=stats.external_active if stats else None,
-        replication=_replication(daemon, drops) if stats else None,
+        replication=_replication(daemon, drops, stats_timeout) if stats else None,
         last_transition=last,
         last_repair=report.last_repair if report else None,
         problems=tuple(problem.message for problem in report.problems)
@@ -428,7 +450,18 @@ def _router_status(conf, router_id, files, spec, process, read_addresses):
         checked=report.checked if report else None,
         verdict=verdict.word,
         reason=verdict.reason,
+        standby_mode=conf.failover.standby_mode,
+        replica_entries=replica.replica_entries,
+        primary_entries=replica.primary_entries,
+        missing_entries=replica.missing_entries,
     )
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
 
 
 # The role a transition leaves the node in: after FAULT or STOP it is not primary,
@@ -459,18 +492,20 @@ def _started(process):
         return None
 
 
-def _peer_status(address, report):
+def _peer_status(address, report, now):
     reported = report.peer(address) if report else None
     if reported is None:
         return PeerStatus(address, "unknown", None, None, None)
+    age = report.figures_age(reported, now)
     return PeerStatus(address, reported.role, reported.seen, reported.internal,
-                      reported.external)
+                      reported.external, reported.kernel,
+                      None if age is None else round(age, 3))
 
 
-def _replication(daemon, cache_full_drops):
+def _replication(daemon, cache_full_drops, timeout=None):
     """The sync figures; None unless conntrackd answers for both blocks."""
-    network_text = daemon.stats("network")
-    queue_text = daemon.stats("queue")
+    network_text = daemon.stats("network", timeout)
+    queue_text = daemon.stats("queue", timeout)
     if network_text is None or queue_text is None:
         return None
     network = conntrackd.parse_network_stats(network_text)

@@ -8,8 +8,10 @@ anything; the daemon carries out the repairs under the router's transition lock.
 
 Faults and their repairs:
 
-replica-short  This node is backup, and its replica (external cache) holds fewer
-               entries than the primary reports in its internal cache, by more
+replica-short  This node is backup, and its replica (warm standby: its kernel
+               table; cold: its external cache) holds fewer entries than the
+               primary reports in its internal cache (what a resync can send;
+               its kernel count while conntrackd is too busy to say), by more
                than the tolerance, for repair_after checks in a row while neither
                count is moving. FTFW re-sends what it knows was lost, but never
                what the backup lost on its own side (a flushed or restarted
@@ -32,11 +34,10 @@ import dataclasses
 
 from snat_sync import failover
 from snat_sync.roles import Role
-from snat_sync.health import BROKEN, DEGRADED, Problem
+from snat_sync.health import (BROKEN, DEGRADED, SHORT_TOLERANCE_MINIMUM, Problem,
+                              replica_count, short_tolerance)
 
-# A replica this close to the primary's count is in step: entries come and go
-# between the two reads.
-SHORT_TOLERANCE_MINIMUM = 16
+__all__ = ["SHORT_TOLERANCE_MINIMUM", "short_tolerance", "assess"]
 
 REQUEST_RESYNC = "request-resync"
 SURVIVOR_RESYNC = "survivor-resync"
@@ -58,6 +59,11 @@ class Observation:
     kernel: int | None
     messages_lost: int | None
     messages_malformed: int | None
+    standby: str = "cold"  # [failover] standby_mode: where the replica lives
+
+    @property
+    def replica(self):
+        return replica_count(self.standby, self.kernel, self.external)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +108,6 @@ class Assessment:
     problems: tuple
     repairs: tuple
     memory: Memory
-
-
-def short_tolerance(primary_count, percent):
-    return max(SHORT_TOLERANCE_MINIMUM, primary_count * percent / 100)
 
 
 def assess(observation, reports, peer_addresses, memory, settings):
@@ -160,24 +162,26 @@ def assess(observation, reports, peer_addresses, memory, settings):
                     **{address: report.changed for address, report in fresh.items()}}
 
     short_streak, primary_count = 0, None
-    if (observation.role == Role.BACKUP.value and observation.external is not None
-            and primaries):
-        address, primary = max(primaries.items(), key=lambda item: item[1].internal)
-        primary_count = primary.internal
-        tolerance = short_tolerance(primary.internal, settings.short_tolerance_percent)
-        if primary.internal - observation.external > tolerance:
+    counted = {address: _sendable(report) for address, report in primaries.items()}
+    counted = {address: count for address, count in counted.items()
+               if count is not None}
+    held = observation.replica
+    if observation.role == Role.BACKUP.value and held is not None and counted:
+        address, primary_count = max(counted.items(), key=lambda item: item[1])
+        tolerance = short_tolerance(primary_count, settings.short_tolerance_percent)
+        if primary_count - held > tolerance:
             found.append(("replica-short", DEGRADED,
-                          f"replica holds {observation.external} of the primary "
-                          f"{address}'s {primary.internal} entries"))
+                          f"replica holds {held} of the primary "
+                          f"{address}'s {primary_count} entries"))
             short_streak = memory.short_streak + 1
+            before = previous.replica if previous is not None else None
             settled = (memory.primary_count is not None
-                       and abs(primary.internal - memory.primary_count) <= tolerance
-                       and previous is not None and previous.external is not None
-                       and observation.external - previous.external <= tolerance)
+                       and abs(primary_count - memory.primary_count) <= tolerance
+                       and before is not None and held - before <= tolerance)
             if short_streak >= settings.repair_after and settled:
                 repairs.append(Repair(
                     REQUEST_RESYNC,
-                    f"replica short by {primary.internal - observation.external} "
+                    f"replica short by {primary_count - held} "
                     f"entries for {short_streak} checks: ask the primary for its "
                     "whole table"))
 
@@ -208,6 +212,12 @@ def assess(observation, reports, peer_addresses, memory, settings):
             last_repairs=tuple(sorted(last_repairs.items())),
         ),
     )
+
+
+def _sendable(report):
+    """What the primary can send in a resync: its internal cache; its kernel
+    table while its conntrackd is too busy to say."""
+    return report.internal if report.internal is not None else report.kernel
 
 
 def _growth(previous, current, figure):

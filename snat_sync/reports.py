@@ -5,12 +5,24 @@ it needs the primary's count. So at every health check each daemon sends its
 peers one small UDP datagram from inside the router's namespace, on the HA
 network, on port [health] base_port + VRID:
 
-    {"v": 1, "router": "<id>", "role": "backup", "changed": 1764000000.1,
-     "internal": 0, "external": 20200, "kernel": 12, "sent": 1764000000.5}
+    {"v": 2, "router": "<id>", "role": "backup", "standby": "warm",
+     "changed": 1764000000.1, "taken": 1764000000.4, "internal": 0,
+     "external": 0, "kernel": 20212, "sent": 1764000000.5}
 
-`changed` is when the sender's last transition arrived, by the sender's clock: the
-receiver compares it only with the same peer's earlier reports, so the nodes'
-clocks need not agree.
+`changed` is when the sender's last transition arrived and `taken` when its
+figures were read, both by the sender's clock: the receiver compares them only
+with the same peer's earlier reports or with its `sent`, so the nodes' clocks
+need not agree. `kernel` is read from /proc and always there; `internal` and
+`external` come from conntrackd's control socket and are null while it is too
+busy to answer, so a report still goes out every check. `standby` says which
+figure is the sender's replica: its kernel table (warm) or its external cache
+(cold).
+
+Version 2 added `taken`, `standby` and the null caches. Version 1 reports are
+still accepted (as taken when sent, standby unknown): in a rolling upgrade the
+upgraded node must understand the one not yet upgraded, or it would find its
+primary silent and `snat-sync wait` would hold the upgrade back. The old release
+drops version 2 reports, so until it is upgraded too it shows its peer silent.
 
 A report is believed only from one of the router's peer addresses, for the same
 router, and when every field is of the expected type and size; anything else is
@@ -30,7 +42,9 @@ from pyroute2 import netns as pyroute2_netns
 
 from snat_sync.roles import Role
 
-VERSION = 1
+VERSION = 2
+ACCEPTED_VERSIONS = (1, 2)
+STANDBY_MODES = frozenset({"warm", "cold"})
 # A report is about 150 bytes; anything much larger is not one of ours.
 MAX_REPORT_SIZE = 1024
 MAX_COUNT = 2**40
@@ -44,21 +58,31 @@ class PeerReport:
     address: str
     role: str
     changed: float | None
-    internal: int
-    external: int
+    internal: int | None  # None: the sender's conntrackd did not answer in time
+    external: int | None
     kernel: int | None
     sent: float
     received: float
+    taken: float | None = None  # when the figures were read, sender's clock
+    standby: str | None = None  # "warm", "cold"; None from a version 1 sender
+
+    @property
+    def figures_age(self):
+        """How old the figures were when the report left (sender's clock)."""
+        return max(self.sent - self.taken, 0.0) if self.taken is not None else 0.0
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
-def encode_report(router_id, role, changed, internal, external, kernel, now):
+def encode_report(router_id, role, changed, internal, external, kernel, now,
+                  taken=None, standby=None):
+    """A version 2 report; taken defaults to now, internal/external may be None."""
     return json.dumps({
-        "v": VERSION, "router": router_id, "role": role, "changed": changed,
-        "internal": internal,
-        "external": external, "kernel": kernel, "sent": round(now, 3),
+        "v": VERSION, "router": router_id, "role": role, "standby": standby,
+        "changed": changed, "taken": round(now if taken is None else taken, 3),
+        "internal": internal, "external": external, "kernel": kernel,
+        "sent": round(now, 3),
     }, separators=(",", ":")).encode()
 
 
@@ -76,21 +100,37 @@ def decode_report(data, source, router_id, peer_addresses, received):
         message = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if not isinstance(message, dict) or message.get("v") != VERSION:
+    if not isinstance(message, dict):
         return None
-    if message.get("router") != router_id or message.get("role") not in ROLES:
+    version = message.get("v")
+    if (isinstance(version, bool) or version not in ACCEPTED_VERSIONS
+            or message.get("router") != router_id
+            or message.get("role") not in ROLES):
         return None
     internal, external = message.get("internal"), message.get("external")
     kernel, sent = message.get("kernel"), message.get("sent")
     changed = message.get("changed")
-    if not (_is_count(internal) and _is_count(external)
-            and (kernel is None or _is_count(kernel))):
+    if version == 1:  # the caches were always there; figures taken when sent
+        if not (_is_count(internal) and _is_count(external)):
+            return None
+        taken, standby = sent, None
+    else:
+        taken, standby = message.get("taken"), message.get("standby")
+        if not (_is_count_or_none(internal) and _is_count_or_none(external)):
+            return None
+        if not _is_time(taken) or not (standby is None or standby in STANDBY_MODES):
+            return None
+    if not _is_count_or_none(kernel):
         return None
     if not _is_time(sent) or not (changed is None or _is_time(changed)):
         return None
     return PeerReport(str(address), message["role"],
                       None if changed is None else float(changed), internal,
-                      external, kernel, float(sent), received)
+                      external, kernel, float(sent), received, float(taken), standby)
+
+
+def _is_count_or_none(value):
+    return value is None or _is_count(value)
 
 
 def _is_time(value):

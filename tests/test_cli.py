@@ -286,7 +286,8 @@ def test_status_json_of_a_router_whose_daemon_is_down(state_path, spec, capsys,
     assert (router["role"], router["role_source"]) == ("backup", "last-transition")
     assert router["peers"] == [{"address": "169.254.192.2", "role": "unknown",
                                 "last_seen": None, "internal_cache": None,
-                                "external_cache": None}]
+                                "external_cache": None, "kernel_entries": None,
+                                "figures_age_seconds": None}]
     assert router["conntrackd_alive"] is False
     assert router["conntrackd_pid"] is None
     assert router["replication"] is None

@@ -61,8 +61,9 @@ def judge(facts):
 
 
 def test_a_backup_in_sync_names_its_replica_and_the_primarys_count():
+    # The primary's table is its kernel count (20210), not its internal cache.
     assert judge(backup_facts()) == Verdict(
-        IN_SYNC, "replica holds 20200 of the primary's 20200 entries")
+        IN_SYNC, "replica holds 20200 of the primary's 20210 entries")
 
 
 def test_a_primary_in_sync_names_what_each_peer_holds():
@@ -70,11 +71,13 @@ def test_a_primary_in_sync_names_what_each_peer_holds():
         IN_SYNC, "peer 169.254.192.2 holds 20200 of 20203 entries")
 
 
-def test_in_sync_without_peer_figures_names_its_own():
+def test_without_peer_figures_nothing_shows_the_replica_complete():
+    # Was in-sync ("replica holds 20200 entries"): in sync with nothing.
     silent = report(peers=[])
     assert judge(backup_facts(report=silent)) == Verdict(
-        IN_SYNC, "replica holds 20200 entries")
-    assert judge(primary_facts(report=silent)).reason == "holds 20203 entries"
+        DEGRADED, "no report from the primary's daemon: its table is unknown")
+    assert judge(primary_facts(report=silent)) == Verdict(
+        DEGRADED, "no report from any peer's daemon: what the peers hold is unknown")
 
 
 # -- broken, in the order the rules are tried ------------------------------------------
@@ -161,9 +164,10 @@ def test_health_json_is_fresh_for_three_intervals():
 
 def test_a_fresh_degraded_problem_is_degraded_with_its_message():
     facts = backup_facts(external_cache=0, report=report(problems=[
-        problem(DEGRADED, "external cache holds 0 of the primary's 20200 entries")]))
+        problem(DEGRADED, "12 sync messages lost since the last check",
+                "messages-lost")]))
     assert judge(facts) == Verdict(
-        DEGRADED, "external cache holds 0 of the primary's 20200 entries")
+        DEGRADED, "12 sync messages lost since the last check")
 
 
 def test_several_problems_of_one_severity_are_all_named():

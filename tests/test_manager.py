@@ -385,7 +385,8 @@ def write_health(files, checked=None, **overrides):
     statedir.write_json(files.health, {
         "checked": time.time() if checked is None else checked, "interval": 3.0,
         "role": "backup",
-        "peers": [{"address": "169.254.192.2", "role": "primary", "seen": 1000.5,
+        "peers": [{"address": "169.254.192.2", "role": "primary",
+                   "seen": time.time() - 0.5 if checked is None else checked - 0.5,
                    "internal": 20200, "external": 0, "kernel": 20210}],
         "problems": [],
         "repairs": [{"kind": "repair", "repair": "request-resync", "outcome": "done"}],
@@ -398,8 +399,11 @@ def test_status_of_a_backup_in_sync(conf, node):
     (status,) = manager.status(conf)
     assert status.router == "r1" and status.namespace == "qrouter-r1"
     assert (status.role, status.role_source) == ("backup", "address")
-    assert status.peers == (manager.PeerStatus("169.254.192.2", "primary", 1000.5,
-                                               20200, 0),)
+    (peer,) = status.peers
+    assert (peer.address, peer.role, peer.internal_cache, peer.external_cache,
+            peer.kernel_entries) == ("169.254.192.2", "primary", 20200, 0, 20210)
+    assert peer.last_seen == pytest.approx(time.time() - 0.5, abs=2)
+    assert 0.5 <= peer.figures_age_seconds <= 3
     assert (status.conntrackd_pid, status.conntrackd_alive) == (4242, True)
     assert 3599 <= status.conntrackd_uptime_seconds <= 3700
     assert status.conntrackd_started == pytest.approx(
@@ -414,13 +418,38 @@ def test_status_of_a_backup_in_sync(conf, node):
     assert status.problems == ()
     assert status.checked == pytest.approx(time.time(), abs=5)
     assert (status.verdict, status.reason) == (
-        "in-sync", "replica holds 20200 of the primary's 20200 entries")
+        "in-sync", "replica holds 20210 of the primary's 20210 entries")
+    # warm standby: the replica is this backup's kernel table
+    assert (status.standby_mode, status.replica_entries, status.primary_entries,
+            status.missing_entries) == ("warm", 20210, 20210, 0)
     assert json.loads(json.dumps(status.to_dict()))["replication"]["resend_queue"] == 17
     assert [field.name for field in dataclasses.fields(manager.RouterStatus)] == [
         "router", "namespace", "role", "role_source", "peers", "conntrackd_pid",
         "conntrackd_alive", "conntrackd_started", "conntrackd_uptime_seconds",
         "kernel_entries", "internal_cache", "external_cache", "replication",
-        "last_transition", "last_repair", "problems", "checked", "verdict", "reason"]
+        "last_transition", "last_repair", "problems", "checked", "verdict", "reason",
+        "standby_mode", "replica_entries", "primary_entries", "missing_entries"]
+
+
+def test_a_cold_standby_backups_replica_is_its_external_cache(conf, node):
+    conf.set_override("standby_mode", "cold", "failover")
+    write_health(added(conf))
+    (status,) = manager.status(conf)
+    assert (status.verdict, status.reason) == (
+        "in-sync", "replica holds 20200 of the primary's 20210 entries")
+    assert (status.replica_entries, status.primary_entries,
+            status.missing_entries) == (20200, 20210, 10)
+
+
+def test_a_backup_on_a_stale_primary_report_is_not_in_sync(conf, node):
+    files = added(conf)
+    checked = time.time() - 8
+    write_health(files, checked=checked)  # the file is fresh, its peer not
+    os.utime(files.health, (checked, checked))  # and no check confirmed it since
+    (status,) = manager.status(conf)
+    assert status.verdict == "degraded"
+    assert "latest report is 9 s old" in status.reason
+    assert status.missing_entries is None
 
 
 def test_the_role_comes_from_the_primary_address_then_the_last_transition(conf,
@@ -480,12 +509,24 @@ def test_a_stale_health_check_keeps_its_figures_but_not_its_problems(conf, node)
 def test_fresh_problems_are_listed_and_judged(conf, node):
     files = added(conf)
     write_health(files, problems=[
+        {"kind": "messages-lost", "severity": "degraded", "since": 1000.0,
+         "message": "12 sync messages lost since the last check"}])
+    (status,) = manager.status(conf)
+    assert status.problems == ("12 sync messages lost since the last check",)
+    assert (status.verdict, status.reason) == ("degraded", status.problems[0])
+
+
+def test_the_daemons_replica_short_is_judged_again_on_the_live_figures(conf, node):
+    """The daemon found the replica short at its last check; the replica read now
+    is complete: that is newer, and the verdict follows it."""
+    files = added(conf)
+    write_health(files, problems=[
         {"kind": "replica-short", "severity": "degraded", "since": 1000.0,
          "message": "replica holds 0 of the primary 169.254.192.2's 20200 entries"}])
     (status,) = manager.status(conf)
     assert status.problems == (
         "replica holds 0 of the primary 169.254.192.2's 20200 entries",)
-    assert (status.verdict, status.reason) == ("degraded", status.problems[0])
+    assert status.verdict == "in-sync"
 
 
 def test_status_of_a_router_whose_conntrackd_is_down(conf, node):
