@@ -137,7 +137,8 @@ class Bench:
         return r1, r2
 
     def snat_sync(self, state_path, *args, check=True):
-        argv = [sys.executable, "-m", "snat_sync", "--state-path", state_path, *args]
+        # The lab's sandbox config unless args give one: never the host's.
+        argv = lab_module.snat_sync_argv(state_path, *args)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         result = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
                                 timeout=120, env=env)

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from snat_sync.lab import topology as lab_module
+
 
 def sh(*command):
     subprocess.run(command, check=True)
@@ -38,8 +40,10 @@ def main():
     parser.add_argument("--runs", type=int, default=50)
     arguments = parser.parse_args()
     namespace = f"ssbench-{secrets.token_hex(3)}"
-    state_path = tempfile.mkdtemp(prefix="snat-sync-bench-")
-    snat_sync = [sys.executable, "-m", "snat_sync", "--state-path", state_path]
+    workdir = tempfile.mkdtemp(prefix="snat-sync-bench-")
+    state_path = os.path.join(workdir, "node")  # its sandbox config goes beside it
+    # The lab's sandbox config (metrics port 0, no default files): never the host's.
+    snat_sync = [str(argument) for argument in lab_module.snat_sync_argv(state_path)]
     sh("ip", "netns", "add", namespace)
     try:
         sh("ip", "-n", namespace, "link", "add", "ha0", "type", "veth",
@@ -83,7 +87,7 @@ def main():
         subprocess.run([*snat_sync, "router", "remove", "bench"],
                        capture_output=True)
         subprocess.run(["ip", "netns", "delete", namespace])
-        subprocess.run(["rm", "-rf", state_path])
+        subprocess.run(["rm", "-rf", workdir])
 
 
 if __name__ == "__main__":

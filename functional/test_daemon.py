@@ -33,10 +33,15 @@ def add_router(lab, router, state_path, primary_address=None):
 
 @contextlib.contextmanager
 def running_daemon(state_path, log_path, *global_arguments):
-    """`snat-sync daemon` on a node; global_arguments (--config-file F) go first."""
+    """`snat-sync daemon` on a node; global_arguments (--config-file F) go first.
+
+    Without a --config-file of its own it runs on the lab's sandbox config for the
+    state path, as `router add` through the lab did: never the host's config, and
+    metrics on an ephemeral port, never the node's 9787.
+    """
     process = subprocess.Popen(
-        lab_module.python_module("snat_sync", *global_arguments, "--state-path",
-                                 state_path, "daemon", "--workers", 2),
+        lab_module.snat_sync_argv(state_path, *global_arguments, "daemon",
+                                  "--workers", 2),
         stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
         env=lab_module.package_environment(), start_new_session=True)
     try:

@@ -119,3 +119,51 @@ def test_table_and_transition_line():
     assert demo.describe_transition(results[1]) == (
         "r2 primary transition done: commit 4.6 ms; committed 32 entries, 0 failed"
     )
+
+
+# -- the sandbox config every lab call of the CLI gets ---------------------------------
+
+
+def test_the_sandbox_keeps_the_host_config_out(tmp_path, monkeypatch):
+    """Parsed as the CLI parses it: the sandbox file and directory replace the
+    default files (/etc/snat-sync/snat-sync.conf, ~/.snat-sync/...) and the
+    default directories (...conf.d), both faked here with a port of 9787."""
+    from oslo_config import cfg
+
+    from snat_sync import cli
+    from snat_sync import options
+
+    host = tmp_path / "host"
+    (host / "snat-sync.conf.d").mkdir(parents=True)
+    for path in (host / "snat-sync.conf", host / "snat-sync.conf.d" / "x.conf"):
+        path.write_text("[metrics]\nlisten_port = 9787\n")
+    monkeypatch.setattr(cfg, "find_config_dirs",
+                        lambda *args, **kwargs: [str(host / "snat-sync.conf.d")])
+    state = tmp_path / "r1"
+    argv = lab.snat_sync_argv(state, "status", "--json")
+    assert argv[:3] == [lab.sys.executable, "-m", "snat_sync"]
+
+    def parsed(arguments):
+        conf = cli.build_conf()
+        options.load(conf, arguments,
+                     default_config_files=[str(host / "snat-sync.conf")])
+        return conf
+
+    assert parsed(["--state-path", str(state), "status"]).metrics.listen_port == 9787
+    conf = parsed(argv[3:])
+    assert conf.metrics.listen_port == 0
+    assert conf.config_file == [str(tmp_path / "r1.sandbox.conf")]
+    assert conf.config_dir == [str(tmp_path / "r1.sandbox.conf.d")]
+    assert not list((tmp_path / "r1.sandbox.conf.d").iterdir())
+    assert not state.exists()  # the sandbox lives beside the state path
+
+
+def test_the_sandbox_leaves_a_callers_config_alone(tmp_path):
+    own = tmp_path / "own.conf"
+    argv = lab.snat_sync_argv(tmp_path / "r1", "--config-file", own, "router", "add")
+    assert [str(a) for a in argv].count("--config-file") == 1
+    assert str(own) in map(str, argv)
+    assert "--config-dir" in argv  # the default directories stay out all the same
+    argv = lab.snat_sync_argv(tmp_path / "r1", f"--config-dir={tmp_path}", "status")
+    assert "--config-dir" not in argv and "--config-file" in argv
+

@@ -440,10 +440,62 @@ def read_tail(path, limit=3000):
 # --- snat-sync through its CLI ----------------------------------------------------
 
 
+# What the lab gives snat-sync as its config when a caller gives none: the metrics
+# port 0 (an ephemeral one), so that no daemon of the lab binds the node's port 9787.
+SANDBOX_CONFIG = (
+    "# Written by the snat-sync lab: keeps the host's config out of the lab's runs.\n"
+    "[metrics]\n"
+    "listen_port = 0\n"
+)
+
+
+def sandbox_config(state_path):
+    """(config file, config directory) of the lab's sandbox for one state path.
+
+    Both sit beside the state path, never inside it, so the state path holds only
+    what snat-sync wrote. The directory stays empty: `--config-dir` given on the
+    command line keeps oslo.config from reading its default directories
+    (/etc/snat-sync/snat-sync.conf.d, ~/.snat-sync/...), as `--config-file` keeps it
+    from reading /etc/snat-sync/snat-sync.conf and ~/.snat-sync/snat-sync.conf.
+    """
+    state_path = pathlib.Path(state_path)
+    config = state_path.parent / f"{state_path.name}.sandbox.conf"
+    directory = state_path.parent / f"{state_path.name}.sandbox.conf.d"
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    if not config.exists():
+        config.write_text(SANDBOX_CONFIG)
+        config.chmod(0o600)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return config, directory
+
+
+def sandbox_arguments(state_path, arguments=()):
+    """The global arguments that keep one snat-sync run off the host's config:
+    `--config-file` (the sandbox's) unless arguments give one, and `--config-dir`
+    (the sandbox's empty one) unless arguments give one."""
+    given = {str(argument).split("=", 1)[0] for argument in arguments}
+    config, directory = sandbox_config(state_path)
+    extra = []
+    if "--config-file" not in given:
+        extra += ["--config-file", config]
+    if "--config-dir" not in given:
+        extra += ["--config-dir", directory]
+    return extra
+
+
+def snat_sync_argv(state_path, *args):
+    """`python3 -m snat_sync [sandbox] --state-path STATE ARGS...` as a list."""
+    return python_module("snat_sync", *sandbox_arguments(state_path, args),
+                         "--state-path", state_path, *args)
+
+
 def snat_sync(state_path, *args, check=True):
-    """Run `python3 -m snat_sync --state-path STATE ARGS...` and return the result."""
-    argv = python_module("snat_sync", "--state-path", state_path, *args)
-    return run(argv, check=check)
+    """Run `python3 -m snat_sync --state-path STATE ARGS...` and return the result.
+
+    Unless args name their own, the run gets the lab's sandbox config file and
+    config directory (see sandbox_config): never the host's.
+    """
+    return run(snat_sync_argv(state_path, *args), check=check)
 
 
 def snat_sync_router_add(lab, router, state_path, *global_arguments):
