@@ -95,6 +95,20 @@ def _add_parsers(subparsers):
     status.add_argument("router", nargs="?")
     status.add_argument("--json", action="store_true")
 
+    wait_help = ("wait until the routers are in sync (the verdict of `status`), "
+                 "e.g. before restarting the next node of a rolling upgrade: "
+                 "`snat-sync wait --timeout 600 && <restart next node>`. Exits 0 "
+                 "as soon as every router is in sync; 1 after the timeout, "
+                 "printing each router that is not and why; 2 for a router "
+                 "unknown here")
+    wait = subparsers.add_parser("wait", help=wait_help, description=wait_help)
+    wait.add_argument("routers", nargs="*", metavar="ROUTER",
+                      help="router ids (default: every router on this node)")
+    wait.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                      help="give up after S seconds (default 300)")
+    wait.add_argument("--interval", type=float, default=0.25, metavar="S",
+                      help="seconds between polls (default 0.25)")
+
     metrics_help = ("print every router's status and counters as Prometheus "
                     "metrics (text exposition format); `snat-sync daemon` serves "
                     "the same on http://[metrics] listen_address:listen_port"
@@ -213,6 +227,17 @@ def _dispatch(conf, arrived):
         else:
             print(format_status(statuses))
         return 0
+    if command.name == "wait":
+        from snat_sync import wait
+
+        if not 0 <= command.timeout <= wait.MAX_TIMEOUT \
+                or not 0.01 <= command.interval <= 60:
+            raise InvalidInput("--timeout/--interval",
+                               f"{command.timeout}/{command.interval}",
+                               f"the timeout must be 0 to {wait.MAX_TIMEOUT:g} s, "
+                               "the interval 0.01 to 60 s")
+        source = wait.status_source(conf, command.routers, manager.status)
+        return wait.run(source, command.timeout, command.interval)
     if command.name == "metrics":
         from snat_sync import metrics
 

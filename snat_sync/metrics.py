@@ -87,6 +87,7 @@ def families(snapshot):
     return [
         *_router_families(statuses),
         *_conntrackd_families(statuses),
+        *_replica_families(statuses),
         *_replication_families(statuses),
         *_peer_families(statuses),
         *_counter_families(statuses, snapshot.counters),
@@ -148,6 +149,30 @@ def _conntrackd_families(statuses):
         _add(caches, [each.router, "internal"], each.internal_cache)
         _add(caches, [each.router, "external"], each.external_cache)
     return [up, started, kernel, caches]
+
+
+def _replica_families(statuses):
+    replica = GaugeMetricFamily(
+        "snat_sync_replica_entries",
+        "Entries of the replica a failover now would start from: on a backup its "
+        "own (warm standby: its kernel table; cold: its external cache), on a "
+        "primary the fullest fresh peer replica. Left out while unknown or stale.",
+        labels=["router"])
+    primary = GaugeMetricFamily(
+        "snat_sync_replica_primary_entries",
+        "Entries of the primary's table the replica copies: on a backup as the "
+        "primary last reported it (fresh reports only), on a primary its own.",
+        labels=["router"])
+    missing = GaugeMetricFamily(
+        "snat_sync_replica_missing_entries",
+        "Entries a failover now would lose: the primary's table minus the "
+        "replica, at least 0. Grows from 0 while a returning backup resyncs.",
+        labels=["router"])
+    for each in statuses:
+        _add(replica, [each.router], each.replica_entries)
+        _add(primary, [each.router], each.primary_entries)
+        _add(missing, [each.router], each.missing_entries)
+    return [replica, primary, missing]
 
 
 def _replication_families(statuses):

@@ -245,3 +245,144 @@ def test_parse_report_bounds_what_it_keeps():
 def test_report_peer_finds_a_peer_by_address():
     assert report().peer("169.254.192.2").internal == 20200
     assert report().peer("169.254.192.9") is None
+
+
+# -- the replica against the table it copies, on figures fresh enough -------------------
+
+
+def primary_report(kernel=200000, internal=199000, seen=NOW - 1.0, **overrides):
+    peer = {"address": "169.254.192.2", "role": "primary", "seen": seen,
+            "internal": internal, "external": 0, "kernel": kernel}
+    peer.update(overrides)
+    return report(checked=NOW - 0.5, check_interval=1.0, peers=[peer])
+
+
+def resyncing(replica, kernel=200000, standby="warm", **report_overrides):
+    figures = ({"kernel_entries": replica, "external_cache": 0} if standby == "warm"
+               else {"kernel_entries": 12, "external_cache": replica})
+    return backup_facts(standby_mode=standby,
+                        report=primary_report(kernel, **report_overrides), **figures)
+
+
+@pytest.mark.parametrize("standby", ["warm", "cold"])
+def test_a_backup_short_of_the_primarys_table_is_resyncing(standby):
+    verdict = judge(resyncing(120000, standby=standby))
+    assert verdict.word == DEGRADED
+    assert verdict.reason == ("resyncing, 120000 of 200000 entries from the primary "
+                              "169.254.192.2: would lose 80000 entries if it failed "
+                              "over now")
+    found = health.replica(resyncing(120000, standby=standby), NOW)
+    assert (found.replica_entries, found.primary_entries, found.missing_entries) == (
+        120000, 200000, 80000)
+
+
+@pytest.mark.parametrize("replica, primary, word", [
+    (198000, 200000, IN_SYNC),    # 1 % short: within the tolerance
+    (197999, 200000, DEGRADED),   # more than 1 %
+    (84, 100, IN_SYNC),           # 16 short: within the 16-entry minimum
+    (83, 100, DEGRADED),
+    (200050, 200000, IN_SYNC),    # more than the primary: nothing missing
+])
+def test_short_means_more_than_1_percent_and_16_entries(replica, primary, word):
+    facts = resyncing(replica, kernel=primary)
+    assert judge(facts).word == word
+    assert health.replica(facts, NOW).missing_entries == max(primary - replica, 0)
+
+
+def test_the_primarys_table_is_its_kernel_count_else_its_internal_cache():
+    # internal lags behind the kernel after a burst: it is not the table
+    assert judge(resyncing(199000, kernel=200000, internal=150000)).word == IN_SYNC
+    assert judge(resyncing(150000, kernel=200000, internal=150000)).word == DEGRADED
+    verdict = judge(resyncing(150000, kernel=None, internal=150000))
+    assert verdict == Verdict(IN_SYNC, "replica holds 150000 of the primary's 150000 "
+                                       "entries")
+
+
+def test_a_warm_backups_replica_is_its_kernel_a_cold_ones_its_external_cache():
+    warm = backup_facts(standby_mode="warm", kernel_entries=200000, external_cache=0,
+                        report=primary_report())
+    cold = backup_facts(standby_mode="cold", kernel_entries=200000, external_cache=0,
+                        report=primary_report())
+    assert judge(warm).word == IN_SYNC
+    assert judge(cold).reason.startswith("resyncing, 0 of 200000")
+
+
+def test_a_stale_primary_report_is_degraded_saying_how_old():
+    # check_interval 1 s: figures count for 2.5 s
+    assert judge(resyncing(200000, seen=NOW - 2.4)).word == IN_SYNC
+    verdict = judge(resyncing(200000, seen=NOW - 4.0))
+    assert verdict == Verdict(DEGRADED, "the primary 169.254.192.2's latest report is "
+                                        "4 s old (older than 2 s): its table is unknown")
+
+
+def test_figures_old_when_sent_count_as_old():
+    """The primary's kernel count was read 2 s before the report left (a slow
+    check): its age is the time in flight and the time before it."""
+    assert judge(resyncing(200000, seen=NOW - 1.0, figures_age=1.0)).word == IN_SYNC
+    assert judge(resyncing(200000, seen=NOW - 1.0, figures_age=2.0)).word == DEGRADED
+
+
+def test_a_check_that_confirmed_health_json_keeps_its_fresh_reports_fresh():
+    written = report(checked=NOW - 8.0, check_interval=1.0, peers=[
+        {"address": "169.254.192.2", "role": "primary", "seen": NOW - 8.5,
+         "internal": 200000, "external": 0, "kernel": 200000}])
+    facts = backup_facts(standby_mode="warm", kernel_entries=200000)
+    assert judge(dataclasses.replace(facts, report=written)).word == DEGRADED
+    confirmed = dataclasses.replace(written, confirmed=NOW - 0.2)
+    assert judge(dataclasses.replace(facts, report=confirmed)).word == IN_SYNC
+    # a report already stale when the file was written stays stale
+    old = report(checked=NOW - 8.0, check_interval=1.0, confirmed=NOW - 0.2, peers=[
+        {"address": "169.254.192.2", "role": "primary", "seen": NOW - 12.0,
+         "internal": 200000, "external": 0, "kernel": 200000}])
+    old = dataclasses.replace(old, confirmed=NOW - 0.2)
+    assert judge(dataclasses.replace(facts, report=old)).word == DEGRADED
+
+
+def test_a_replica_conntrackd_cannot_count_is_not_in_sync():
+    verdict = judge(resyncing(None, standby="cold"))
+    assert verdict.word == DEGRADED
+    assert verdict.reason.startswith("replica unknown")
+
+
+def test_the_daemons_replica_short_problem_gives_way_to_the_newer_figures():
+    facts = resyncing(200000)
+    stale_problem = dataclasses.replace(facts.report, problems=(Problem(
+        "replica-short", DEGRADED, NOW - 5, "replica holds 0 of the primary's 200000"),))
+    assert judge(dataclasses.replace(facts, report=stale_problem)).word == IN_SYNC
+
+
+def peers_report(*peers):
+    return report(role="primary", checked=NOW - 0.5, check_interval=1.0,
+                  peers=[{"address": address, "role": "backup", "seen": NOW - 1.0,
+                          "internal": 3, "external": external, "kernel": kernel,
+                          **extra}
+                         for address, external, kernel, extra in peers])
+
+
+def on_primary(*peers, kernel=200000):
+    return primary_facts(standby_mode="warm", kernel_entries=kernel,
+                         internal_cache=150000, report=peers_report(*peers))
+
+
+def test_a_primary_names_each_resyncing_peer_and_what_a_failover_would_lose():
+    facts = on_primary(("169.254.192.2", 0, 120000, {}),
+                       ("169.254.192.3", 0, 200000, {}))
+    assert judge(facts) == Verdict(
+        DEGRADED, "peer 169.254.192.2 resyncing, 120000 of 200000; would lose 0 "
+                  "entries if it failed over now")
+    facts = on_primary(("169.254.192.2", 0, 120000, {}))
+    assert judge(facts).reason == ("peer 169.254.192.2 resyncing, 120000 of 200000; "
+                                   "would lose 80000 entries if it failed over now")
+    assert health.replica(facts, NOW).missing_entries == 80000
+
+
+def test_a_primary_takes_each_peers_replica_where_the_peer_keeps_it():
+    # a cold peer's replica is its external cache, whatever this node's mode
+    facts = on_primary(("169.254.192.2", 200000, 12, {"standby": "cold"}))
+    assert judge(facts) == Verdict(
+        IN_SYNC, "peer 169.254.192.2 holds 200000 of 200000 entries")
+
+
+def test_a_primary_with_a_stale_peer_report_is_degraded():
+    facts = on_primary(("169.254.192.2", 0, 200000, {"seen": NOW - 30}))
+    assert judge(facts).reason == "peer 169.254.192.2's latest report is 30 s old"

@@ -45,6 +45,7 @@ def router_status(**overrides):
                             "arrived": 950.0, "finished": 950.25},
         "last_repair": None, "problems": (), "checked": 999.0,
         "verdict": "in-sync", "reason": "",
+        "replica_entries": 118, "primary_entries": 121, "missing_entries": 3,
     }
     values.update(overrides)
     return types.SimpleNamespace(**values)
@@ -67,7 +68,8 @@ DOWN = router_status(
     conntrackd_pid=None, conntrackd_alive=False, conntrackd_started=None,
     conntrackd_uptime_seconds=None, kernel_entries=None, internal_cache=None,
     external_cache=None, replication=None, last_transition=None, checked=None,
-    verdict="broken", reason="conntrackd down")
+    verdict="broken", reason="conntrackd down", replica_entries=None,
+    primary_entries=None, missing_entries=None)
 
 
 def counters(**overrides):
@@ -98,6 +100,9 @@ FAMILIES = {
     "snat_sync_conntrackd_start_time_seconds": ("gauge", {"router"}),
     "snat_sync_kernel_entries": ("gauge", {"router"}),
     "snat_sync_cache_entries": ("gauge", {"router", "cache"}),
+    "snat_sync_replica_entries": ("gauge", {"router"}),
+    "snat_sync_replica_primary_entries": ("gauge", {"router"}),
+    "snat_sync_replica_missing_entries": ("gauge", {"router"}),
     "snat_sync_sync_packets_sent": ("counter", {"router"}),
     "snat_sync_sync_packets_received": ("counter", {"router"}),
     "snat_sync_sync_messages_lost": ("counter", {"router"}),
@@ -185,6 +190,12 @@ def test_conntrackd_and_cache_figures_of_a_primary_and_a_backup(parsed):
     assert values(parsed["snat_sync_conntrackd_start_time_seconds"]) == {
         ("r1",): 900.0, ("r2",): 900.0}
     assert values(parsed["snat_sync_kernel_entries"]) == {("r1",): 121, ("r2",): 5}
+    # what a failover now would lose; unknown figures (r3) are left out
+    assert values(parsed["snat_sync_replica_missing_entries"]) == {
+        ("r1",): 3, ("r2",): 3}
+    assert values(parsed["snat_sync_replica_entries"]) == {("r1",): 118, ("r2",): 118}
+    assert values(parsed["snat_sync_replica_primary_entries"]) == {
+        ("r1",): 121, ("r2",): 121}
     caches = parsed["snat_sync_cache_entries"]
     assert values(caches, router="r1") == {("internal",): 120, ("external",): 3}
     assert values(caches, router="r2") == {("internal",): 0, ("external",): 80}
