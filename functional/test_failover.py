@@ -1,6 +1,7 @@
 """A crash of the primary router, with and without snat-sync (about 20 s each)."""
 
 from snat_sync.lab import demo
+from snat_sync.lab import flows
 
 
 def describe(flows):
@@ -10,6 +11,21 @@ def describe(flows):
         f"error={flow.error}"
         for flow in flows
     )
+
+
+def assert_alive_before_failure(result):
+    """A negative control's first proof: every flow got replies, the last of them
+    shortly before r1 failed. Without it, a lab in which no flow ever got a reply
+    would "lose flows" too."""
+    assert result.failure_at is not None and result.failure_at > 0, result.failure_at
+    assert all(flow.replies_before(result.failure_at) for flow in result.flows), (
+        "flows without a single reply before the failure:\n" + describe(result.flows))
+    dead = result.dead_before_failure()
+    assert not dead, (
+        f"flows without a reply in the {flows.ALIVE_WINDOW:.0f} s before the "
+        f"failure at {result.failure_at:.2f} s: " + ", ".join(
+            f"{flow.flow_id} last reply {flow.last_reply_before(result.failure_at)}"
+            for flow in dead))
 
 
 def test_snat_sync_keeps_flows(tmp_path):
@@ -32,6 +48,7 @@ def test_keepalived_alone_loses_flows(tmp_path):
 
     summary = result.summary
     assert summary.tcp_total == summary.udp_total == 16
+    assert_alive_before_failure(result)
     assert summary.tcp_alive < summary.tcp_total, describe(result.flows)
     assert summary.udp_alive_same_endpoint < summary.udp_total, describe(result.flows)
     assert result.new_primary_status is None

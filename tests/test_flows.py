@@ -148,3 +148,30 @@ def test_short_run_over_loopback(tmp_path):
         assert result.public_endpoints[0].startswith(client_address + ":")
         assert result.same_public_endpoint, result
         assert result.longest_gap_ms < 1000, result
+
+
+def test_reply_times_before_a_fault():
+    flow = flows.merge_reports({"flows": [dict(
+        client_flow("udp-00", "udp", False), reply_times=[0.1, 0.2, 2.5, 2.9, 9.0])]},
+        {})[0]
+    assert flow.replies_before(3.0) == 4
+    assert flow.last_reply_before(3.0) == 2.9
+    assert flow.was_alive_at(3.0)
+    assert not flow.was_alive_at(5.0)  # silent for 2.1 s before it
+    assert flow.last_reply_before(0.1) is None and not flow.was_alive_at(0.1)
+
+
+def test_a_report_without_reply_times_was_alive_at_no_moment():
+    """Reports of an older client carry no reply_times: nothing is proven alive."""
+    flow = flows.merge_reports({"flows": [client_flow("tcp-00", "tcp", True)]}, {})[0]
+    assert flow.reply_times == ()
+    assert not flow.was_alive_at(3.0)
+
+
+def test_the_client_reports_every_reply_time():
+    clock = flows.FlowClock(flows.FlowSpec("udp-00", "udp", "192.168.100.11", 40001),
+                            started=0.0)
+    clock.reply_times = [0.12345, 1.5]
+    report = clock.report(end=2.0)
+    assert report.reply_times == [0.123, 1.5]
+    assert report.replies == 2 and report.last_reply_at == 1.5

@@ -167,3 +167,15 @@ def test_the_sandbox_leaves_a_callers_config_alone(tmp_path):
     argv = lab.snat_sync_argv(tmp_path / "r1", f"--config-dir={tmp_path}", "status")
     assert "--config-dir" not in argv and "--config-file" in argv
 
+
+def test_dead_before_failure_names_the_flows_silent_before_the_crash():
+    def flow(flow_id, times):
+        return flows.FlowResult(flow_id, "udp", "192.168.100.11:40001", False, 0.0,
+                                0.0, (), None, tuple(times))
+
+    result = demo.ScenarioResult(
+        "keepalived only", False,
+        (flow("udp-00", [1.0, 2.8]), flow("udp-01", []), flow("udp-02", [0.5])),
+        None, 3.0, None, failure_at=3.0)
+    assert [each.flow_id for each in result.dead_before_failure()] == [
+        "udp-01", "udp-02"]

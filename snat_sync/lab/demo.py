@@ -75,11 +75,23 @@ class ScenarioResult:
     idle_entries_loaded: int = 0
     idle_replication_seconds: float | None = None
     new_primary_kernel_entries: int | None = None
+    # When r1 failed, in seconds since the flows started (the flows' own clock).
+    failure_at: float | None = None
 
     @property
     def last_transition(self):
         """The new primary's last snat-sync transition record, if snat-sync ran."""
         return (self.new_primary_status or {}).get("last_transition")
+
+    def dead_before_failure(self, window=flows.ALIVE_WINDOW):
+        """The flows that had no reply in the `window` seconds before r1 failed.
+
+        A scenario that is to lose flows (a negative control) proves something
+        only if they worked until the failure: on a broken lab, where no flow ever
+        got a reply, "flows were lost" holds as well. It asserts this list empty.
+        """
+        return [flow for flow in self.flows
+                if not flow.was_alive_at(self.failure_at, window)]
 
 
 def scenario_name(with_snat_sync):
@@ -268,6 +280,7 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
         say(f"{settings.flows} TCP + {settings.flows} UDP flows running; "
             f"crashing r1 in {settings.crash_after:.0f} s")
         time.sleep(settings.crash_after)
+        failed_at = time.time()  # the wall clock, as the client's started_at
         failover_seconds = crash_primary(lab)
         say(f"r1 crashed; r2 primary after {failover_seconds:.2f} s; "
             f"flows run {settings.run_after_crash:.0f} s more")
@@ -279,8 +292,9 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
             wait_for_role(r2_state, lab.router_id, "primary")
             new_primary_status = lab_module.snat_sync_status(r2_state, lab.router_id)[0]
             new_primary_kernel_entries = lab_module.kernel_entry_count(lab.routers[1])
+    client_report = json.loads((workdir / "client.json").read_text())
     results = flows.merge_reports(
-        json.loads((workdir / "client.json").read_text()),
+        client_report,
         json.loads((workdir / "server.json").read_text()),
     )
     return ScenarioResult(
@@ -293,6 +307,7 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
         idle_entries_loaded=idle_loaded,
         idle_replication_seconds=replication_seconds,
         new_primary_kernel_entries=new_primary_kernel_entries,
+        failure_at=failed_at - client_report["started_at"],
     )
 
 

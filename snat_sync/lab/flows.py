@@ -60,6 +60,8 @@ class ClientFlowReport:
     last_reply_at: float | None
     error: str | None
     echoed_public_endpoints: list[str]
+    # Every reply's arrival, to the millisecond: what the flow did before a fault.
+    reply_times: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -82,11 +84,29 @@ class FlowResult:
     longest_gap_start: float
     public_endpoints: tuple[str, ...]
     error: str | None
+    reply_times: tuple[float, ...] = ()
 
     @property
     def same_public_endpoint(self):
         """The server saw this flow from one public address:port only."""
         return len(self.public_endpoints) == 1
+
+    def replies_before(self, moment):
+        """How many replies arrived before `moment` (seconds since the run started)."""
+        return sum(1 for at in self.reply_times if at < moment)
+
+    def last_reply_before(self, moment):
+        """When the last reply before `moment` arrived, or None if none did."""
+        return max((at for at in self.reply_times if at < moment), default=None)
+
+    def was_alive_at(self, moment, window=ALIVE_WINDOW):
+        """Whether the flow worked up to `moment`: a reply within `window` before it.
+
+        A negative control ("this setup loses flows") proves something only about
+        flows that were alive when the fault came.
+        """
+        last = self.last_reply_before(moment)
+        return last is not None and last >= moment - window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +189,7 @@ def merge_reports(client_report, server_report):
                 longest_gap_start=flow["longest_gap_start"],
                 public_endpoints=tuple(server_flow.get("public_endpoints", ())),
                 error=flow["error"],
+                reply_times=tuple(flow.get("reply_times", ())),
             )
         )
     return results
@@ -316,6 +337,7 @@ class FlowClock:
             last_reply_at=round(self.reply_times[-1], 3) if self.reply_times else None,
             error=self.error,
             echoed_public_endpoints=self.public_endpoints,
+            reply_times=[round(at, 3) for at in self.reply_times],
         )
 
 
