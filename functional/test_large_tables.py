@@ -10,6 +10,7 @@ Each case takes 25 to 50 s.
 """
 
 import contextlib
+import re
 import time
 
 import pytest
@@ -59,9 +60,13 @@ def test_events_lost_on_the_primary_still_replicate(lab, tmp_path, state_paths):
     """r1's conntrackd is frozen while 200,000 entries are loaded, so its netlink
     event buffer overruns and the kernel drops most events. conntrackd then re-reads
     the table after netlink_overrun_resync seconds and sends it all at once, which
-    must fit its resend queue: r2 ends up with every entry."""
+    must fit its resend queue: r2 ends up with every entry.
+
+    That the overrun happened is asserted first (conntrackd's own netlink counters):
+    with a larger event buffer this would be a plain replication test."""
     demo.start_routers(lab, tmp_path, True, demo.ScenarioSettings())
     r1 = lab.routers[0]
+    r1_config = state_paths["r1"] / "routers" / lab.router_id / "conntrackd.conf"
     frozen = lab_module.named_processes_in_namespace(r1.namespace, "conntrackd")
     started = time.monotonic()
     for process in frozen:
@@ -72,6 +77,17 @@ def test_events_lost_on_the_primary_still_replicate(lab, tmp_path, state_paths):
         for process in frozen:
             with contextlib.suppress(Exception):
                 process.resume()
+    netlink = {}
+
+    def overran():
+        netlink.update(netlink_stats(r1, r1_config))
+        return netlink.get("netlink overrun", 0) >= 1
+
+    assert lab_module.wait_until(overran, timeout=15, interval=0.5), (
+        f"r1's conntrackd saw no netlink overrun: {netlink}; its log: "
+        + lab_module.read_tail(r1_config.parent / "conntrackd.log"))
+    assert netlink["events received"] < loaded, (
+        f"r1's conntrackd received all {loaded} events: none was lost ({netlink})")
     status = {}
 
     def replicated():
@@ -83,6 +99,17 @@ def test_events_lost_on_the_primary_still_replicate(lab, tmp_path, state_paths):
     print(f"overrun: {loaded} entries on r2 after {time.monotonic() - started:.1f} s")
     assert loaded == 200_000
     assert status["replication"]["cache_full_drops"] == 0, status
+
+
+def netlink_stats(router, conntrackd_config):
+    """conntrackd's netlink counters (`-s runtime`), e.g. {"netlink overrun": 1,
+    "events received": 97768}. conntrackd counts an overrun each time the kernel
+    answers its event socket with ENOBUFS: the buffer was full, events were dropped."""
+    output = lab_module.run(["conntrackd", "-C", str(conntrackd_config), "-s",
+                             "runtime"], namespace=router.namespace).stdout
+    return {match.group(1): int(match.group(2)) for match in re.finditer(
+        r"^\s*(events received|netlink overrun|resync with kernel table):\s*(\d+)",
+        output, re.MULTILINE)}
 
 
 def measurements(result):
