@@ -87,6 +87,9 @@ class Step:
     arguments: tuple = ()
     uses_commit_timeout: bool = False
     discards_replicated_entries: bool = False
+    # Run again here if the notify hook ran it and it failed (conntrackd was not
+    # running yet, say): only for a step that is safe to repeat.
+    repeated_after_hook_failure: bool = False
 
 
 COMMIT = Step("commit", arguments=("-c",), uses_commit_timeout=True)
@@ -99,11 +102,12 @@ ENSURE_RUNNING = Step("ensure-running", action="start-daemon")
 RAISE_GUARD = Step("raise-guard", action="raise-guard")
 SHORTEN_TIMERS = Step("shorten-timers", arguments=("-t",))
 REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
-FORGET_OWN_ENTRIES = Step("forget-own-entries", arguments=("-f", "internal"))
+FORGET_OWN_ENTRIES = Step("forget-own-entries", arguments=("-f", "internal"),
+                          repeated_after_hook_failure=True)
 FLUSH_KERNEL_TABLE = Step("flush-kernel-table", action="flush-kernel-table")
 
 
-HOOK_STEP_NAMES = (COMMIT.name, LIFT_GUARD.name)
+HOOK_STEP_NAMES = (COMMIT.name, LIFT_GUARD.name, FORGET_OWN_ENTRIES.name)
 WARM = "warm"
 COLD = "cold"
 
@@ -294,7 +298,9 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                 step_record = StepRecord(step.name, time.time(), 0.0, False,
                                          "skipped: it would discard the entries "
                                          "the commit left out")
-            elif step.name in done_by_hook:
+            elif step.name in done_by_hook and not (
+                    step.repeated_after_hook_failure
+                    and done_by_hook[step.name].exit_status != 0):
                 step_record = _hook_step_record(done_by_hook[step.name])
             else:
                 step_record = run_step(step, daemon, options)

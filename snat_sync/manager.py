@@ -118,6 +118,8 @@ def generate(conf, spec, facts, files, snat_sync_command):
             conf.conntrackd.commit_timeout,
             spec.namespace if _uses_guard(conf) else None,
             commits=not is_warm(conf),
+            forgets=is_warm(conf),
+            control_timeout=conf.conntrackd.control_timeout,
         ),
         keepalived_snippet=render.render_keepalived_snippet(
             spec, str(files.notify_hook)

@@ -115,12 +115,14 @@ def snat_sync_command(config_files, config_dirs, state_path):
 
 
 def render_notify_hook(router_id, files, conntrackd_binary, command, lock_timeout,
-                       commit_timeout, guard_namespace=None, commits=True):
+                       commit_timeout, guard_namespace=None, commits=True,
+                       forgets=False, control_timeout=10):
     """The hook keepalived runs.
 
-    commits: on MASTER it commits the external cache first (false with warm
-    standby: the replicated entries are in the kernel already);
+    commits (cold standby): on MASTER it commits the external cache first;
     guard_namespace set: it then lifts the guard in that namespace.
+    forgets (warm standby): on every other state it has conntrackd forget the
+    entries it held as its own first.
     """
     return _render(
         "notify.sh.j2",
@@ -133,6 +135,8 @@ def render_notify_hook(router_id, files, conntrackd_binary, command, lock_timeou
             "commit_timeout": commit_timeout,
             "guard_namespace_path": guard_namespace and f"/run/netns/{guard_namespace}",
             "commits": commits,
+            "forgets": forgets,
+            "control_timeout": control_timeout,
         },
     )
 

@@ -309,6 +309,8 @@ def journal(monkeypatch):
 
     monkeypatch.setattr(failover.guard, "raise_guard", fake("raise-guard"))
     monkeypatch.setattr(failover.guard, "lift_guard", fake("lift-guard"))
+    monkeypatch.setattr(failover.connection_table, "flush", lambda namespace, timeout:
+                        calls.append(("flush-kernel-table", namespace)))
     return calls
 
 
@@ -850,6 +852,28 @@ def test_warm_backup_runs_the_exact_commands_in_order(files, fp, monkeypatch):
     assert list(fp.calls) == order
     assert order[1][:2] == ["nsenter", "--net=/run/netns/qrouter-r1"]
     assert order[1][2:] == ["conntrack", "-F", "-f", "ipv4"]
+
+
+def test_warm_hook_forget_is_recorded_and_not_run_again(files, daemon):
+    record = failover.run_transition(
+        "r1", Role.BACKUP, daemon, files, fast_options(standby_mode="warm"), 1000.0,
+        [HookStep("forget-own-entries", 1000.1, 1000.104, 0)])
+    assert record.outcome == "done"
+    assert [(step.name, step.run_by) for step in record.steps][:2] == [
+        ("ensure-running", "snat-sync"), ("forget-own-entries", "notify-hook")]
+    assert ("control", ("-f", "internal"), 10) not in daemon.calls
+
+
+def test_a_failed_hook_forget_is_run_again_once_conntrackd_runs(files, daemon):
+    """The hook forgets first thing, before anything made sure conntrackd runs."""
+    record = failover.run_transition(
+        "r1", Role.BACKUP, daemon, files, fast_options(standby_mode="warm"), 1000.0,
+        [HookStep("forget-own-entries", 1000.1, 1000.104, 1)])
+    assert record.outcome == "done", record.errors
+    assert record.steps[1].run_by == "snat-sync" and record.steps[1].ok
+    assert daemon.calls == [("start", "other"), ("control", ("-f", "internal"), 10),
+                            ("flush-kernel-table", "qrouter-r1"),
+                            ("control", ("-n",), 10)]
 
 
 def test_a_failed_kernel_flush_is_recorded_and_the_resync_still_runs(files, fp,

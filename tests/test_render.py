@@ -255,6 +255,47 @@ def test_hook_is_a_bash_script_that_bash_accepts(state_path, guard_namespace):
     assert f">>{files.notify_log} 2>&1" in hook
 
 
+def test_warm_hook_forgets_its_own_entries_on_every_state_but_master(state_path):
+    files = statedir.RouterFiles.under(state_path, "r1")
+    hook = render.render_notify_hook("r1", files, "/usr/sbin/conntrackd",
+                                     ["python3", "-m", "snat_sync"], 120, 60,
+                                     commits=False, forgets=True, control_timeout=7)
+    result = subprocess.run(["bash", "-n"], input=hook, text=True, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in hook.splitlines()]
+    condition = lines.index('if [ "${3:-${1:-}}" != MASTER ]; then')
+    forget = lines.index(f"timeout 7 /usr/sbin/conntrackd -C {files.conntrackd_config} "
+                         "-f internal >/dev/null 2>&1")
+    assert condition < lines.index(f'flock --timeout 120 "$lock"; then'.join(
+        ("if ", ""))) < forget
+    assert '--hook-step "forget-own-entries,' in hook
+    assert " -c " not in hook and "nft" not in hook
+
+
+@pytest.mark.parametrize("state, forgets", [("MASTER", False), ("BACKUP", True),
+                                            ("FAULT", True), ("STOP", True)])
+def test_warm_hook_runs_the_forget_for_the_states_keepalived_passes(
+        tmp_path, state, forgets):
+    """Run the rendered hook with bash, with conntrackd and snat-sync replaced by
+    scripts that log their arguments."""
+    files = statedir.RouterFiles(tmp_path / "r1")
+    files.directory.mkdir()
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "fake"
+    fake.write_text(f'#!/bin/bash\necho "$0 $*" >>{log}\n')
+    fake.chmod(0o755)
+    hook = render.render_notify_hook("r1", files, str(fake), [str(fake)], 5, 60,
+                                     commits=False, forgets=True)
+    result = subprocess.run(["bash", "-c", hook, "notify.sh", "INSTANCE", "VR_7",
+                             state, "100"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    forget_calls = [call for call in calls if call.endswith("-f internal")]
+    assert len(forget_calls) == int(forgets), calls
+    assert calls[-1].startswith(f"{fake} notify --arrived ")
+    assert ("--hook-step forget-own-entries," in calls[-1]) is forgets
+
+
 def test_hook_without_guard_never_touches_nftables(state_path):
     hook = render_hook(statedir.RouterFiles.under(state_path, "r1"))
     assert "nsenter" not in hook

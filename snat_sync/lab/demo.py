@@ -58,6 +58,12 @@ class ScenarioSettings:
     # Global snat-sync arguments for `router add`, e.g. ("--config-file", PATH).
     snat_sync_arguments: tuple = ()
     replication_timeout: float = 60.0
+    # sysctl settings for both router namespaces, e.g. shorter conntrack timeouts:
+    # (("net.netfilter.nf_conntrack_udp_timeout_stream", 10),)
+    router_sysctls: tuple = ()
+    # "crash": r1's node dies (crash_primary); "switchover": r1's keepalived is
+    # stopped, as an operator does for maintenance (switch_over).
+    failure: str = "crash"
 
     @property
     def client_duration(self):
@@ -255,6 +261,20 @@ def crash_primary(lab):
     return time.monotonic() - crashed_at
 
 
+def switch_over(lab):
+    """Stop r1's keepalived (it gives the VIPs up with a priority-0 advert) and
+    return the seconds until r2 holds the VIPs."""
+    r1, r2 = lab.routers
+    stopped_at = time.monotonic()
+    lab_module.stop_process(r1.keepalived)
+    if not lab_module.wait_until(lambda: lab_module.primary(lab) is r2, timeout=15):
+        raise lab_module.LabError("r2 did not take over after r1's keepalived stopped")
+    return time.monotonic() - stopped_at
+
+
+FAILURES = {"crash": crash_primary, "switchover": switch_over}
+
+
 def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=None,
                  progress=None):
     """Build a lab in workdir, run the crash scenario and tear everything down.
@@ -265,6 +285,10 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
     workdir = pathlib.Path(workdir)
     with lab_module.running_lab(workdir, prefix=prefix) as lab:
         say(f"lab {lab.prefix}: namespaces {', '.join(lab.namespaces)}")
+        for router in lab.routers:
+            if settings.router_sysctls:
+                lab_module.sysctl(router.namespace, *(
+                    f"{key}={value}" for key, value in settings.router_sysctls))
         start_routers(lab, workdir, with_snat_sync, settings)
         say("r1 is primary" + (", snat-sync runs conntrackd on r1 and r2"
                                if with_snat_sync else ""))
@@ -281,8 +305,9 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
             f"crashing r1 in {settings.crash_after:.0f} s")
         time.sleep(settings.crash_after)
         failed_at = time.time()  # the wall clock, as the client's started_at
-        failover_seconds = crash_primary(lab)
-        say(f"r1 crashed; r2 primary after {failover_seconds:.2f} s; "
+        failover_seconds = FAILURES[settings.failure](lab)
+        say(f"r1 {'crashed' if settings.failure == 'crash' else 'stepped down'}; "
+            f"r2 primary after {failover_seconds:.2f} s; "
             f"flows run {settings.run_after_crash:.0f} s more")
         wait_for_exit(client, workdir / "client.log", settings.client_duration + 20)
         stop_server(server, workdir / "server.log")
