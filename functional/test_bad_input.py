@@ -13,7 +13,8 @@ leaves the system exactly as it was.
     created by looking it up).
 A positive control runs the same arguments, minus the one bad value, and sees a
 router come and go; so a case that changes nothing because everything is broken
-cannot pass for one that was rejected.
+cannot pass for one that was rejected. Each family has its own: `router add`, a
+config file (and one that sets the state path), a state path, and notify.
 """
 
 import contextlib
@@ -622,3 +623,84 @@ def test_valid_input_adds_a_router_and_removal_leaves_nothing(system):
     after["files"] = {path: entry for path, entry in after["files"].items()
                       if not path.startswith("control")}
     assert_unchanged(before, after)
+
+
+def add_and_remove(system, router, *global_arguments, state=None):
+    """The control's round trip: `router add` works and starts one conntrackd,
+    `router remove` takes both away; the files left are the state path's own
+    directories. Returns the rendered conntrackd.conf."""
+    before = snapshot(system)
+    added = snat_sync(system, *global_arguments, *system.valid_add(router),
+                      state=state)
+    assert added.returncode == 0, added.stderr
+    state_path = pathlib.Path(state) if state else system.state
+    directory = state_path / "routers" / router
+    rendered = (directory / "conntrackd.conf").read_text()
+    started = our_daemons(system) - before["daemons"]
+    assert [name for _pid, name in started] == ["conntrackd"]
+    removed = snat_sync(system, *global_arguments, "router", "remove", router,
+                        state=state)
+    assert removed.returncode == 0, removed.stderr
+    assert our_daemons(system) == before["daemons"]
+    assert not directory.exists() and not any((state_path / "routers").iterdir())
+    return rendered
+
+
+def test_a_valid_config_file_is_read_and_works(system):
+    """The control of the config file cases: a root-only, parseable file of known
+    options and valid values is taken, and its values reach conntrackd.conf."""
+    path = system.workdir / "good.conf"
+    path.write_text("[conntrackd]\nhash_size = 16411\nsync_mode = notrack\n"
+                    "protocols = TCP,UDP\nbase_port = 3900\n")
+    path.chmod(0o600)
+    rendered = add_and_remove(system, "control2", "--config-file", path,
+                              state=system.workdir / "control-config")
+    assert "HashSize 16411" in rendered, rendered
+    assert "Mode NOTRACK" in rendered, rendered
+    assert "3907" in rendered, rendered  # base_port + VRID 7
+
+
+def test_a_config_file_may_set_the_state_path(system):
+    """The control of "config state path with a space": the same file with a
+    state path that has none, and no --state-path."""
+    state = system.workdir / "control-from-config"
+    path = system.workdir / "state.conf"
+    path.write_text(f"[DEFAULT]\nstate_path = {state}\n")
+    path.chmod(0o600)
+    added = snat_sync(system, "--config-file", path, *system.valid_add("control3"),
+                      state=NO_STATE_OPTION)
+    assert added.returncode == 0, added.stderr
+    assert (state / "routers" / "control3" / "conntrackd.conf").is_file()
+    removed = snat_sync(system, "--config-file", path, "router", "remove",
+                        "control3", state=NO_STATE_OPTION)
+    assert removed.returncode == 0, removed.stderr
+    assert not any((state / "routers").iterdir())
+
+
+def test_a_valid_state_path_works(system):
+    """The control of the state path cases: a real, root-only directory (the
+    symlink case's own target among them) takes a router and answers status."""
+    real = system.workdir / "real"
+    real.mkdir(mode=0o700, exist_ok=True)
+    add_and_remove(system, "control4", state=real)
+    status = snat_sync(system, "status", state=real)
+    assert status.returncode == 0, status.stderr
+    known = snat_sync(system, "status", "known", "--json", state=system.known_state)
+    assert known.returncode == 0 and '"known"' in known.stdout, known.stderr
+
+
+@pytest.mark.parametrize("arguments", [
+    ["backup"],
+    ["INSTANCE", "VR_7", "BACKUP", "100"],
+    ["--arrived", "now", "backup"],
+])
+def test_valid_notify_runs_a_transition(system, arguments):
+    """The control of the notify cases: the same router and forms, valid, run a
+    transition (exit 0) and record it."""
+    arguments = [str(time.time()) if each == "now" else each for each in arguments]
+    record = system.known_state / "routers" / "known" / "last-transition.json"
+    result = snat_sync(system, "notify", "known", *arguments,
+                       state=system.known_state)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert '"role": "backup"' in record.read_text().replace('":"', '": "')
