@@ -4,9 +4,10 @@ Every [health] check_interval the daemon checks the routers that have no job
 running, one after another in one pool job (`check_all`, `check`): for each it
 reads its kernel count from /proc and its conntrackd's figures from the control
 socket, the latter under a short timeout (`observe`), sends them to the peers'
-daemons (reports.py) even when conntrackd did not answer, lets repair.assess decide what is wrong and what
-to repair, carries the repairs out under the router's transition lock
-(`run_repair`), writes health.json for `snat-sync status`, and rotates
+daemons (reports.py) even when conntrackd did not answer, lets repair.assess
+decide what is wrong and what to repair, carries the repairs out under the
+router's transition lock (`run_repair`), writes health.json for `snat-sync
+status` (or only touches it when nothing moved), and rotates
 conntrackd's log. The verdict itself is health.py's and repair.py's.
 """
 

@@ -247,7 +247,7 @@ def test_report_peer_finds_a_peer_by_address():
     assert report().peer("169.254.192.9") is None
 
 
-# -- the replica against the table it copies, on figures fresh enough -------------------
+# -- the replica against the table it copies, on figures fresh enough ----------------
 
 
 def primary_report(kernel=200000, internal=199000, seen=NOW - 1.0, **overrides):
@@ -311,8 +311,9 @@ def test_a_stale_primary_report_is_degraded_saying_how_old():
     # check_interval 1 s: figures count for 2.5 s
     assert judge(resyncing(200000, seen=NOW - 2.4)).word == IN_SYNC
     verdict = judge(resyncing(200000, seen=NOW - 4.0))
-    assert verdict == Verdict(DEGRADED, "the primary 169.254.192.2's latest report is "
-                                        "4 s old (older than 2 s): its table is unknown")
+    assert verdict == Verdict(
+        DEGRADED, "the primary 169.254.192.2's latest report is 4 s old (older than "
+                  "2 s): its table is unknown")
 
 
 def test_figures_old_when_sent_count_as_old():
@@ -347,7 +348,8 @@ def test_a_replica_conntrackd_cannot_count_is_not_in_sync():
 def test_the_daemons_replica_short_problem_gives_way_to_the_newer_figures():
     facts = resyncing(200000)
     stale_problem = dataclasses.replace(facts.report, problems=(Problem(
-        "replica-short", DEGRADED, NOW - 5, "replica holds 0 of the primary's 200000"),))
+        "replica-short", DEGRADED, NOW - 5,
+        "replica holds 0 of the primary's 200000"),))
     assert judge(dataclasses.replace(facts, report=stale_problem)).word == IN_SYNC
 
 
