@@ -9,8 +9,10 @@ import logging
 from snat_sync import failover
 from snat_sync import manager
 from snat_sync import statedir
+from snat_sync.roles import Role
 from snat_sync.inventory import NEUTRON_MARKER
-from snat_sync.reconcile import recorded_role, restore_steps
+from snat_sync import namespace
+from snat_sync.reconcile import recorded_role, restore_role, restore_steps
 
 # The daemon's rooms log as the daemon did before it was split into them.
 LOG = logging.getLogger("snat_sync.daemon")
@@ -30,12 +32,15 @@ def add(conf, spec, snat_sync_command, from_neutron):
         daemon = manager.daemon_for(conf, spec, files)
         with failover.transition_lock(files.transition_lock,
                                       conf.failover.lock_timeout):
-            restore(conf, daemon, files)
+            restore(conf, daemon, files, spec)
     return result.pid
 
 
-def start(conf, spec):
+def start(conf, spec, record_is_current=False):
     """Start a router's conntrackd that is not running, and restore its state.
+
+    record_is_current: the daemon saw this conntrackd exit, so the router's last
+    recorded transition describes the node as it is (see reconcile.restore_role).
 
     Under the router's transition lock, so no transition runs against a
     half-restored daemon and the role read here is the one the restore acts on.
@@ -50,13 +55,23 @@ def start(conf, spec):
         if daemon.start(conf.conntrackd.scheduler):
             LOG.warning("router %s: conntrackd was not running; started it",
                         spec.router_id)
-            restore(conf, daemon, files)
+            restore(conf, daemon, files, spec, record_is_current)
     return True
 
 
-def restore(conf, daemon, files):
-    """Run restore_steps for the recorded role; the caller holds the lock."""
-    role = recorded_role(statedir.read_json(files.last_transition))
+def restore(conf, daemon, files, spec, record_is_current=False):
+    """Run restore_steps for the router's role; the caller holds the lock."""
+    recorded = recorded_role(statedir.read_json(files.last_transition))
+    holds = None
+    if spec.primary_address is not None:
+        holds = namespace.holds_address(spec.namespace, spec.ha_interface,
+                                        spec.primary_address)
+    role = restore_role(recorded, holds, record_is_current)
+    if recorded is Role.PRIMARY and role is not Role.PRIMARY:
+        LOG.warning("router %s: last recorded as primary, but %s: not restoring it "
+                    "as primary", spec.router_id,
+                    "its primary address is not here" if holds is False else
+                    "that record is from before this daemon started")
     for step in restore_steps(role, conf.failover.standby_mode):
         daemon.control(*step.arguments, timeout=conf.conntrackd.control_timeout)
     if role is not None:

@@ -61,24 +61,43 @@ def reconcile_plan(desired, configured, running, rerender=False):
     return tuple(actions)
 
 
-def restore_steps(last_role, standby_mode=failover.WARM):
-    """What a freshly (re)started conntrackd needs, given the router's last role.
+def restore_steps(role, standby_mode=failover.WARM):
+    """What a freshly (re)started conntrackd needs, given the router's role.
 
     A new conntrackd has empty caches. On the primary it reads the kernel's table
     (-R) and sends all of it to the backups (-B), whose replica it refreshes; on a
     backup it asks the primary for its whole table (-n). A new conntrackd also
-    reads its kernel table as its own: on a warm backup those are the replicated
-    entries, which it must forget first (-f internal), or it would report their
-    ends to the primary as its own. Otherwise there is nothing to restore: without
-    a recorded role the next transition sets things up.
+    reads its kernel table as its own: with warm standby, on a backup those are
+    the replicated entries and on a node of unknown role perhaps a table from
+    before a crash; it must forget them (-f internal), or it would report their
+    ends, or send them, to the primary, which would delete or overwrite its live
+    entries. With cold standby and no known role there is nothing to restore: the
+    next transition sets things up.
     """
-    if last_role is Role.PRIMARY:
+    if role is Role.PRIMARY:
         return (failover.RESYNC_FROM_KERNEL, failover.BULK_SEND)
-    if last_role is Role.BACKUP:
-        if standby_mode == failover.WARM:
-            return (failover.FORGET_OWN_ENTRIES, failover.REQUEST_RESYNC)
-        return (failover.REQUEST_RESYNC,)
-    return ()
+    warm = standby_mode == failover.WARM
+    if role is Role.BACKUP:
+        return (*(failover.FORGET_OWN_ENTRIES,) * warm, failover.REQUEST_RESYNC)
+    return (failover.FORGET_OWN_ENTRIES,) * warm
+
+
+def restore_role(recorded, holds_primary_address, record_is_current):
+    """The role to restore a restarted conntrackd as.
+
+    holds_primary_address: whether the router's primary address is on its HA
+    interface (None: the router has none, or it cannot be read), the live answer.
+    Without it, the recorded role of the last transition, but as primary only when
+    record_is_current (the daemon saw this conntrackd exit): when the daemon starts
+    with conntrackd not running the node may be returning from a crash or a
+    partition, its record from before that, and restoring it as primary would send
+    its old table to the real primary.
+    """
+    if holds_primary_address is not None:
+        return Role.PRIMARY if holds_primary_address else Role.BACKUP
+    if recorded is Role.PRIMARY and not record_is_current:
+        return None
+    return recorded
 
 
 def recorded_role(last_record):

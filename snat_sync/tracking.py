@@ -101,7 +101,8 @@ class RouterTracker:
             self._restart(router_id, tracked.spec)
 
     def _restart(self, router_id, spec):
-        self.jobs.submit(router_id, "started", jobs.start, self.conf, spec)
+        # The daemon saw it exit: the router's record describes the node now.
+        self.jobs.submit(router_id, "started", jobs.start, self.conf, spec, True)
 
     def ensure_namespace_sockets(self, router_id, spec):
         tracked = self.tracked.get(router_id)

@@ -101,8 +101,27 @@ def test_restore_on_a_cold_backup_asks_the_primary_for_a_resync():
 
 
 @pytest.mark.parametrize("role", [Role.FAULT, Role.STOP, None])
-def test_nothing_to_restore_otherwise(role):
-    assert restore_steps(role) == ()
+def test_cold_standby_has_nothing_to_restore_otherwise(role):
+    assert restore_steps(role, "cold") == ()
+
+
+@pytest.mark.parametrize("role", [Role.FAULT, Role.STOP, None])
+def test_warm_standby_otherwise_only_forgets_the_adopted_table(role):
+    assert [step.arguments for step in restore_steps(role)] == [("-f", "internal")]
+
+
+@pytest.mark.parametrize("recorded, holds, current, role", [
+    (Role.PRIMARY, None, True, Role.PRIMARY),
+    (Role.PRIMARY, None, False, None),  # a node returning with an old record
+    (Role.BACKUP, None, False, Role.BACKUP),
+    (None, None, True, None),
+    (Role.PRIMARY, False, True, Role.BACKUP),  # the address says otherwise
+    (Role.BACKUP, True, False, Role.PRIMARY),
+    (None, True, False, Role.PRIMARY),
+])
+def test_restore_role_prefers_the_live_address_then_a_current_record(
+        recorded, holds, current, role):
+    assert reconcile.restore_role(recorded, holds, current) is role
 
 
 @pytest.mark.parametrize("record, role", [
@@ -144,9 +163,25 @@ def test_start_restores_the_recorded_role(conf, router_files, monkeypatch, role,
     statedir.write_json(router_files.spec, make_spec("r1").to_dict())
     statedir.write_json(router_files.last_transition, {"role": role})
 
-    jobs_module.start(conf, make_spec("r1"))
+    jobs_module.start(conf, make_spec("r1"), record_is_current=True)
 
     assert fake.calls == expected
+
+
+def test_a_start_without_a_current_record_never_restores_a_primary(
+        conf, router_files, monkeypatch, caplog):
+    """The daemon starting on a node back from a crash finds conntrackd stopped and
+    a record that says primary: sending that table to the real primary would
+    overwrite its live entries with old ones."""
+    fake = FakeConntrackd()
+    monkeypatch.setattr(jobs_module.manager, "daemon_for", lambda *a: fake)
+    statedir.write_json(router_files.spec, make_spec("r1").to_dict())
+    statedir.write_json(router_files.last_transition, {"role": "primary"})
+
+    jobs_module.start(conf, make_spec("r1"))
+
+    assert fake.calls == ["start", ("-f", "internal")]
+    assert "not restoring it as primary" in caplog.text
 
 
 def test_start_of_a_running_conntrackd_restores_nothing(conf, router_files,
@@ -262,7 +297,7 @@ def stand_ins(monkeypatch):
         running[spec.router_id] = process.pid
         return process.pid
 
-    def start(conf, spec):
+    def start(conf, spec, record_is_current=False):
         calls.append(("start", spec.router_id))
         return launch(spec)
 
