@@ -12,6 +12,8 @@ import pytest
 
 from snat_sync.lab import demo
 
+from functional.test_failover import assert_alive_before_failure
+
 SHORT_TIMEOUTS = (("net.netfilter.nf_conntrack_udp_timeout_stream", 10),
                   ("net.netfilter.nf_conntrack_tcp_timeout_established", 30))
 IDLE_ENTRIES = 200_000
@@ -85,5 +87,6 @@ def test_without_refreshes_old_flows_lose_their_backup_entries(tmp_path, config)
     """The negative control: the same crash, with refreshes off."""
     result = run(tmp_path, "unrefreshed", "crash", config=config)
     report = describe(result)
+    assert_alive_before_failure(result)
     assert lost(result), report
     print(report)
