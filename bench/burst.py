@@ -3,8 +3,10 @@
 For each run: a fresh pair of router namespaces (one veth as HA network) with
 conntrackd run by `snat-sync router add` on both, BACKUP / MASTER transitions run
 through the hooks, then N idle entries (`lab.idle_entry`, half TCP, half UDP) loaded
-into the primary's kernel with one `conntrack -R FILE`. The backup's external cache
-is polled (socket request) until it holds N or has not grown for --stall s.
+into the primary's kernel with one `conntrack -R FILE`. The backup's replica is
+polled until it holds N or has not grown for --stall s: its external cache (cold
+standby; a socket request) or the entries its kernel table gained (warm standby,
+the default; `conntrack -C`).
 
 Reported per run: load time, time from the load's start until the backup holds N
 (or where it stopped), the backup's `-s network` counters (lost packets), the
@@ -211,6 +213,9 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
         sampler = PeakSampler(conntrackd_processes(r1)[0].pid,
                               conntrackd_processes(r2)[0].pid)
         sampler.start()
+        # Warm standby (DisableExternalCache On) puts the replica in the backup's
+        # kernel table, cold standby in its external cache: count whichever grows.
+        backup_kernel_before = common.conntrack_count(r2)
         started = time.time()
         loader = ["taskset", "-c", "0"] if busy_backup else []
         if rt_loader:
@@ -223,8 +228,9 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
         last, grown_at, complete_at, count = -1, time.time(), None, 0
         while time.time() - started < limit:
             try:
-                count = common.cache_counts(backup_socket).external_active
-            except OSError:
+                count = max(common.cache_counts(backup_socket).external_active,
+                            common.conntrack_count(r2) - backup_kernel_before)
+            except (OSError, RuntimeError):
                 continue
             if count >= size:
                 complete_at = time.time() - started
