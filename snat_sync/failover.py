@@ -19,6 +19,7 @@ import time
 
 from snat_sync import connection_table
 from snat_sync import conntrackd as conntrackd_module
+from snat_sync import demotion
 from snat_sync import guard
 from snat_sync import history
 from snat_sync import statedir
@@ -79,7 +80,8 @@ class Step:
     """One step of a transition.
 
     action is "control" (a conntrackd request with arguments), "start-daemon",
-    "raise-guard" or "lift-guard".
+    "raise-guard", "lift-guard", "flush-kernel-table" or "write-demotion" (the
+    demotion track file, arguments (value,)).
     """
 
     name: str
@@ -105,6 +107,9 @@ REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
 FORGET_OWN_ENTRIES = Step("forget-own-entries", arguments=("-f", "internal"),
                           repeated_after_hook_failure=True)
 FLUSH_KERNEL_TABLE = Step("flush-kernel-table", action="flush-kernel-table")
+DEMOTE = Step("demote", action="write-demotion", arguments=(demotion.DEMOTED,))
+LIFT_DEMOTION = Step("lift-demotion", action="write-demotion",
+                     arguments=(demotion.NOT_DEMOTED,))
 
 
 HOOK_STEP_NAMES = (COMMIT.name, LIFT_GUARD.name, FORGET_OWN_ENTRIES.name)
@@ -112,7 +117,7 @@ WARM = "warm"
 COLD = "cold"
 
 
-def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True):
+def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=False):
     """The steps that take a router's conntrackd into role, in order.
 
     Warm standby (replicated entries live in the backups' kernel tables):
@@ -137,7 +142,20 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True):
 
     Without resync_on_backup a backup neither asks for the table nor, with warm
     standby, empties its own (it would stay empty).
+
+    demote (demote_while_resyncing, either mode): a backup first demotes itself
+    (its replica is about to be resynced; the daemon's health check lifts the
+    demotion once it is complete), a primary first lifts its demotion.
     """
+    steps = _plan(role, standby_mode, resync_on_backup, guard)
+    if demote and role is Role.PRIMARY:
+        return (LIFT_DEMOTION, *steps)
+    if demote and role is Role.BACKUP:
+        return (DEMOTE, *steps)
+    return steps
+
+
+def _plan(role, standby_mode, resync_on_backup, guard):
     if standby_mode == WARM:
         if role is Role.PRIMARY:
             return (RESYNC_FROM_KERNEL, BULK_SEND)
@@ -292,7 +310,8 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
         commit_failed = False
         steps = plan(role, options.failover.standby_mode,
                      options.failover.resync_on_backup,
-                     options.failover.reset_window_guard)
+                     options.failover.reset_window_guard,
+                     options.failover.demote_while_resyncing)
         for step in steps:
             if step.discards_replicated_entries and commit_failed:
                 step_record = StepRecord(step.name, time.time(), 0.0, False,
@@ -357,6 +376,12 @@ def run_step(step, daemon, options):
         elif step.action == "flush-kernel-table":
             connection_table.flush(daemon.namespace,
                                    options.conntrackd.control_timeout)
+        elif step.action == "write-demotion":
+            try:
+                demotion.write(daemon.files.demotion, step.arguments[0])
+            except OSError as failure:
+                raise SnatSyncError(f"cannot write {daemon.files.demotion}: "
+                                    f"{failure.strerror}") from None
         else:
             timeout = (options.conntrackd.commit_timeout if step.uses_commit_timeout
                        else options.conntrackd.control_timeout)

@@ -7,7 +7,8 @@ socket, the latter under a short timeout (`observe`), sends them to the peers'
 daemons (reports.py) even when conntrackd did not answer, lets repair.assess
 decide what is wrong and what to repair, carries the repairs out under the
 router's transition lock (`run_repair`), writes health.json for `snat-sync
-status` (or only touches it when nothing moved), and rotates
+status` (or only touches it when nothing moved), updates the demotion track
+file ([failover] demote_while_resyncing, `update_demotion`), and rotates
 conntrackd's log. The verdict itself is health.py's and repair.py's.
 """
 
@@ -17,6 +18,7 @@ import os
 import time
 
 from snat_sync import conntrackd as conntrackd_module
+from snat_sync import demotion
 from snat_sync import failover
 from snat_sync import health
 from snat_sync import history
@@ -41,6 +43,9 @@ HEALTH_FILE_PERIOD = 10.0
 # nothing for as long (85 s after a 1M-entry burst), and the checks of every
 # other router behind it.
 STATS_TIMEOUT = 0.5
+# Seconds the check waits for a transition to let go of the lock before it
+# leaves the demotion file to the next check.
+DEMOTION_LOCK_TIMEOUT = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +97,69 @@ def check(conf, spec, files, pid, peer_reports, state, channel):
         written, kept = observation.at, figures
     else:
         confirm_health(files)
+    if conf.failover.demote_while_resyncing:
+        update_demotion(conf, files, observation, peer_reports, last)
     if statedir.rotate_log(files.log_file, conf.conntrackd.log_max_bytes,
                            conf.conntrackd.log_backups):
         LOG.info("router %s: rotated %s", spec.router_id, files.log_file)
     return HealthState(assessment.memory, recent, written, summary, kept)
+
+
+def demotion_decision(conf, observation, peer_reports, last):
+    """Whether the node stays demoted: the replica as `snat-sync status` judges
+    it (health.replica), from this check's figures. Pure."""
+    report = health.HealthReport(
+        checked=observation.at, interval=health_file_period(conf),
+        role=observation.role,
+        peers=tuple(health.ReportedPeer(
+            report.address, report.role, report.received, report.internal,
+            report.external, report.kernel, report.figures_age, report.standby)
+            for _address, report in sorted(peer_reports.items())),
+        problems=(), last_repair=None, check_interval=conf.health.check_interval)
+    facts = health.Facts(
+        spec_readable=True, namespace="", namespace_exists=True,
+        conntrackd_alive=observation.conntrackd_alive, cache_full_drops=None,
+        last_transition=last, role=observation.role,
+        internal_cache=observation.internal, external_cache=observation.external,
+        report=report, kernel_entries=observation.kernel,
+        standby_mode=observation.standby,
+        short_tolerance_percent=conf.health.short_tolerance_percent)
+    since = last.get("arrived") if isinstance(last, dict) else None
+    return demotion.decide(observation.role, health.replica(facts, observation.at),
+                           since if isinstance(since, (int, float)) else None,
+                           observation.at, conf.failover.demotion_timeout)
+
+
+def update_demotion(conf, files, observation, peer_reports, last):
+    """Write the demotion file when the decision changed it.
+
+    Not on a node whose last transition says primary: the primary transition
+    lifted the demotion, and that record may be from before a crash, while
+    keepalived (init_file) has just demoted the returning node and its BACKUP
+    transition is on its way. Under the transition lock, and only if no
+    transition ran since `last` was read: that one wrote the file itself, and
+    the next check decides on its record.
+    """
+    if observation.role == "primary":
+        return
+    value = demotion_decision(conf, observation, peer_reports, last)
+    if demotion.read(files.demotion) == value:
+        return
+    router_id = files.directory.name
+    try:
+        with failover.transition_lock(files.transition_lock, DEMOTION_LOCK_TIMEOUT):
+            if statedir.read_json(files.last_transition) != last:
+                return
+            demotion.write(files.demotion, value)
+    except SnatSyncError as error:
+        LOG.info("router %s: demotion left to the next check: %s", router_id, error)
+        return
+    LOG.info("router %s: %s", router_id,
+             "demoted: the replica is incomplete" if value == demotion.DEMOTED
+             else "demotion lifted: the replica is complete"
+             if observation.at - (last or {}).get("arrived", observation.at)
+             < conf.failover.demotion_timeout
+             else "demotion lifted: demotion_timeout passed")
 
 
 def replication_figures(observation, peer_reports):

@@ -18,6 +18,7 @@ import time
 import psutil
 
 from snat_sync import conntrackd
+from snat_sync import demotion
 from snat_sync import failover
 from snat_sync import guard
 from snat_sync import health
@@ -122,7 +123,8 @@ def generate(conf, spec, facts, files, snat_sync_command):
             control_timeout=conf.conntrackd.control_timeout,
         ),
         keepalived_snippet=render.render_keepalived_snippet(
-            spec, str(files.notify_hook)
+            spec, str(files.notify_hook),
+            render.demotion_track_file(spec, files, conf.failover)
         ),
         guard_raise=guard_raise,
         guard_lift=guard_lift,
@@ -182,6 +184,15 @@ def add_router(conf, spec, snat_sync_command):
             for path in changed:
                 content, mode = rendered.contents()[path]
                 statedir.write_atomically(path, content, mode)
+            if (conf.failover.demote_while_resyncing
+                    and demotion.read(files.demotion) is None):
+                # Until a transition or a health check knows better: demoted,
+                # unless it is primary (turning the option on must not move it).
+                last = statedir.read_json(files.last_transition)
+                demotion.write(files.demotion, demotion.NOT_DEMOTED
+                               if isinstance(last, dict)
+                               and last.get("role") == "primary"
+                               else demotion.DEMOTED)
             started = daemon.start(conf.conntrackd.scheduler)
             refresh.apply(spec.namespace, files)
         if not _uses_guard(conf):

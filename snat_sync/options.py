@@ -310,6 +310,37 @@ failover_opts = [
         help="Transitions and repairs kept per router in history.jsonl "
         "(`snat-sync history ROUTER`); older ones are dropped.",
     ),
+    cfg.BoolOpt(
+        "demote_while_resyncing",
+        default=False,
+        help="For keepalived instances that preempt (not Neutron's, which use "
+        "nopreempt): keep a track file per router, <router dir>/demotion, that "
+        "holds 1 while this node is not primary and its replica is incomplete "
+        "(or not yet known), else 0, so that keepalived lowers the node's "
+        "priority by demotion_weight and a returning node does not win an "
+        "election with a partial table. `router add` prints the keepalived "
+        "lines (track_file).",
+    ),
+    cfg.IntOpt(
+        "demotion_weight",
+        default=-100,
+        min=-253,
+        help="The keepalived track_file weight of the demotion file: negative, "
+        "-253 to -1. Choose it so that the highest priority plus this weight is "
+        "below the lowest priority of the router's other nodes (keepalived keeps "
+        "the effective priority within 1..254). A demoted node alone still "
+        "becomes primary. Weight 0 would put the instance into FAULT while the "
+        "file holds 1, and could leave no primary at all: refused.",
+    ),
+    cfg.FloatOpt(
+        "demotion_timeout",
+        default=300.0,
+        min=1,
+        max=TIMEOUT_MAX,
+        help="Seconds after the node became backup after which the demotion is "
+        "lifted even if the replica is still incomplete, so that a node whose "
+        "resync cannot finish does not stay demoted for ever.",
+    ),
 ]
 
 health_opts = [
@@ -500,6 +531,14 @@ def validate(conf):
             ValueError(f"is not valid: its ports {report_ports.start}-"
                        f"{report_ports.stop - 1} overlap the sync ports "
                        f"{sync_ports.start}-{sync_ports.stop - 1}"))
+    if conf.failover.demotion_weight >= 0:
+        raise _invalid_option(
+            conf, "failover", _opt("failover", "demotion_weight"),
+            ValueError("is not valid: must be negative (-253 to -1): keepalived "
+                       "puts an instance whose track file weight is 0 into FAULT "
+                       "while the file holds 1, which could leave no primary, and "
+                       "a positive weight would raise the priority of a node with "
+                       "an incomplete replica"))
     textfile = conf.metrics.textfile
     if textfile and (not os.path.isabs(textfile) or not textfile.endswith(".prom")):
         raise _invalid_option(

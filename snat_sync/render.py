@@ -186,7 +186,26 @@ def render_refresh(spec, table, settings):
     })
 
 
-def render_keepalived_snippet(spec, notify_command):
+@dataclasses.dataclass(frozen=True)
+class Demotion:
+    """The keepalived track_file of a router's demotion file (demotion.py)."""
+
+    name: str
+    file: str
+    weight: int
+
+
+def demotion_track_file(spec, files, failover_options):
+    """The router's track_file, or None with demote_while_resyncing off."""
+    if not failover_options.demote_while_resyncing:
+        return None
+    return Demotion(f"snat_sync_{spec.router_id}", str(files.demotion),
+                    failover_options.demotion_weight)
+
+
+def render_keepalived_snippet(spec, notify_command, demotion=None):
+    """The lines keepalived needs; with demotion (a Demotion), its track_file
+    in global scope and in the instance."""
     return _render(
         "keepalived.conf.j2",
         {
@@ -194,6 +213,7 @@ def render_keepalived_snippet(spec, notify_command):
             "instance_name": f"VR_{spec.vrid}",
             "vrid": spec.vrid,
             "notify_command": notify_command,
+            "demotion": demotion,
         },
     )
 

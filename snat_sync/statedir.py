@@ -23,6 +23,9 @@
                               that only grow (the metrics' source)
         health.json           the node daemon's latest health check: what the
                               peers reported and what it repaired (see repair.py)
+        demotion              [failover] demote_while_resyncing: keepalived's
+                              track file, 1 while the replica is incomplete
+                              (see demotion.py)
 
 Directories are 0700 and files 0600 (the hook 0700), owned by root: keepalived's
 enable_script_security refuses hooks that any other user could change.
@@ -123,6 +126,10 @@ class RouterFiles:
     @property
     def health(self):
         return self.directory / "health.json"
+
+    @property
+    def demotion(self):
+        return self.directory / "demotion"
 
     @property
     def last_transition(self):

@@ -326,7 +326,7 @@ def files(router_files):
 
 
 def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=True,
-                 standby_mode="cold"):
+                 standby_mode="cold", demote_while_resyncing=False):
     """Options as run_transition reads them, with a lock timeout below oslo's 1 s.
 
     Cold standby unless asked: most tests here are about the commit and the guard.
@@ -336,7 +336,8 @@ def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=Tru
                                        resync_on_backup=resync_on_backup,
                                        reset_window_guard=reset_window_guard,
                                        standby_mode=standby_mode,
-                                       history_size=200),
+                                       history_size=200,
+                                       demote_while_resyncing=demote_while_resyncing),
         conntrackd=types.SimpleNamespace(commit_timeout=60, control_timeout=10,
                                          scheduler="other"),
     )
