@@ -91,10 +91,15 @@ def environment():
 def snat_sync(system, *arguments, state=None):
     """Run `python3 -m snat_sync` as keepalived or an operator would.
 
-    An empty --config-file keeps /etc/snat-sync out; state False: no --state-path.
+    An empty --config-file keeps /etc/snat-sync/snat-sync.conf (and ~/.snat-sync)
+    out, an empty --config-dir the default snat-sync.conf.d directories; state
+    False: no --state-path.
     """
+    empty_directory = system.workdir / "empty.conf.d"
+    empty_directory.mkdir(mode=0o700, exist_ok=True)
     argv = [sys.executable, "-m", "snat_sync",
-            "--config-file", str(system.empty_config)]
+            "--config-file", str(system.empty_config),
+            "--config-dir", str(empty_directory)]
     if state is not False:
         argv += ["--state-path", str(state or system.state)]
     return subprocess.run([*argv, *map(str, arguments)], capture_output=True,

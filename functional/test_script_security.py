@@ -43,11 +43,16 @@ def run(*argv):
 
 
 def snat_sync(state, *arguments, config):
+    """snat-sync on config alone: an empty --config-dir keeps the default
+    snat-sync.conf.d directories out, as --config-file does the default files."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))}
+    empty_directory = pathlib.Path(config).parent / "empty.conf.d"
+    empty_directory.mkdir(mode=0o700, exist_ok=True)
     return subprocess.run(
         [sys.executable, "-m", "snat_sync", "--config-file", str(config),
-         "--state-path", str(state), *arguments],
+         "--config-dir", str(empty_directory), "--state-path", str(state),
+         *arguments],
         capture_output=True, text=True, timeout=60, env=environment)
 
 
