@@ -65,6 +65,18 @@ def test_keepalived_config():
         lab.keepalived_config(built, r1, notify_command='x "y"')
 
 
+def test_keepalived_config_preempting_with_extra_lines():
+    built = fake_lab()
+    r1 = built.routers[0]
+    r1.preempt = True
+    r1.keepalived_global_lines = ("track_file t {", '    file "/x"', "}")
+    r1.keepalived_instance_lines = ("    track_file {", "        t", "    }")
+    text = lab.keepalived_config(built, r1, notify_command="/state/notify.sh")
+    assert "nopreempt" not in text
+    assert text.index('}\ntrack_file t {\n    file "/x"\n}\nvrrp_instance') > 0
+    assert '    notify "/state/notify.sh"\n    track_file {\n        t\n    }\n}\n' in text
+
+
 LISTED = (
     "tcp      6 297 ESTABLISHED src=192.168.100.12 dst=203.0.113.100 sport=40001 "
     "dport=9000 src=203.0.113.100 dst=203.0.113.10 sport=9000 dport=52001 [ASSURED] "

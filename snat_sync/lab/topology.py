@@ -71,6 +71,11 @@ class Router:
     priority: int
     keepalived: subprocess.Popen | None = None
     crashed: bool = False
+    # keepalived_config: preempt instead of Neutron's nopreempt, and lines added
+    # in global scope and in the vrrp_instance (track_file, say)
+    preempt: bool = False
+    keepalived_global_lines: tuple = ()
+    keepalived_instance_lines: tuple = ()
 
     @property
     def legs(self):
@@ -335,6 +340,8 @@ def keepalived_config(lab, router, notify_command=None, advert_int=1):
 
     Both nodes start as BACKUP with nopreempt, as Neutron does; r1's higher priority
     makes it win the first election, and a recovered node never takes the VIPs back.
+    With router.preempt, a returning node of higher priority does take them back;
+    router.keepalived_global_lines and keepalived_instance_lines go in as given.
     """
     lines = [
         "global_defs {",
@@ -342,9 +349,10 @@ def keepalived_config(lab, router, notify_command=None, advert_int=1):
         "    script_user root",
         f"    router_id {lab.prefix}-{router.name}",
         "}",
+        *router.keepalived_global_lines,
         f"vrrp_instance VR_{lab.vrid} {{",
         "    state BACKUP",
-        "    nopreempt",
+        *(() if router.preempt else ("    nopreempt",)),
         f"    interface {router.ha.device}",
         f"    virtual_router_id {lab.vrid}",
         f"    priority {router.priority}",
@@ -362,6 +370,7 @@ def keepalived_config(lab, router, notify_command=None, advert_int=1):
         if '"' in notify_command:
             raise ValueError(f"notify command {notify_command!r} has a double quote")
         lines.append(f'    notify "{notify_command}"')
+    lines.extend(router.keepalived_instance_lines)
     lines.append("}")
     return "\n".join(lines) + "\n"
 
