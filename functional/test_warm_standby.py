@@ -1,7 +1,7 @@
 """Warm standby: a failover costs VRRP detection alone at any table size, and flows
 that have lived longer than every conntrack timeout of the backup survive it.
 
-The router namespaces run with a UDP stream timeout of 10 s and an established
+The router namespaces run with a UDP stream timeout of 15 s and an established
 TCP timeout of 30 s, and the flows run 35 s before the failure: an entry the
 primary reported once and never again would have run out on the backup. With the
 refreshes each live flow's entry is sent again every refresh_interval (4 s).
@@ -14,7 +14,7 @@ from snat_sync.lab import demo
 
 from functional.test_failover import assert_alive_before_failure
 
-SHORT_TIMEOUTS = (("net.netfilter.nf_conntrack_udp_timeout_stream", 10),
+SHORT_TIMEOUTS = (("net.netfilter.nf_conntrack_udp_timeout_stream", 15),
                   ("net.netfilter.nf_conntrack_tcp_timeout_established", 30))
 IDLE_ENTRIES = 200_000
 # The flows send every 50-100 ms: a flow's longest gap is the silence of the
@@ -60,8 +60,8 @@ def assert_loads_nothing(result):
 
 
 def test_planned_switchover_at_200k_entries_costs_what_an_empty_table_does(tmp_path):
-    empty = run(tmp_path, "empty", "switchover")
-    full = run(tmp_path, "full", "switchover", IDLE_ENTRIES)
+    empty = run(tmp_path, "e", "switchover")
+    full = run(tmp_path, "f", "switchover", IDLE_ENTRIES)
     report = f"{describe(empty)}; {describe(full)}"
     assert not lost(empty) and not lost(full), report
     assert full.idle_entries_loaded == IDLE_ENTRIES, report
@@ -73,7 +73,7 @@ def test_planned_switchover_at_200k_entries_costs_what_an_empty_table_does(tmp_p
 
 
 def test_crash_at_200k_entries_costs_vrrp_detection_alone(tmp_path):
-    result = run(tmp_path, "crash", "crash", IDLE_ENTRIES)
+    result = run(tmp_path, "c", "crash", IDLE_ENTRIES)
     report = describe(result)
     assert not lost(result), report
     assert_loads_nothing(result)
@@ -85,7 +85,7 @@ def test_crash_at_200k_entries_costs_vrrp_detection_alone(tmp_path):
 @pytest.mark.parametrize("config", ["[failover]\nrefresh_interval = 0\n"])
 def test_without_refreshes_old_flows_lose_their_backup_entries(tmp_path, config):
     """The negative control: the same crash, with refreshes off."""
-    result = run(tmp_path, "unrefreshed", "crash", config=config)
+    result = run(tmp_path, "n", "crash", config=config)
     report = describe(result)
     assert_alive_before_failure(result)
     assert lost(result), report
