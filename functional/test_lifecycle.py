@@ -1,9 +1,12 @@
 """Lifecycle of a router's conntrackd: stale lock, removal, status after a failover."""
 
+import json
 import os
 import re
 import signal
 import time
+
+import pytest
 
 from snat_sync.lab import demo
 from snat_sync.lab import topology as lab_module
@@ -81,9 +84,19 @@ def test_router_remove_leaves_nothing(lab, add_router, state_paths):
     ]
 
 
-def test_status_after_failover(lab, add_router, state_paths):
+@pytest.mark.parametrize("standby_mode", ["warm", "cold"])
+def test_status_after_failover(lab, state_paths, tmp_path, standby_mode):
+    """Warm standby: r2's kernel table holds the replica and the takeover loads
+    nothing (no commit). Cold: its external cache does, and the takeover's commit
+    is accounted for in the status."""
     r1, r2 = lab.routers
-    notify = {router.name: add_router(router).notify_command for router in lab.routers}
+    config = tmp_path / f"{standby_mode}.conf"
+    config.write_text(f"[failover]\nstandby_mode = {standby_mode}\n"
+                      "[metrics]\nlisten_port = 0\n")
+    config.chmod(0o600)
+    notify = {router.name: lab_module.snat_sync_router_add(
+        lab, router, state_paths[router.name], "--config-file", config).notify_command
+        for router in lab.routers}
     demo.start_keepalived_pair(lab, notify, state_paths)
     entries = [
         lab_module.SnatEntry("udp", address, 40001, 50000 + index)
@@ -92,26 +105,38 @@ def test_status_after_failover(lab, add_router, state_paths):
     for entry in entries:
         lab_module.insert_entry(r1, entry)
 
+    def status_of(router):
+        return json.loads(lab_module.snat_sync(
+            state_paths[router.name], "--config-file", config, "status",
+            lab.router_id, "--json").stdout)[0]
+
     def peer_has_them():
-        status = lab_module.snat_sync_status(state_paths["r2"], lab.router_id)[0]
-        return (status["external_cache"] or 0) >= len(entries)
+        if standby_mode == "cold":
+            return (status_of(r2)["external_cache"] or 0) >= len(entries)
+        kernel = lab_module.kernel_entries(r2)
+        return all(any(entry.matches(line) for line in kernel) for entry in entries)
 
     assert lab_module.wait_until(peer_has_them, timeout=10, interval=0.2)
+    assert status_of(r2)["standby_mode"] == standby_mode
 
     crashed_at = time.time()
     lab_module.crash_router(lab, r1)
     lab_module.wait_for_primary(lab, r2)
     demo.wait_for_role(state_paths["r2"], lab.router_id, "primary")
 
-    status = lab_module.snat_sync_status(state_paths["r2"], lab.router_id)[0]
+    status = status_of(r2)
     transition = status["last_transition"]
     assert status["role"] == "primary"
     assert transition["outcome"] == "done", transition
     assert transition["arrived"] > crashed_at
-    assert transition["commit"]["committed"] >= len(entries), transition
-    assert transition["commit"]["failed"] == 0, transition
     steps = {step["name"]: step for step in transition["steps"]}
-    assert "commit" in steps, transition
+    if standby_mode == "cold":
+        assert transition["commit"]["committed"] >= len(entries), transition
+        assert transition["commit"]["failed"] == 0, transition
+        assert "commit" in steps, transition
+    else:
+        assert transition["commit"] is None, transition
+        assert list(steps) == ["resync-from-kernel", "bulk-send"], transition
     for step in transition["steps"]:
         assert step["ok"] and step["duration_ms"] >= 0, step
     kernel = lab_module.kernel_entries(r2)
