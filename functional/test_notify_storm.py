@@ -8,6 +8,12 @@ replica holding 20,000 entries so that every commit takes real time and would
 overlap another transition if they were not serialised. Afterwards the router must
 be in the role of the hook fired last, no two transitions may have run their steps
 at the same time, and nothing the storm started may be left running.
+
+Cold standby (both storms): the MASTER hooks commit the external cache, and the
+commits may not overlap; the guard is up exactly when r2 ends backup. Warm standby
+(the storm ending BACKUP, where warm does its work: forget, flush the kernel
+table, resync): the replica is r2's kernel table, nothing is committed, the
+BACKUP hooks' forget-own-entries may not overlap, and no guard is ever raised.
 About 20 s per storm.
 """
 
@@ -30,15 +36,16 @@ HOOK_TIMEOUT = 120
 ROLES = {"MASTER": "primary", "BACKUP": "backup"}
 
 
-def timed_conntrackd(directory):
-    """A stand-in for the conntrackd binary that appends "started finished status"
-    to commits.log for each commit (-c) it runs, whoever asked for it, and is
-    conntrackd itself for everything else.
+def timed_conntrackd(directory, standby_mode):
+    """A stand-in for the conntrackd binary that appends "started finished status
+    option" to commits.log for each commit (-c) and each flush (-f: a hook's
+    forget-own-entries, or cold's flush-caches) it runs, whoever asked for it, and
+    is conntrackd itself for everything else.
 
     The history records a hook's commit from before it waits for the transition
     lock, so only this shows when each commit really ran, the superseded
     transitions' commits included (their records have no steps).
-    Returns (the config file that names it, the commit log).
+    Returns (the config file that names it and standby_mode, the commit log).
     """
     directory.mkdir(mode=0o700, exist_ok=True)
     conntrackd = shutil.which("conntrackd")
@@ -46,27 +53,31 @@ def timed_conntrackd(directory):
     wrapper = directory / "conntrackd-timed"
     wrapper.write_text(
         "#!/bin/bash\n"
-        'if [ "${3:-}" = -c ]; then\n'
+        'if [ "${3:-}" = -c ] || [ "${3:-}" = -f ]; then\n'
         "    started=$EPOCHREALTIME\n"
         f'    {conntrackd} "$@"\n'
         "    status=$?\n"
-        f'    echo "$started $EPOCHREALTIME $status" >>{commits}\n'
+        f'    echo "$started $EPOCHREALTIME $status $3" >>{commits}\n'
         "    exit $status\n"
         "fi\n"
         f'exec {conntrackd} "$@"\n')
     wrapper.chmod(0o700)
     config = directory / "snat-sync.conf"
-    config.write_text(f"[conntrackd]\nbinary = {wrapper}\n")
+    config.write_text(f"[conntrackd]\nbinary = {wrapper}\n"
+                      f"[failover]\nstandby_mode = {standby_mode}\n"
+                      "[metrics]\nlisten_port = 0\n")
     config.chmod(0o600)
     return config, commits
 
 
-def read_commits(path):
-    """(started, finished, exit status) of every commit timed_conntrackd ran."""
+def read_commits(path, option="-c"):
+    """(started, finished, exit status) of every commit (or, with option "-f",
+    every flush) timed_conntrackd ran."""
     commits = []
-    for line in path.read_text().splitlines():
-        started, finished, status = line.split()
-        commits.append((float(started), float(finished), int(status)))
+    for line in path.read_text().splitlines() if path.exists() else ():
+        started, finished, status, ran = line.split()
+        if ran == option:
+            commits.append((float(started), float(finished), int(status)))
     return commits
 
 
@@ -150,10 +161,12 @@ def leftover_processes(router, state_path):
     return described
 
 
-@pytest.mark.parametrize("last, seed", [("MASTER", 7), ("BACKUP", 11)])
-def test_notify_storm_ends_in_the_last_role(lab, state_paths, tmp_path, last, seed):
+@pytest.mark.parametrize("standby_mode, last, seed", [
+    ("cold", "MASTER", 7), ("cold", "BACKUP", 11), ("warm", "BACKUP", 11)])
+def test_notify_storm_ends_in_the_last_role(lab, state_paths, tmp_path,
+                                            standby_mode, last, seed):
     r1, r2 = lab.routers
-    config, commit_log = timed_conntrackd(tmp_path / "bin")
+    config, commit_log = timed_conntrackd(tmp_path / "bin", standby_mode)
     registrations = {
         router.name: lab_module.snat_sync_router_add(
             lab, router, state_paths[router.name], "--config-file", config)
@@ -165,9 +178,15 @@ def test_notify_storm_ends_in_the_last_role(lab, state_paths, tmp_path, last, se
         assert fire_hook(router, hooks[router.name], state).wait(timeout=60) == 0
     loaded = lab_module.load_idle_entries(r1, IDLE_ENTRIES, tmp_path)
     assert loaded >= IDLE_ENTRIES
-    assert lab_module.wait_until(
-        lambda: lab_module.snat_sync_status(state_paths["r2"], lab.router_id)[0][
-            "external_cache"] >= IDLE_ENTRIES, 30, interval=0.5)
+
+    def replica():
+        if standby_mode == "warm":  # r2's kernel table
+            return lab_module.kernel_entry_count(r2)
+        return lab_module.snat_sync_status(state_paths["r2"], lab.router_id)[0][
+            "external_cache"]
+
+    assert lab_module.wait_until(lambda: replica() >= IDLE_ENTRIES, 30,
+                                 interval=0.5), replica()
 
     states = storm_states(seed, last)
     storm_started = time.time()
@@ -190,11 +209,25 @@ def test_notify_storm_ends_in_the_last_role(lab, state_paths, tmp_path, last, se
 
     commits = [commit for commit in read_commits(commit_log)
                if commit[0] >= storm_started]
-    # A MASTER hook that finds a newer transition has taken the lock commits nothing.
-    assert 1 <= len(commits) <= states.count("MASTER"), commits
-    assert all(exit_status == 0 for _, _, exit_status in commits), commits
-    assert not overlapping([("commit", started, finished)
-                            for started, finished, _ in commits]), "commits overlapped"
+    if standby_mode == "cold":
+        # A MASTER hook that finds a newer transition has taken the lock commits
+        # nothing.
+        assert 1 <= len(commits) <= states.count("MASTER"), commits
+        assert all(exit_status == 0 for _, _, exit_status in commits), commits
+        assert not overlapping([("commit", started, finished)
+                                for started, finished, _ in commits]), (
+            "commits overlapped")
+    else:
+        assert commits == [], "a warm takeover committed"
+        # The BACKUP hooks' first step, under the lock like a cold commit; one
+        # that finds a newer transition has taken the lock forgets nothing.
+        forgets = [flush for flush in read_commits(commit_log, "-f")
+                   if flush[0] >= storm_started]
+        assert 1 <= len(forgets) <= states.count("BACKUP"), forgets
+        assert all(exit_status == 0 for _, _, exit_status in forgets), forgets
+        assert not overlapping([("forget", started, finished)
+                                for started, finished, _ in forgets]), (
+            "forget-own-entries overlapped")
     ran = [entry for entry in transitions if entry["steps"]]
     assert not overlapping([(entry["role"], entry["started"], entry["finished"])
                             for entry in ran]), "transitions ran at the same time"
@@ -214,11 +247,19 @@ def test_notify_storm_ends_in_the_last_role(lab, state_paths, tmp_path, last, se
     assert status["last_transition"] == recorded
     assert status["role"] == expected_role, status
     guard_up = guard.is_up(r2.namespace)
-    assert guard_up == (expected_role == "backup"), (
-        f"r2 ended {expected_role} with the reset-window guard "
-        f"{'up' if guard_up else 'down'}")
+    # warm standby has no commit to wait for, and no guard
+    assert guard_up == (expected_role == "backup" and standby_mode == "cold"), (
+        f"r2 ended {expected_role} in {standby_mode} standby with the "
+        f"reset-window guard {'up' if guard_up else 'down'}")
+    if standby_mode == "warm" and expected_role == "backup":
+        # the last backup transition emptied r2's kernel table and asked for the
+        # primary's: the replica is whole again
+        assert lab_module.wait_until(
+            lambda: lab_module.kernel_entry_count(r2) >= IDLE_ENTRIES, 15,
+            interval=0.5), lab_module.kernel_entry_count(r2)
     outcomes = [entry["outcome"] for entry in transitions]
-    print(f"storm ending {last}: {storm_seconds:.1f} s, outcomes "
+    timed = commits if standby_mode == "cold" else forgets
+    print(f"[{standby_mode}] storm ending {last}: {storm_seconds:.1f} s, outcomes "
           f"{ {outcome: outcomes.count(outcome) for outcome in set(outcomes)} }, "
-          f"{len(commits)} commits, longest "
-          f"{max(finished - started for started, finished, _ in commits):.2f} s")
+          f"{len(timed)} {'commits' if standby_mode == 'cold' else 'forgets'}, "
+          f"longest {max(finished - started for started, finished, _ in timed):.2f} s")
