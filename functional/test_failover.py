@@ -40,7 +40,7 @@ def test_snat_sync_keeps_flows(tmp_path):
     transition = result.last_transition
     assert transition["role"] == "primary" and transition["outcome"] == "done", transition
     assert [step["name"] for step in transition["steps"]] == [
-        "resync-from-kernel", "bulk-send"], transition
+        "resync-from-kernel"], transition
 
 
 def test_keepalived_alone_loses_flows(tmp_path):

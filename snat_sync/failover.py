@@ -122,8 +122,11 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=Fals
 
     Warm standby (replicated entries live in the backups' kernel tables):
     primary: the table is complete already; read it into conntrackd's own cache
-             (-R), so that conntrackd reports its changes and ends, and send all
-             of it to the peers, which are backups now (-B).
+             (-R), so that conntrackd reports its changes and ends and can answer
+             a backup's request for the whole table. Nothing is sent on its own
+             initiative: a node that becomes backup empties its table and asks
+             for it (at 1,000,000 entries a bulk send besides would cross the HA
+             network twice).
     backup:  make sure the daemon runs; forget the entries it held as its own
              (-f internal), or their ends would be sent to the primary and delete
              live entries there; empty the kernel table and ask the primary for
@@ -158,7 +161,7 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=Fals
 def _plan(role, standby_mode, resync_on_backup, guard):
     if standby_mode == WARM:
         if role is Role.PRIMARY:
-            return (RESYNC_FROM_KERNEL, BULK_SEND)
+            return (RESYNC_FROM_KERNEL,)
         if role is Role.BACKUP:
             return (ENSURE_RUNNING, FORGET_OWN_ENTRIES,
                     *(FLUSH_KERNEL_TABLE, REQUEST_RESYNC) * resync_on_backup)

@@ -523,6 +523,12 @@ def validate(conf):
             conf, "conntrackd", _opt("conntrackd", "binary"),
             ValueError("is not valid: must be a command name or an absolute path "
                        "of letters, digits and _ . + -"))
+    if conf.conntrackd.sync_mode == "alarm" and conf.failover.standby_mode == "warm":
+        raise _invalid_option(
+            conf, "conntrackd", _opt("conntrackd", "sync_mode"),
+            ValueError("is not valid: conntrackd's alarm mode keeps replicated "
+                       "entries in its external cache; warm standby needs ftfw or "
+                       "notrack (or set [failover] standby_mode = cold)"))
     sync_ports = range(conf.conntrackd.base_port + 1, conf.conntrackd.base_port + 256)
     report_ports = range(conf.health.base_port + 1, conf.health.base_port + 256)
     if sync_ports.start < report_ports.stop and report_ports.start < sync_ports.stop:

@@ -170,7 +170,7 @@ def test_notify_exits_1_when_the_transition_fails(state_path, spec, fp, cold_con
 
 def test_notify_primary_with_warm_standby_commits_nothing(state_path, spec, fp):
     files = add_router_files(state_path, spec)
-    expected = [conntrackd_command(files, "-R"), conntrackd_command(files, "-B")]
+    expected = [conntrackd_command(files, "-R")]
     for command in expected:
         fp.register(command)
     assert run(state_path, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100") == 0

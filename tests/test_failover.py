@@ -807,7 +807,7 @@ def test_the_lock_is_released_when_a_transition_raises(files, journal):
 
 
 @pytest.mark.parametrize("role, expected", [
-    (Role.PRIMARY, ["resync-from-kernel", "bulk-send"]),
+    (Role.PRIMARY, ["resync-from-kernel"]),
     (Role.BACKUP, ["ensure-running", "forget-own-entries", "flush-kernel-table",
                    "request-resync"]),
     (Role.FAULT, ["forget-own-entries"]),

@@ -200,10 +200,21 @@ def test_scheduler_section_for_real_time_policies(make_conf, write_config, polic
     assert general["Scheduler"]["_lines"] == [f"Type {policy.upper()}", "Priority 5"]
 
 
-def test_notrack_mode_has_no_external_cache_switch(make_conf, write_config):
-    conf = make_conf(write_config("[conntrackd]\nsync_mode = notrack\n"))
+@pytest.mark.parametrize("mode, switch", [("warm", "On"), ("cold", "Off")])
+def test_notrack_mode_injects_with_warm_standby(make_conf, write_config, mode, switch):
+    conf = make_conf(write_config(f"[conntrackd]\nsync_mode = notrack\n"
+                                  f"[failover]\nstandby_mode = {mode}\n"))
     sync = parse_blocks(render_config(conf, make_spec())[0])["Sync"]
-    assert sync["Mode NOTRACK"]["_lines"] == ["PurgeTimeout 60"]
+    assert sync["Mode NOTRACK"]["_lines"] == [f"DisableExternalCache {switch}",
+                                              "PurgeTimeout 60"]
+
+
+def test_warm_standby_refuses_the_alarm_mode(make_conf, write_config):
+    """conntrackd's ALARM mode has no DisableExternalCache: it cannot be warm."""
+    with pytest.raises(InvalidInput, match="sync_mode.*alarm.*warm"):
+        make_conf(write_config("[conntrackd]\nsync_mode = alarm\n"))
+    make_conf(write_config("[conntrackd]\nsync_mode = alarm\n"
+                           "[failover]\nstandby_mode = cold\n"))
 
 
 def test_netlink_max_growth_is_never_below_the_initial_size(make_conf, write_config):
