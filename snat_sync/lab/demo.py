@@ -314,7 +314,10 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
         new_primary_status = new_primary_kernel_entries = None
         if with_snat_sync:
             r2_state = node_state_path(workdir, lab.routers[1])
-            wait_for_role(r2_state, lab.router_id, "primary")
+            # The takeover reads the table into conntrackd's cache (-R): about
+            # 1 s per 100,000 entries, after the data plane is live.
+            wait_for_role(r2_state, lab.router_id, "primary",
+                          timeout=15 + settings.idle_entries / 20_000)
             new_primary_status = lab_module.snat_sync_status(r2_state, lab.router_id)[0]
             new_primary_kernel_entries = lab_module.kernel_entry_count(lab.routers[1])
     client_report = json.loads((workdir / "client.json").read_text())
