@@ -15,6 +15,7 @@ import fcntl
 import logging
 import math
 import os
+import re
 import time
 
 from snat_sync import connection_table
@@ -113,6 +114,9 @@ LIFT_DEMOTION = Step("lift-demotion", action="write-demotion",
 
 
 HOOK_STEP_NAMES = (COMMIT.name, LIFT_GUARD.name, FORGET_OWN_ENTRIES.name)
+# A log offset is a file size in bytes: ASCII digits, at most what a file can hold.
+_LOG_OFFSET = re.compile(r"[0-9]{1,19}")
+MAX_LOG_OFFSET = 2**63 - 1
 WARM = "warm"
 COLD = "cold"
 
@@ -224,16 +228,33 @@ class HookStep:
     started: float
     finished: float
     exit_status: int
+    # The size of conntrackd.log right before the hook's commit (a 5th field): the
+    # commit's block is what the log gained after it. None from a hook rendered
+    # before the field existed, or for a step that is not the commit.
+    log_offset: int | None = None
 
     @classmethod
     def parse(cls, text):
+        fields = text.split(",")
+        offset = None
+        if len(fields) == 5:
+            offset = fields.pop()
+            if not (_LOG_OFFSET.fullmatch(offset) and int(offset) <= MAX_LOG_OFFSET):
+                raise InvalidInput("hook step", text,
+                                   f"log offset {offset!r} must be 0 to "
+                                   f"{MAX_LOG_OFFSET} (bytes)")
+            offset = int(offset)
         try:
-            name, started, finished, status = text.split(",")
-            step = cls(name, float(started), float(finished), int(status))
+            name, started, finished, status = fields
+            step = cls(name, float(started), float(finished), int(status), offset)
         except ValueError:
             raise InvalidInput(
-                "hook step", text, "expected NAME,STARTED,FINISHED,EXIT_STATUS"
+                "hook step", text,
+                "expected NAME,STARTED,FINISHED,EXIT_STATUS[,LOG_OFFSET]"
             ) from None
+        if offset is not None and step.name != COMMIT.name:
+            raise InvalidInput("hook step", text,
+                               f"only the {COMMIT.name} step has a log offset")
         if step.name not in HOOK_STEP_NAMES:
             raise InvalidInput("hook step", text,
                                f"the hook runs only {', '.join(HOOK_STEP_NAMES)}")
@@ -311,6 +332,7 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                                       options.failover.history_size)
             return record
         commit_failed = False
+        log_offset = None
         steps = plan(role, options.failover.standby_mode,
                      options.failover.resync_on_backup,
                      options.failover.reset_window_guard,
@@ -324,14 +346,18 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                     step.repeated_after_hook_failure
                     and done_by_hook[step.name].exit_status != 0):
                 step_record = _hook_step_record(done_by_hook[step.name])
+                log_offset = done_by_hook[step.name].log_offset
             else:
+                if step is COMMIT:
+                    log_offset = _log_size(daemon.files.log_file)
                 step_record = run_step(step, daemon, options)
             record.steps.append(step_record)
             if not step_record.ok:
                 record.errors.append(f"{step.name}: {step_record.error}")
             if step is COMMIT:
                 problems = _check_commit(record, daemon,
-                                         options.conntrackd.commit_timeout)
+                                         options.conntrackd.commit_timeout,
+                                         log_offset)
                 commit_failed = not step_record.ok or bool(problems)
         record.finished = time.time()
         record.outcome = "failed" if record.errors else "done"
@@ -342,17 +368,28 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
     return record
 
 
-def _check_commit(record, daemon, timeout=None):
+def _log_size(path):
+    """The size of the file at path in bytes; 0 if it is missing or unreadable."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _check_commit(record, daemon, timeout=None, log_offset=None):
     """Account for the commit in the record; return what went wrong with it.
 
-    The log's last commit is this one only if the commit step ran: transitions are
-    serialised, but a commit that failed to reach conntrackd logged nothing.
+    Only the commit block the log gained since log_offset (its size right before
+    the commit) is this commit's: an earlier failover's block stays in the log, and
+    a commit that exits 0 may log nothing. log_offset None (a hook rendered before
+    the hook passed it) reads the log's last block. A commit that failed to reach
+    conntrackd logged nothing, and is not read at all.
     """
     commit_ran = record.steps[-1].ok
     commit = None
     if commit_ran:
         commit = conntrackd_module.parse_last_commit(
-            statedir.read_text(daemon.files.log_file) or "")
+            statedir.read_text(daemon.files.log_file, log_offset or 0) or "")
     stats = daemon.cache_stats(timeout=timeout)
     expected = stats.external_active if stats else None
     record.commit = {**(dataclasses.asdict(commit) if commit else {}),

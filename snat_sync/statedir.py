@@ -32,6 +32,7 @@ enable_script_security refuses hooks that any other user could change.
 """
 
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -331,20 +332,25 @@ def read_json(path):
         return None
 
 
-def read_text(path):
+def read_text(path, offset=0):
     """The text of the file at path; None unless it is a regular file we can read.
 
     A symlink, a FIFO (which would block) or a device is not followed or opened for
     reading. Bytes that are not UTF-8 read as U+FFFD: the files may be damaged.
+    With offset, only the bytes after the first offset ones; a file now shorter than
+    offset was truncated since (a log rotated by copy-and-truncate), and is all read.
     """
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        with os.fdopen(descriptor, "r", encoding="utf-8", errors="replace") as stream:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        with os.fdopen(descriptor, "rb") as stream:
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
                 return None
-            return stream.read()
+            if 0 < offset <= status.st_size:
+                stream.seek(offset)
+            return io.TextIOWrapper(stream, encoding="utf-8", errors="replace").read()
     except OSError:
         return None

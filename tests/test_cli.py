@@ -66,7 +66,9 @@ def test_notify_with_a_bad_router_id_exits_2(state_path, capsys):
     assert "invalid router id '../../etc'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", ["soon", "1000.1,1000.3,0", "commit,a,b,0"])
+@pytest.mark.parametrize("bad", ["soon", "1000.1,1000.3,0", "commit,a,b,0",
+                                 "commit,1000.1,1000.3,0,-5",
+                                 "commit,1000.1,1000.3,0,12x"])
 def test_notify_with_a_bad_hook_step_exits_2(state_path, spec, capsys, bad):
     files = add_router_files(state_path, spec)
     assert run(state_path, "notify", "r1", "primary", "--hook-step", bad) == 2
@@ -92,6 +94,11 @@ COMMIT_LOG = ("[Tue Nov 24 20:13:56 2026] (pid=1) [notice] committing all extern
               "seconds\n")
 
 
+def append_commit_log(files):
+    with open(files.log_file, "a") as log:
+        log.write(COMMIT_LOG)
+
+
 def answer_cache_stats(monkeypatch):
     """conntrackd's control socket, faked: every statistics request gets
     CACHE_STATS."""
@@ -103,11 +110,13 @@ def test_notify_primary_runs_the_transition_and_records_it(state_path, spec, fp,
                                                            monkeypatch):
     answer_cache_stats(monkeypatch)
     files = add_router_files(state_path, spec)
-    files.log_file.write_text(COMMIT_LOG)
+    files.log_file.write_text(COMMIT_LOG)  # an earlier commit's
     expected = [conntrackd_command(files, "-c"),
                 nft_command(files, "guard_lift"),
                 *(conntrackd_command(files, flag) for flag in ("-f", "-R", "-B"))]
-    for command in expected:
+    # conntrackd -c logs its own block, as the real one does
+    fp.register(expected[0], callback=lambda process: append_commit_log(files))
+    for command in expected[1:]:
         fp.register(command)
     status = run(state_path, "--config-file", cold_config, "notify", "r1", "INSTANCE", "VR_7", "MASTER", "100",
                  "--arrived", "1234.5")

@@ -192,7 +192,30 @@ def test_hook_step_parse():
     assert HookStep.parse("lift-guard,1.5,2,1") == HookStep("lift-guard", 1.5, 2.0, 1)
 
 
-@pytest.mark.parametrize("bad", ["", "commit", "commit,1,2", "commit,1,2,3,4",
+def test_hook_step_parse_with_the_log_offset_of_the_commit():
+    assert HookStep.parse("commit,1700000000.25,1700000000.75,0,4096") == HookStep(
+        "commit", 1700000000.25, 1700000000.75, 0, log_offset=4096)
+    assert HookStep.parse("commit,1.5,2,0,0").log_offset == 0
+    assert HookStep.parse("commit,1.5,2,0").log_offset is None
+
+
+@pytest.mark.parametrize("offset", ["", "-1", "x", "1.5", " 7", "²", "0x10",
+                                    str(2**63), "1" * 20])
+def test_hook_step_parse_rejects_a_bad_log_offset(offset):
+    text = f"commit,1.0,2.0,0,{offset}"
+    with pytest.raises(InvalidInput, match="hook step") as caught:
+        HookStep.parse(text)
+    assert caught.value.exit_status == 2
+    assert caught.value.value == text
+    assert f"log offset {offset!r}" in str(caught.value)
+
+
+def test_hook_step_parse_refuses_a_log_offset_on_another_step():
+    with pytest.raises(InvalidInput, match="only the commit step has a log offset"):
+        HookStep.parse("forget-own-entries,1.0,2.0,0,10")
+
+
+@pytest.mark.parametrize("bad", ["", "commit", "commit,1,2", "commit,1,2,3,4,5",
                                  "1700000000.25,1700000000.75,0", "commit,a,b,0",
                                  "commit,1.0,2.0,x", "commit,1.0,2.0,0.5"])
 def test_hook_step_parse_rejects(bad):
@@ -263,13 +286,18 @@ class Journal(list):
 
 
 class FakeDaemon:
-    """Records what a transition asks of conntrackd; fails or stalls on request."""
+    """Records what a transition asks of conntrackd; fails or stalls on request.
+
+    Its `-c` appends commit_log to conntrackd.log, as the real one logs its commit
+    block (unless the -c fails: it never reached conntrackd).
+    """
 
     namespace = "qrouter-r1"
 
     def __init__(self, files, journal=None, fail=(), delay=0.0, on_control=None,
-                 stats=EXTERNAL_100000):
+                 stats=EXTERNAL_100000, commit_log=COMMIT_LOG):
         self.files = files
+        self.commit_log = commit_log
         self.calls = Journal() if journal is None else journal
         self.fail = fail
         self.delay = delay
@@ -289,6 +317,9 @@ class FakeDaemon:
         if arguments[0] in self.fail:
             raise ConntrackdError(f"conntrackd {' '.join(arguments)} failed (exit 1): "
                                   "cannot connect")
+        if arguments[0] == "-c":
+            with open(self.files.log_file, "a") as log:
+                log.write(self.commit_log)
 
     def cache_stats(self, timeout=None):
         self.cache_stats_calls += 1
@@ -353,6 +384,21 @@ def conntrackd_command(files, *arguments):
     return ["conntrackd", "-C", str(files.conntrackd_config), *arguments]
 
 
+def register_commands(fp, files, commands, commit_log=COMMIT_LOG):
+    """Fake the processes; conntrackd -c logs commit_log, as the real one logs its
+    commit block."""
+
+    def log_commit(process):
+        with open(files.log_file, "a") as log:
+            log.write(commit_log)
+
+    for command in commands:
+        if command == conntrackd_command(files, "-c"):
+            fp.register(command, callback=log_commit)
+        else:
+            fp.register(command)
+
+
 def cache_stats_output(external, external_no_space=0):
     return (f"cache:internal\tactive objects:\t\t{0:12d}\n"
             f"\t\tno space left in cache:\t{0:12d}\n\n"
@@ -373,8 +419,7 @@ def test_primary_runs_the_exact_commands_in_order(files, conf, fp, monkeypatch):
                 conntrackd_command(files, "-f"),
                 conntrackd_command(files, "-R"),
                 conntrackd_command(files, "-B")]
-    for command in commands:
-        fp.register(command)
+    register_commands(fp, files, commands)
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
     assert list(fp.calls) == commands
     assert record.outcome == "done"
@@ -577,34 +622,18 @@ def test_a_commit_that_never_ran_records_no_counts_of_an_earlier_one(files, conf
     assert record.commit is None or record.commit.get("committed") is None
 
 
-def appends_to_log(files, text):
-    """An on_control for FakeDaemon: `conntrackd -c` writes text to the log, as the
-    real one writes its commit block."""
-
-    def control(arguments):
-        if arguments[0] == "-c":
-            with open(files.log_file, "a") as log:
-                log.write(text)
-
-    return control
-
-
 def test_a_commit_that_logs_its_block_is_read_from_its_own_block(files, conf,
                                                                 journal):
     """The log holds an earlier failover's commit; this commit appends its own."""
     files.log_file.write_text(commit_log((100000, 0, "0.461250")))
-    daemon = FakeDaemon(files, journal, on_control=appends_to_log(
-        files, commit_log((99993, 7, "0.100000"))))
+    daemon = FakeDaemon(files, journal,
+                        commit_log=commit_log((99993, 7, "0.100000")))
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
     assert record.commit == {"committed": 99993, "already_present": 0, "failed": 7,
                              "seconds": 0.1, "expected": 100000}
     assert record.errors[0] == "commit: 7 of 100000 entries could not be committed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stale read, reported to the lead (issue 16): _check_commit parses the whole "
-    "log, so when a commit exits 0 and logs nothing the previous commit's block "
-    "is taken for its counts"))
 def test_a_commit_that_logs_nothing_is_not_credited_with_an_earlier_block(
         files, conf, journal):
     """An earlier commit's block is in the log; this commit (exit 0) writes none.
@@ -613,15 +642,80 @@ def test_a_commit_that_logs_nothing_is_not_credited_with_an_earlier_block(
     any entry in, so the transition must say that no commit was logged.
     """
     files.log_file.write_text(commit_log((100000, 0, "0.461250")))
-    daemon = FakeDaemon(files, journal, on_control=appends_to_log(files, ""))
+    daemon = FakeDaemon(files, journal, commit_log="")
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
     assert record.steps[0].ok  # conntrackd -c itself exited 0
     assert (record.commit or {}).get("committed") is None, record.commit
     assert "commit: conntrackd logged no commit" in record.errors, record.errors
     assert record.outcome == "failed"
 
+def test_a_hook_commit_that_logged_nothing_since_its_offset_is_not_credited(
+        files, conf, journal):
+    """The hook measured the log before its commit; an older block lies before that
+    offset, and nothing came after it."""
+    offset = files.log_file.stat().st_size
+    daemon = FakeDaemon(files, journal)
+    record = failover.run_transition(
+        "r1", Role.PRIMARY, daemon, files, conf, 1000.0,
+        [HookStep("commit", 1000.1, 1000.3, 0, log_offset=offset)])
+    assert ("control", ("-c",), 60) not in daemon.calls
+    assert record.steps[0].ok and record.steps[0].run_by == "notify-hook"
+    assert record.commit == {"expected": 100000}
+    assert record.errors == ["commit: conntrackd logged no commit", SKIPPED_FLUSH]
+    assert record.outcome == "failed"
+
+
+def test_a_hook_commit_is_read_from_the_block_after_its_offset(files, conf,
+                                                               journal):
+    offset = files.log_file.stat().st_size
+    with open(files.log_file, "a") as log:
+        log.write(commit_log((99993, 7, "0.100000")))
+    record = failover.run_transition(
+        "r1", Role.PRIMARY, FakeDaemon(files, journal), files, conf, 1000.0,
+        [HookStep("commit", 1000.1, 1000.3, 0, log_offset=offset)])
+    assert record.commit == {"committed": 99993, "already_present": 0, "failed": 7,
+                             "seconds": 0.1, "expected": 100000}
+
+
+def test_a_hook_commit_after_the_log_was_rotated_reads_the_whole_log(files, conf,
+                                                                     journal):
+    """Copy-and-truncate emptied the log after the hook measured it: the file, now
+    shorter than the offset, is all new."""
+    offset = files.log_file.stat().st_size
+    files.log_file.write_text(commit_log((99993, 7, "0.100000")))
+    assert files.log_file.stat().st_size < offset
+    record = failover.run_transition(
+        "r1", Role.PRIMARY, FakeDaemon(files, journal), files, conf, 1000.0,
+        [HookStep("commit", 1000.1, 1000.3, 0, log_offset=offset)])
+    assert record.commit["committed"] == 99993
+
+
+def test_a_commit_during_a_log_rotation_reads_the_whole_log(files, conf, journal):
+    """The daemon truncates the log while conntrackd -c runs, which then logs its
+    block into the emptied file."""
+    def rotate(arguments):
+        if arguments[0] == "-c":
+            files.log_file.write_text("")
+
+    before = files.log_file.stat().st_size
+    daemon = FakeDaemon(files, journal, on_control=rotate,
+                        commit_log=commit_log((99993, 7, "0.100000")))
+    record = failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
+    assert files.log_file.stat().st_size < before
+    assert record.commit["committed"] == 99993
+
+
+def test_a_commit_without_a_log_file_reads_what_it_logs(files, conf, journal):
+    files.log_file.unlink()
+    record = failover.run_transition("r1", Role.PRIMARY, FakeDaemon(files, journal),
+                                     files, conf, 1000.0)
+    assert record.commit == LAST_COMMIT
+    assert record.outcome == "done"
+
+
 def run_primary_with_log(files, conf, daemon, log):
-    files.log_file.write_text(log)
+    """The commit logs log (after the earlier commits the files fixture wrote)."""
+    daemon.commit_log = log
     return failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
 
 

@@ -2,6 +2,7 @@
 
 import ipaddress
 import os
+import shlex
 import shutil
 import subprocess
 
@@ -324,7 +325,7 @@ def test_hook_with_guard_lifts_it_right_after_the_commit_on_master_only(state_pa
     commit = next(number for number, line in enumerate(lines)
                   if line.endswith(f"-C {files.conntrackd_config} -c >/dev/null 2>&1"))
     commit_step = lines.index('hook_steps+=(--hook-step "commit,$started,$EPOCHREALTIME,'
-                              '$status")')
+                              '$status,$log_offset")')
     lift_step = lines.index('hook_steps+=(--hook-step "lift-guard,$started,'
                             '$EPOCHREALTIME,$status")')
     end_of_master = lines.index("fi", master)
@@ -333,6 +334,32 @@ def test_hook_with_guard_lifts_it_right_after_the_commit_on_master_only(state_pa
     assert lines[commit_step + 1] == "started=$EPOCHREALTIME"
     assert "guard_raise" not in "\n".join(lines)
     assert str(files.guard_raise) not in "\n".join(lines)
+
+
+def test_cold_hook_records_the_log_offset_right_before_the_commit(state_path):
+    """The commit's block is what conntrackd.log gains after the offset."""
+    files = statedir.RouterFiles.under(state_path, "r1")
+    hook = render_hook(files, guard_namespace="qrouter-r1")
+    subprocess.run(["bash", "-n"], input=hook, text=True, check=True)
+    lines = [line.strip() for line in hook.splitlines()]
+    offset = lines.index(f"log_offset=$(stat -c %s {files.log_file} 2>/dev/null "
+                         "|| echo 0)")
+    commit = next(number for number, line in enumerate(lines)
+                  if line.endswith(f"-C {files.conntrackd_config} -c >/dev/null 2>&1"))
+    assert offset < commit
+    assert lines[offset + 1:commit] == ["started=$EPOCHREALTIME"]
+    assert lines[commit + 2] == ('hook_steps+=(--hook-step "commit,$started,'
+                                 '$EPOCHREALTIME,$status,$log_offset")')
+    assert hook.count("stat -c") == 1
+
+
+def test_warm_hook_keeps_the_forget_step_to_four_fields(state_path):
+    files = statedir.RouterFiles.under(state_path, "r1")
+    hook = render.render_notify_hook("r1", files, "conntrackd", ["snat-sync"], 5, 60,
+                                     commits=False, forgets=True)
+    assert "log_offset" not in hook and "stat -c" not in hook
+    assert ('hook_steps+=(--hook-step "forget-own-entries,$started,$EPOCHREALTIME,'
+            '$status")') in hook
 
 
 def test_hook_quotes_the_guard_namespace_path(state_path):
@@ -438,7 +465,23 @@ class TestHookRuns:
         assert [step.name for step in steps] == ["commit"]
         assert arrived <= steps[0].started <= steps[0].finished
         assert steps[0].exit_status == 3
+        assert steps[0].log_offset == 0  # no conntrackd.log yet
         assert after == ["r1", "INSTANCE", "VR_7", "MASTER", "100"]
+
+    def test_master_reports_the_log_size_before_its_commit(self, tmp_path,
+                                                          hook_setup):
+        files, _hook, _conntrackd_calls, command = hook_setup
+        files.log_file.write_text("x" * 1234)
+        # a conntrackd that logs: the offset is the size before it ran
+        fake_conntrackd = write_executable(
+            tmp_path / "logging conntrackd",
+            f"#!/bin/bash\necho committed >> {shlex.quote(str(files.log_file))}\n")
+        hook = write_executable(files.notify_hook, render_hook(
+            files, str(fake_conntrackd), command))
+        run_hook(hook, "INSTANCE", "VR_7", "MASTER", "100")
+        steps, _after = hook_steps(hook_handover(files)[len(command):])
+        assert [(step.name, step.log_offset) for step in steps] == [("commit", 1234)]
+        assert files.log_file.stat().st_size > 1234
 
     def test_master_records_its_arrival_for_later_transitions(self, hook_setup):
         files, hook, _conntrackd_calls, command = hook_setup
