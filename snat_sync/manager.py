@@ -194,8 +194,13 @@ def add_router(conf, spec, snat_sync_command):
                                and last.get("role") == "primary"
                                else demotion.DEMOTED)
             started = daemon.start(conf.conntrackd.scheduler)
-            refresh.apply(spec.namespace, files)
-        if not _uses_guard(conf):
+            # The namespace's nftables tables follow the files: a repeat with the
+            # same arguments (the daemon re-adds every router at start and on
+            # SIGHUP) runs no nft at all. A namespace created anew also needs its
+            # conntrackd started, so it gets its tables again.
+            if changed or started:
+                refresh.apply(spec.namespace, files)
+        if (changed or started) and not _uses_guard(conf):
             _lift_guard_if_up(spec, files)
     except BaseException:
         _undo_add(conf, spec, files, is_new, previous, previous_spec)
