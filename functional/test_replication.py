@@ -40,10 +40,16 @@ def in_kernel(router):
 
 def test_entries_replicate_with_their_nat_mapping_into_the_kernel(
         lab, state_paths):
-    """Warm standby: the replica is r2's kernel table, with the NAT mapping."""
+    """Warm standby: the replica is r2's kernel table, with the NAT mapping. The
+    hooks run as keepalived runs them: r1 primary, r2 backup (a backup's
+    conntrackd reads no events, so until r1 is told it is primary nothing is sent)."""
     r1, r2 = lab.routers
-    for router in lab.routers:
-        lab_module.snat_sync_router_add(lab, router, state_paths[router.name])
+    hooks = {router.name: lab_module.snat_sync_router_add(
+        lab, router, state_paths[router.name]).notify_command
+        for router in lab.routers}
+    for router, state in ((r2, "BACKUP"), (r1, "MASTER")):
+        lab_module.run([hooks[router.name], "INSTANCE", "VR_1", state, "100"],
+                       namespace=router.namespace)
 
     for entry in ENTRIES:
         lab_module.insert_entry(r1, entry)

@@ -20,6 +20,7 @@ import time
 import psutil
 
 from snat_sync import namespace as netns
+from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
 
 LOG = logging.getLogger(__name__)
@@ -88,6 +89,29 @@ class Conntrackd:
         if scheduler_policy == "other":
             _use_normal_scheduler(process)
         return True
+
+    def run_as(self, role, scheduler_policy="other"):
+        """Run conntrackd with the router's configuration for a node in role.
+
+        Copies that variant to conntrackd.conf and restarts conntrackd if the one
+        running was started with another; starts it if it is not running. Returns
+        True if conntrackd was started: a new conntrackd has read the kernel's table
+        into its own cache, and its other cache is empty.
+        """
+        variant = self.files.conntrackd_variant(role)
+        wanted = statedir.read_text(variant)
+        if wanted is None:
+            raise ConntrackdError(f"{variant} is missing: run `snat-sync router add` "
+                                  f"for {self.files.directory.name} again")
+        running = statedir.read_text(self.files.conntrackd_config)
+        if running == wanted and self.is_running():
+            return False
+        if running != wanted:
+            LOG.info("router %s: conntrackd restarts with %s", self.files.directory.name,
+                     variant.name)
+            self.stop()
+            statedir.write_atomically(self.files.conntrackd_config, wanted, 0o600)
+        return self.start(scheduler_policy)
 
     def wait_until_answering(self):
         deadline = time.monotonic() + self.start_timeout

@@ -81,6 +81,7 @@ class Step:
     """One step of a transition.
 
     action is "control" (a conntrackd request with arguments), "start-daemon",
+    "run-as" (conntrackd with the configuration for a role, arguments (role,)),
     "raise-guard", "lift-guard", "flush-kernel-table" or "write-demotion" (the
     demotion track file, arguments (value,)).
     """
@@ -93,15 +94,21 @@ class Step:
     # Run again here if the notify hook ran it and it failed (conntrackd was not
     # running yet, say): only for a step that is safe to repeat.
     repeated_after_hook_failure: bool = False
+    # Skipped when an earlier step of the same transition started conntrackd: a
+    # new conntrackd has just read the kernel's table itself.
+    redundant_after_start: bool = False
 
 
 COMMIT = Step("commit", arguments=("-c",), uses_commit_timeout=True)
 LIFT_GUARD = Step("lift-guard", action="lift-guard")
 FLUSH_CACHES = Step("flush-caches", arguments=("-f",),
                     discards_replicated_entries=True)
-RESYNC_FROM_KERNEL = Step("resync-from-kernel", arguments=("-R",))
+RESYNC_FROM_KERNEL = Step("resync-from-kernel", arguments=("-R",),
+                          redundant_after_start=True)
 BULK_SEND = Step("bulk-send", arguments=("-B",))
 ENSURE_RUNNING = Step("ensure-running", action="start-daemon")
+RUN_AS_PRIMARY = Step("run-as-primary", action="run-as", arguments=(Role.PRIMARY,))
+RUN_AS_BACKUP = Step("run-as-backup", action="run-as", arguments=(Role.BACKUP,))
 RAISE_GUARD = Step("raise-guard", action="raise-guard")
 SHORTEN_TIMERS = Step("shorten-timers", arguments=("-t",))
 REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
@@ -125,18 +132,22 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=Fals
     """The steps that take a router's conntrackd into role, in order.
 
     Warm standby (replicated entries live in the backups' kernel tables):
-    primary: the table is complete already; read it into conntrackd's own cache
-             (-R), so that conntrackd reports its changes and ends and can answer
-             a backup's request for the whole table. Nothing is sent on its own
-             initiative: a node that becomes backup empties its table and asks
-             for it (at 1,000,000 entries a bulk send besides would cross the HA
-             network twice).
-    backup:  make sure the daemon runs; forget the entries it held as its own
-             (-f internal), or their ends would be sent to the primary and delete
-             live entries there; empty the kernel table and ask the primary for
-             its whole one (-n), so that whatever the node held before (a table
-             from before a crash or partition, its own flows as the old primary)
-             the replica is exactly the primary's.
+    primary: the table is complete already; run conntrackd with the primary's
+             configuration, which reads conntrack events (a backup's reads none,
+             see render.conntrackd_settings): the restart reads the kernel's
+             table into conntrackd's own cache, so that conntrackd reports its
+             changes and ends and can answer a backup's request for the whole
+             table. The data plane does not wait for it. If conntrackd already
+             ran that configuration, it reads the table again (-R). Nothing is
+             sent on its own initiative: a node that becomes backup empties its
+             table and asks for it (at 1,000,000 entries a bulk send besides
+             would cross the HA network twice).
+    backup:  run conntrackd with the backup's configuration; forget the entries
+             it held as its own (-f internal), or their ends would be sent to the
+             primary and delete live entries there; empty the kernel table and ask
+             the primary for its whole one (-n), so that whatever the node held
+             before (a table from before a crash or partition, its own flows as
+             the old primary) the replica is exactly the primary's.
     fault, stop: this node forwards nothing and speaks for no entry: forget its own.
 
     Cold standby (replicated entries wait in conntrackd's external cache):
@@ -165,9 +176,9 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=Fals
 def _plan(role, standby_mode, resync_on_backup, guard):
     if standby_mode == WARM:
         if role is Role.PRIMARY:
-            return (RESYNC_FROM_KERNEL,)
+            return (RUN_AS_PRIMARY, RESYNC_FROM_KERNEL)
         if role is Role.BACKUP:
-            return (ENSURE_RUNNING, FORGET_OWN_ENTRIES,
+            return (RUN_AS_BACKUP, FORGET_OWN_ENTRIES,
                     *(FLUSH_KERNEL_TABLE, REQUEST_RESYNC) * resync_on_backup)
         return (FORGET_OWN_ENTRIES,)
     if role is Role.PRIMARY:
@@ -274,6 +285,8 @@ class StepRecord:
     ok: bool
     error: str | None = None
     run_by: str = "snat-sync"
+    started_conntrackd: bool = False
+    skipped: str | None = None  # why a step that was not needed did not run
 
 
 @dataclasses.dataclass
@@ -332,6 +345,7 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                                       options.failover.history_size)
             return record
         commit_failed = False
+        started_conntrackd = False
         log_offset = None
         steps = plan(role, options.failover.standby_mode,
                      options.failover.resync_on_backup,
@@ -342,6 +356,8 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                 step_record = StepRecord(step.name, time.time(), 0.0, False,
                                          "skipped: it would discard the entries "
                                          "the commit left out")
+            elif step.redundant_after_start and started_conntrackd:
+                step_record = skipped_after_start(step)
             elif step.name in done_by_hook and not (
                     step.repeated_after_hook_failure
                     and done_by_hook[step.name].exit_status != 0):
@@ -352,6 +368,7 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
                     log_offset = _log_size(daemon.files.log_file)
                 step_record = run_step(step, daemon, options)
             record.steps.append(step_record)
+            started_conntrackd |= step_record.started_conntrackd
             if not step_record.ok:
                 record.errors.append(f"{step.name}: {step_record.error}")
             if step is COMMIT:
@@ -402,13 +419,36 @@ def _check_commit(record, daemon, timeout=None, log_offset=None):
     return problems
 
 
+def skipped_after_start(step):
+    return StepRecord(step.name, time.time(), 0.0, True,
+                      skipped="conntrackd was just started and has read the "
+                      "kernel's table")
+
+
+def run_steps(steps, daemon, options, started_conntrackd=False):
+    """Run steps in order until one fails; raise SnatSyncError naming it.
+
+    started_conntrackd: conntrackd was started right before (a restore)."""
+    for step in steps:
+        if step.redundant_after_start and started_conntrackd:
+            continue
+        record = run_step(step, daemon, options)
+        if not record.ok:
+            raise SnatSyncError(f"{step.name}: {record.error}")
+        started_conntrackd |= record.started_conntrackd
+
+
 def run_step(step, daemon, options):
     started = time.time()
     clock = time.monotonic()
     error = None
+    started_conntrackd = False
     try:
         if step.action == "start-daemon":
-            daemon.start(options.conntrackd.scheduler)
+            started_conntrackd = daemon.start(options.conntrackd.scheduler)
+        elif step.action == "run-as":
+            started_conntrackd = daemon.run_as(step.arguments[0],
+                                               options.conntrackd.scheduler)
         elif step.action == "raise-guard":
             guard.raise_guard(daemon.namespace, daemon.files)
         elif step.action == "lift-guard":
@@ -429,7 +469,7 @@ def run_step(step, daemon, options):
     except SnatSyncError as failure:
         error = str(failure)
     return StepRecord(step.name, started, _ms(time.monotonic() - clock),
-                      error is None, error)
+                      error is None, error, started_conntrackd=bool(started_conntrackd))
 
 
 def _hook_step_record(hook_step):

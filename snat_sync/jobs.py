@@ -72,8 +72,8 @@ def restore(conf, daemon, files, spec, record_is_current=False):
                     "as primary", spec.router_id,
                     "its primary address is not here" if holds is False else
                     "that record is from before this daemon started")
-    for step in restore_steps(role, conf.failover.standby_mode):
-        daemon.control(*step.arguments, timeout=conf.conntrackd.control_timeout)
+    failover.run_steps(restore_steps(role, conf.failover.standby_mode), daemon, conf,
+                       started_conntrackd=True)
     if role is not None:
         LOG.info("router %s: restored conntrackd state as %s", files.directory.name,
                  role.value)

@@ -27,6 +27,7 @@ from snat_sync import refresh
 from snat_sync import render
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
+from snat_sync.roles import Role
 from snat_sync.router import RouterSpec, check_router_id
 
 LOG = logging.getLogger(__name__)
@@ -38,22 +39,34 @@ class RenderedRouter:
 
     spec: RouterSpec
     files: statedir.RouterFiles
-    conntrackd_config: str
+    conntrackd_config: str  # the primary's; see backup_conntrackd_config
     notify_hook: str
     keepalived_snippet: str
     guard_raise: str
     guard_lift: str
     refresh_rules: str
+    backup_conntrackd_config: str
 
     @property
     def notify_command(self):
         return str(self.files.notify_hook)
 
-    def contents(self):
-        """Path -> (content, mode), in the order they are written."""
+    def conntrackd_variants(self):
+        return {Role.PRIMARY: self.conntrackd_config,
+                Role.BACKUP: self.backup_conntrackd_config}
+
+    def contents(self, running_as=Role.BACKUP):
+        """Path -> (content, mode), in the order they are written.
+
+        running_as: the variant conntrackd.conf is a copy of (see
+        statedir.RouterFiles.conntrackd_variant).
+        """
+        variants = self.conntrackd_variants()
         return {
             self.files.spec: (_spec_json(self.spec), 0o600),
-            self.files.conntrackd_config: (self.conntrackd_config, 0o600),
+            **{self.files.conntrackd_variant(role): (text, 0o600)
+               for role, text in variants.items()},
+            self.files.conntrackd_config: (variants[running_as], 0o600),
             self.files.guard_raise: (self.guard_raise, 0o600),
             self.files.guard_lift: (self.guard_lift, 0o600),
             self.files.refresh_rules: (self.refresh_rules, 0o600),
@@ -103,13 +116,17 @@ def daemon_for(conf, spec, files):
 
 def generate(conf, spec, facts, files, snat_sync_command):
     """Render every file of a router. Pure."""
-    settings = render.conntrackd_settings(spec, conf.conntrackd, facts, files,
-                                          warm_standby=is_warm(conf))
+    configs = {
+        role: render.render_conntrackd_config(render.conntrackd_settings(
+            spec, conf.conntrackd, facts, files, warm_standby=is_warm(conf), role=role))
+        for role in (Role.PRIMARY, Role.BACKUP)
+    }
     guard_raise, guard_lift = render.render_guard(spec, guard.TABLE)
     return RenderedRouter(
         spec=spec,
         files=files,
-        conntrackd_config=render.render_conntrackd_config(settings),
+        conntrackd_config=configs[Role.PRIMARY],
+        backup_conntrackd_config=configs[Role.BACKUP],
         notify_hook=render.render_notify_hook(
             spec.router_id,
             files,
@@ -164,8 +181,9 @@ def add_router(conf, spec, snat_sync_command):
     previous_spec = _load_spec(files)
     previous = {path: statedir.read_text(path) for path in rendered.contents()}
     is_new = not files.directory.exists()
+    contents = rendered.contents(running_as=running_variant(files, previous))
     changed = [
-        path for path, (content, _mode) in rendered.contents().items()
+        path for path, (content, _mode) in contents.items()
         if previous[path] != content
     ]
     daemon = daemon_for(conf, spec, files)
@@ -182,7 +200,7 @@ def add_router(conf, spec, snat_sync_command):
             if config_changed and previous_spec is not None:
                 daemon_for(conf, previous_spec, files).stop()
             for path in changed:
-                content, mode = rendered.contents()[path]
+                content, mode = contents[path]
                 statedir.write_atomically(path, content, mode)
             if (conf.failover.demote_while_resyncing
                     and demotion.read(files.demotion) is None):
@@ -212,6 +230,20 @@ def add_router(conf, spec, snat_sync_command):
                  "started" if started else "already running")
     process = daemon.process()
     return AddResult(rendered, tuple(changed), started, process and process.pid)
+
+
+def running_variant(files, on_disk):
+    """The role whose conntrackd configuration conntrackd.conf is a copy of, judged
+    from the files on disk (path -> text or None): the primary's only if it is that
+    and the backup's differs; a new router's, or an unknown one, is the backup's
+    (a backup's conntrackd sends nothing of its own; a transition or the restore
+    of a primary switches)."""
+    running = on_disk.get(files.conntrackd_config)
+    primary = on_disk.get(files.conntrackd_variant(Role.PRIMARY))
+    backup = on_disk.get(files.conntrackd_variant(Role.BACKUP))
+    if running is not None and running == primary and primary != backup:
+        return Role.PRIMARY
+    return Role.BACKUP
 
 
 def _undo_add(conf, spec, files, is_new, previous, previous_spec):

@@ -65,21 +65,26 @@ def restore_steps(role, standby_mode=failover.WARM):
     """What a freshly (re)started conntrackd needs, given the router's role.
 
     A new conntrackd has empty caches. On the primary it reads the kernel's table
-    (-R) and sends all of it to the backups (-B), whose replica it refreshes; on a
-    backup it asks the primary for its whole table (-n). A new conntrackd also
-    reads its kernel table as its own: with warm standby, on a backup those are
-    the replicated entries and on a node of unknown role perhaps a table from
-    before a crash; it must forget them (-f internal), or it would report their
-    ends, or send them, to the primary, which would delete or overwrite its live
-    entries. With cold standby and no known role there is nothing to restore: the
-    next transition sets things up.
+    (-R, which a conntrackd just started has done) and sends all of it to the
+    backups (-B), whose replica it refreshes; on a backup it asks the primary for
+    its whole table (-n). With warm standby it must run the role's configuration
+    (a backup's reads no conntrack events; a node of unknown role runs a
+    backup's), restarted if it was started with the other; and a new conntrackd
+    reads its kernel table as its own: on a backup those are the replicated
+    entries and on a node of unknown role perhaps a table from before a crash; it
+    must forget them (-f internal), or it would report their ends, or send them,
+    to the primary, which would delete or overwrite its live entries. With cold
+    standby and no known role there is nothing to restore: the next transition
+    sets things up.
     """
-    if role is Role.PRIMARY:
-        return (failover.RESYNC_FROM_KERNEL, failover.BULK_SEND)
     warm = standby_mode == failover.WARM
+    if role is Role.PRIMARY:
+        return (*(failover.RUN_AS_PRIMARY,) * warm, failover.RESYNC_FROM_KERNEL,
+                failover.BULK_SEND)
     if role is Role.BACKUP:
-        return (*(failover.FORGET_OWN_ENTRIES,) * warm, failover.REQUEST_RESYNC)
-    return (failover.FORGET_OWN_ENTRIES,) * warm
+        return (*(failover.RUN_AS_BACKUP, failover.FORGET_OWN_ENTRIES) * warm,
+                failover.REQUEST_RESYNC)
+    return (failover.RUN_AS_BACKUP, failover.FORGET_OWN_ENTRIES) * warm
 
 
 def restore_role(recorded, holds_primary_address, record_is_current):

@@ -14,6 +14,8 @@ import sysconfig
 
 import jinja2
 
+from snat_sync.roles import Role
+
 
 LOOPBACK_NETWORKS = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -47,6 +49,7 @@ class ConntrackdSettings:
     ignored_networks: tuple
     purge_timeout: int
     files: object
+    reads_events: bool = True
 
 
 def hash_limit(configured, nf_conntrack_max):
@@ -59,11 +62,30 @@ def hash_limit(configured, nf_conntrack_max):
     return max(configured, 2 * nf_conntrack_max)
 
 
-def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=True):
-    """Decide the content of a router's conntrackd.conf.
+# A protocol no conntrack entry has in practice (IPv6's "no next header": conntrack
+# tracks no IPv6 packet without a transport header; an IPv4 packet of protocol 59
+# would be tracked, and its events read, to no harm), so that a filter accepting
+# only it lets no conntrack event through.
+NO_EVENTS_PROTOCOL = "ipv6-nonxt"
+
+
+def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=True,
+                        role=Role.PRIMARY):
+    """Decide the content of a router's conntrackd.conf for a node in role.
 
     warm_standby: conntrackd puts replicated entries straight into the kernel
     (DisableExternalCache) instead of keeping them for a commit.
+
+    A warm backup's conntrackd reads no conntrack events: its kernel filter lets
+    none through. Every entry it injects raises an event on its own node; it would
+    read each one only to drop it (it knows them by their origin), and during a
+    burst of 1,000,000 new entries on the primary that doubled its work, it fell
+    behind, its receive buffer overflowed, its event buffer overran, and the
+    overrun resync sent the replica back to the primary as its own table (see
+    BENCHMARKS.md). A backup forwards nothing, so it has no events worth reading;
+    a node becoming primary restarts conntrackd with the primary's variant, which
+    reads the kernel table at start. Cold standby injects nothing: both variants
+    are the primary's.
     """
     options = conntrackd_options
     scheduler = None
@@ -92,6 +114,7 @@ def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=Tru
         ignored_networks=(*LOOPBACK_NETWORKS, facts.ha_network),
         purge_timeout=options.purge_timeout,
         files=files,
+        reads_events=not (warm_standby and role is Role.BACKUP),
     )
 
 
@@ -100,7 +123,8 @@ def render_conntrackd_config(settings):
         field.name: getattr(settings, field.name)
         for field in dataclasses.fields(settings)
     }
-    return _render("conntrackd.conf.j2", context)
+    return _render("conntrackd.conf.j2",
+                   {**context, "no_events_protocol": NO_EVENTS_PROTOCOL})
 
 
 def snat_sync_command(config_files, config_dirs, state_path):

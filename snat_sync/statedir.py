@@ -74,7 +74,17 @@ class RouterFiles:
 
     @property
     def conntrackd_config(self):
+        """The configuration conntrackd runs with: a copy of one of the variants."""
         return self.directory / "conntrackd.conf"
+
+    def conntrackd_variant(self, role):
+        """The configuration for conntrackd on a node in role (primary or backup).
+
+        They differ in warm standby only, where a backup's conntrackd reads no
+        conntrack events (render.conntrackd_settings); the failover copies the
+        role's variant to conntrackd.conf and restarts conntrackd when they differ.
+        """
+        return self.directory / f"conntrackd.{role.value}.conf"
 
     @property
     def lock_file(self):

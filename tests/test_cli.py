@@ -9,6 +9,7 @@ import pytest
 from snat_sync import cli
 from snat_sync import manager
 from snat_sync import statedir
+from snat_sync.roles import Role
 
 RENDER = ["render", "r1", "--namespace", "ns", "--ha-interface", "ha-x",
           "--local-address", "169.254.192.1", "--peer-address", "169.254.192.2",
@@ -20,11 +21,15 @@ def run(state_path, *arguments):
     return cli.main(["--state-path", str(state_path), *arguments])
 
 
-def add_router_files(state_path, spec):
-    """A router as `router add` leaves it on disk (without a daemon)."""
+def add_router_files(state_path, spec, running_as=Role.PRIMARY):
+    """A router as `router add` leaves it on disk (without a daemon), its
+    conntrackd.conf a copy of the variant for running_as."""
     files = statedir.RouterFiles.under(state_path, spec.router_id)
     statedir.ensure_directory(files.directory)
     statedir.write_json(files.spec, spec.to_dict())
+    for role in (Role.PRIMARY, Role.BACKUP):
+        files.conntrackd_variant(role).write_text(f"# {role.value}\n")
+    files.conntrackd_config.write_text(f"# {running_as.value}\n")
     return files
 
 
@@ -177,8 +182,12 @@ def test_notify_exits_1_when_the_transition_fails(state_path, spec, fp, cold_con
 
 
 
-def test_notify_primary_with_warm_standby_commits_nothing(state_path, spec, fp):
-    files = add_router_files(state_path, spec)
+def test_notify_primary_with_warm_standby_commits_nothing(state_path, spec, fp,
+                                                          monkeypatch):
+    """conntrackd already runs the primary's configuration: it reads the table."""
+    files = add_router_files(state_path, spec, running_as=Role.PRIMARY)
+    monkeypatch.setattr(manager.conntrackd.Conntrackd, "is_running",
+                        lambda daemon: True)
     expected = [conntrackd_command(files, "-R")]
     for command in expected:
         fp.register(command)
@@ -190,9 +199,9 @@ def test_notify_primary_with_warm_standby_commits_nothing(state_path, spec, fp):
 
 def test_notify_backup_with_warm_standby_empties_the_table_and_asks_for_it(
         state_path, spec, fp, monkeypatch):
-    files = add_router_files(state_path, spec)
-    monkeypatch.setattr(manager.conntrackd.Conntrackd, "start",
-                        lambda daemon, policy="other": False)
+    files = add_router_files(state_path, spec, running_as=Role.BACKUP)
+    monkeypatch.setattr(manager.conntrackd.Conntrackd, "is_running",
+                        lambda daemon: True)
     enter = ["nsenter", "--net=/run/netns/qrouter-r1"]
     expected = [conntrackd_command(files, "-f", "internal"),
                 [*enter, "conntrack", "-F", "-f", "ipv4"],

@@ -15,6 +15,7 @@ from snat_sync import conntrackd
 from snat_sync.conntrackd import (CacheStats, CommitResult, Conntrackd,
                                   ConntrackdError, NetworkStats, QueueStats)
 from snat_sync.errors import InvalidInput, SnatSyncError
+from snat_sync.roles import Role
 
 CACHE_STATS = """\
 cache:internal	active objects:		           0
@@ -338,6 +339,72 @@ def test_a_missing_binary_is_a_conntrackd_error(router_files, tmp_path):
                         control_timeout=1, start_timeout=1, stop_timeout=1)
     with pytest.raises(ConntrackdError, match="no-such-conntrackd"):
         daemon.control("-c")
+
+
+# -- running a role's configuration ----------------------------------------------------
+
+
+class RunAsJournal:
+    """Stands in for the process: is_running, stop and start are recorded."""
+
+    def __init__(self, monkeypatch, running):
+        self.calls = []
+        self.running = running
+        monkeypatch.setattr(Conntrackd, "is_running", lambda daemon: self.running)
+        monkeypatch.setattr(Conntrackd, "stop", lambda daemon: self.stop())
+        monkeypatch.setattr(Conntrackd, "start",
+                            lambda daemon, policy="other": self.start(daemon))
+
+    def stop(self):
+        self.calls.append("stop")
+        self.running = False
+
+    def start(self, daemon):
+        self.calls.append(("start", daemon.files.conntrackd_config.read_text()))
+        started, self.running = not self.running, True
+        return started
+
+
+@pytest.fixture
+def variants(router_files):
+    router_files.conntrackd_variant(Role.PRIMARY).write_text("# reads events\n")
+    router_files.conntrackd_variant(Role.BACKUP).write_text("# reads none\n")
+    return router_files
+
+
+def test_run_as_restarts_conntrackd_with_the_roles_configuration(daemon, variants,
+                                                                 monkeypatch):
+    variants.conntrackd_config.write_text("# reads none\n")
+    journal = RunAsJournal(monkeypatch, running=True)
+    assert daemon.run_as(Role.PRIMARY) is True
+    assert journal.calls == ["stop", ("start", "# reads events\n")]
+    assert variants.conntrackd_config.read_text() == "# reads events\n"
+
+
+def test_run_as_the_role_conntrackd_already_runs_changes_nothing(daemon, variants,
+                                                                 monkeypatch):
+    variants.conntrackd_config.write_text("# reads events\n")
+    journal = RunAsJournal(monkeypatch, running=True)
+    assert daemon.run_as(Role.PRIMARY) is False
+    assert journal.calls == []
+
+
+def test_run_as_starts_a_conntrackd_that_is_not_running(daemon, variants,
+                                                        monkeypatch):
+    variants.conntrackd_config.write_text("# reads events\n")
+    journal = RunAsJournal(monkeypatch, running=False)
+    assert daemon.run_as(Role.BACKUP) is True
+    assert journal.calls == ["stop", ("start", "# reads none\n")]
+
+
+def test_run_as_without_the_variant_names_it_and_touches_nothing(daemon, router_files,
+                                                                 monkeypatch):
+    router_files.conntrackd_config.write_text("# old\n")
+    journal = RunAsJournal(monkeypatch, running=True)
+    with pytest.raises(ConntrackdError, match=r"conntrackd\.backup\.conf is missing"):
+        daemon.run_as(Role.BACKUP)
+    assert journal.calls == []
+    assert router_files.conntrackd_config.read_text() == "# old\n"
 
 
 class FakeControlSocket:

@@ -84,15 +84,19 @@ def test_an_unreadable_neutron_file_keeps_the_router_as_it_is():
 
 
 def test_restore_on_the_primary_resyncs_from_the_kernel_then_bulk_sends():
-    assert [step.arguments for step in restore_steps(Role.PRIMARY)] == [("-R",),
-                                                                        ("-B",)]
+    assert [step.arguments for step in restore_steps(Role.PRIMARY, "cold")] == [
+        ("-R",), ("-B",)]
+    assert [step.arguments for step in restore_steps(Role.PRIMARY)] == [
+        (Role.PRIMARY,), ("-R",), ("-B",)]
+    assert restore_steps(Role.PRIMARY)[1].redundant_after_start
 
 
 def test_restore_on_a_warm_backup_forgets_the_adopted_table_then_asks_for_a_resync():
     """A new conntrackd reads its kernel table as its own; on a warm backup those
-    are the replicated entries, whose ends it must not report to the primary."""
+    are the replicated entries, whose ends it must not report to the primary. It
+    runs the backup's configuration, which reads no events."""
     assert [step.arguments for step in restore_steps(Role.BACKUP)] == [
-        ("-f", "internal"), ("-n",)]
+        (Role.BACKUP,), ("-f", "internal"), ("-n",)]
 
 
 def test_restore_on_a_cold_backup_asks_the_primary_for_a_resync():
@@ -107,7 +111,8 @@ def test_cold_standby_has_nothing_to_restore_otherwise(role):
 
 @pytest.mark.parametrize("role", [Role.FAULT, Role.STOP, None])
 def test_warm_standby_otherwise_only_forgets_the_adopted_table(role):
-    assert [step.arguments for step in restore_steps(role)] == [("-f", "internal")]
+    assert [step.arguments for step in restore_steps(role)] == [
+        (Role.BACKUP,), ("-f", "internal")]
 
 
 @pytest.mark.parametrize("recorded, holds, current, role", [
@@ -145,7 +150,11 @@ class FakeConntrackd:
         self.calls.append("start")
         return self.starts
 
-    def control(self, *arguments, timeout=None):
+    def run_as(self, role, scheduler):
+        self.calls.append(f"run as {role.value}")
+        return False
+
+    def control(self, *arguments, timeout=None, check=True):
         self.calls.append(arguments)
 
     def process(self):
@@ -153,8 +162,9 @@ class FakeConntrackd:
 
 
 @pytest.mark.parametrize("role, expected", [
-    ("primary", ["start", ("-R",), ("-B",)]),
-    ("backup", ["start", ("-f", "internal"), ("-n",)]),
+    # A conntrackd just started has read the kernel's table: no -R.
+    ("primary", ["start", "run as primary", ("-B",)]),
+    ("backup", ["start", "run as backup", ("-f", "internal"), ("-n",)]),
 ])
 def test_start_restores_the_recorded_role(conf, router_files, monkeypatch, role,
                                           expected):
@@ -180,7 +190,7 @@ def test_a_start_without_a_current_record_never_restores_a_primary(
 
     jobs_module.start(conf, make_spec("r1"))
 
-    assert fake.calls == ["start", ("-f", "internal")]
+    assert fake.calls == ["start", "run as backup", ("-f", "internal")]
     assert "not restoring it as primary" in caplog.text
 
 

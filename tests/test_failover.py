@@ -309,6 +309,13 @@ class FakeDaemon:
         self.calls.append(("start", scheduler_policy))
         return False
 
+    def run_as(self, role, scheduler_policy="other"):
+        """As if conntrackd had to be restarted with role's configuration."""
+        self.calls.append(("run-as", role.value, scheduler_policy))
+        return self.restarts_as == role
+
+    restarts_as = None
+
     def control(self, *arguments, timeout=None, check=True):
         self.calls.append(("control", arguments, timeout))
         if self.on_control:
@@ -901,8 +908,8 @@ def test_the_lock_is_released_when_a_transition_raises(files, journal):
 
 
 @pytest.mark.parametrize("role, expected", [
-    (Role.PRIMARY, ["resync-from-kernel"]),
-    (Role.BACKUP, ["ensure-running", "forget-own-entries", "flush-kernel-table",
+    (Role.PRIMARY, ["run-as-primary", "resync-from-kernel"]),
+    (Role.BACKUP, ["run-as-backup", "forget-own-entries", "flush-kernel-table",
                    "request-resync"]),
     (Role.FAULT, ["forget-own-entries"]),
     (Role.STOP, ["forget-own-entries"]),
@@ -928,13 +935,35 @@ def test_warm_backup_forgets_its_own_entries_before_it_empties_the_kernel():
 def test_warm_backup_without_resync_keeps_its_table():
     """Emptied and never refilled, the replica would stay empty."""
     steps = failover.plan(Role.BACKUP, failover.WARM, resync_on_backup=False)
-    assert names(steps) == ["ensure-running", "forget-own-entries"]
+    assert names(steps) == ["run-as-backup", "forget-own-entries"]
+
+
+def test_a_warm_primary_restarted_with_its_configuration_reads_no_table_twice(
+        files, daemon):
+    """conntrackd restarted with the primary's configuration has read the kernel's
+    table at its start; -R would read all of it again."""
+    daemon.restarts_as = Role.PRIMARY
+    record = failover.run_transition("r1", Role.PRIMARY, daemon, files,
+                                     fast_options(standby_mode="warm"), 1000.0)
+    assert record.outcome == "done", record.errors
+    assert daemon.calls == [("run-as", "primary", "other")]
+    assert [(step.name, step.started_conntrackd, step.skipped is not None)
+            for step in record.steps] == [("run-as-primary", True, False),
+                                          ("resync-from-kernel", False, True)]
+
+
+def test_a_warm_primary_already_running_its_configuration_reads_the_table(
+        files, daemon):
+    record = failover.run_transition("r1", Role.PRIMARY, daemon, files,
+                                     fast_options(standby_mode="warm"), 1000.0)
+    assert record.outcome == "done", record.errors
+    assert daemon.calls == [("run-as", "primary", "other"), ("control", ("-R",), 10)]
 
 
 def test_warm_backup_runs_the_exact_commands_in_order(files, fp, monkeypatch):
     """The flush of the kernel table is conntrack -F for both families, inside the
     router's namespace, between forgetting the own entries and asking for the table."""
-    monkeypatch.setattr(Conntrackd, "start", lambda self, scheduler="other": False)
+    monkeypatch.setattr(Conntrackd, "run_as", lambda self, role, scheduler="other": False)
     order = [conntrackd_command(files, "-f", "internal"),
              *connection_table.flush_commands("qrouter-r1"),
              conntrackd_command(files, "-n")]
@@ -955,7 +984,7 @@ def test_warm_hook_forget_is_recorded_and_not_run_again(files, daemon):
         [HookStep("forget-own-entries", 1000.1, 1000.104, 0)])
     assert record.outcome == "done"
     assert [(step.name, step.run_by) for step in record.steps][:2] == [
-        ("ensure-running", "snat-sync"), ("forget-own-entries", "notify-hook")]
+        ("run-as-backup", "snat-sync"), ("forget-own-entries", "notify-hook")]
     assert ("control", ("-f", "internal"), 10) not in daemon.calls
 
 
@@ -966,14 +995,15 @@ def test_a_failed_hook_forget_is_run_again_once_conntrackd_runs(files, daemon):
         [HookStep("forget-own-entries", 1000.1, 1000.104, 1)])
     assert record.outcome == "done", record.errors
     assert record.steps[1].run_by == "snat-sync" and record.steps[1].ok
-    assert daemon.calls == [("start", "other"), ("control", ("-f", "internal"), 10),
+    assert daemon.calls == [("run-as", "backup", "other"),
+                            ("control", ("-f", "internal"), 10),
                             ("flush-kernel-table", "qrouter-r1"),
                             ("control", ("-n",), 10)]
 
 
 def test_a_failed_kernel_flush_is_recorded_and_the_resync_still_runs(files, fp,
                                                                       monkeypatch):
-    monkeypatch.setattr(Conntrackd, "start", lambda self, scheduler="other": False)
+    monkeypatch.setattr(Conntrackd, "run_as", lambda self, role, scheduler="other": False)
     fp.register(conntrackd_command(files, "-f", "internal"))
     fp.register(connection_table.flush_commands("qrouter-r1")[0], returncode=1,
                 stderr="conntrack v1.4.7 (conntrack-tools): Operation failed\n")

@@ -210,6 +210,9 @@ class FakeDaemon:
     def start(self, scheduler_policy="other"):
         return False
 
+    def run_as(self, role, scheduler_policy="other"):
+        return False
+
     def control(self, *arguments, timeout=None, check=True):
         if arguments[0] in self.fail:
             raise failover.conntrackd_module.ConntrackdError("cannot connect")

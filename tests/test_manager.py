@@ -2,6 +2,7 @@
 undoes when starting conntrackd fails, and `router remove`."""
 
 import dataclasses
+import difflib
 import ipaddress
 import json
 import os
@@ -17,6 +18,7 @@ from snat_sync import statedir
 from snat_sync.conntrackd import ConntrackdError
 from snat_sync.errors import InvalidInput, SnatSyncError
 from snat_sync.guard import GuardError
+from snat_sync.roles import Role
 from snat_sync.router import NamespaceFacts, RouterSpec
 
 FACTS = NamespaceFacts(ipaddress.ip_network("169.254.192.0/18"), 262144)
@@ -95,9 +97,13 @@ def test_generate_is_pure_and_complete(cold_conf, spec, state_path):
     files = manager.router_files(conf, "r1")
     rendered = manager.generate(conf, spec, FACTS, files, COMMAND)
     contents = rendered.contents()
-    assert list(contents) == [files.spec, files.conntrackd_config, files.guard_raise,
+    assert list(contents) == [files.spec, files.conntrackd_variant(Role.PRIMARY),
+                              files.conntrackd_variant(Role.BACKUP),
+                              files.conntrackd_config, files.guard_raise,
                               files.guard_lift, files.refresh_rules, files.notify_hook]
-    assert [each[1] for each in contents.values()] == [0o600] * 5 + [0o700]
+    assert [each[1] for each in contents.values()] == [0o600] * 7 + [0o700]
+    # Cold standby: a backup's conntrackd injects nothing, both read events.
+    assert rendered.backup_conntrackd_config == rendered.conntrackd_config
     assert RouterSpec.from_dict(json.loads(contents[files.spec][0])) == spec
     assert "Port 3787" in rendered.conntrackd_config
     assert contents[files.guard_raise][0] == rendered.guard_raise
@@ -162,12 +168,57 @@ def test_add_writes_the_files_and_starts_conntrackd(cold_conf, spec, system):
     assert files.guard_lift.read_text() == result.rendered.guard_lift
     assert files.notify_hook.read_text() == result.rendered.notify_hook
     assert files.refresh_rules.read_text() == result.rendered.refresh_rules
-    assert result.changed_files == (files.spec, files.conntrackd_config,
+    assert result.changed_files == (files.spec, files.conntrackd_variant(Role.PRIMARY),
+                                    files.conntrackd_variant(Role.BACKUP),
+                                    files.conntrackd_config,
                                     files.guard_raise, files.guard_lift,
                                     files.refresh_rules, files.notify_hook)
     assert result.conntrackd_started is True
     assert system.calls == [("start", "qrouter-r1", "other"),
                             ("apply-refresh", "qrouter-r1")]
+
+
+def test_generate_for_warm_standby_gives_the_backup_a_conntrackd_that_reads_no_events(
+        conf, spec):
+    files = manager.router_files(conf, "r1")
+    rendered = manager.generate(conf, spec, FACTS, files, COMMAND)
+    primary = rendered.conntrackd_config
+    backup = rendered.backup_conntrackd_config
+    assert "\t\t\tTCP\n" in primary and "ipv6-nonxt" not in primary
+    assert "\t\t\tipv6-nonxt\n" in backup and "\t\t\tTCP\n" not in backup
+    differing = [line for line in difflib.ndiff(primary.splitlines(),
+                                                backup.splitlines())
+                 if line[:1] in "+-"]
+    assert all("Accept" not in line and "Address" not in line
+               for line in differing), differing
+
+
+def test_a_new_warm_router_runs_the_backups_configuration(conf, spec, system):
+    """A backup's conntrackd sends nothing of its own: safe until a transition or
+    a restore of a primary says otherwise."""
+    result = manager.add_router(conf, spec, COMMAND)
+    files = result.rendered.files
+    assert (files.conntrackd_config.read_text()
+            == files.conntrackd_variant(Role.BACKUP).read_text()
+            == result.rendered.backup_conntrackd_config)
+    assert (files.conntrackd_variant(Role.PRIMARY).read_text()
+            == result.rendered.conntrackd_config)
+
+
+def test_add_again_keeps_a_primary_running_the_primarys_configuration(conf, spec,
+                                                                      system):
+    files = manager.add_router(conf, spec, COMMAND).rendered.files
+    files.conntrackd_config.write_text(
+        files.conntrackd_variant(Role.PRIMARY).read_text())
+    result = manager.add_router(conf, spec, COMMAND)
+    assert result.changed_files == ()
+    assert ("stop", "qrouter-r1") not in system.calls
+    moved = RouterSpec.create("r1", "qrouter-r1", "ha-1a2b3c4d-5e",
+                              "169.254.192.1", ["169.254.192.2"], 9)
+    result = manager.add_router(conf, moved, COMMAND)
+    assert "Port 3789" in files.conntrackd_config.read_text()
+    assert (files.conntrackd_config.read_text()
+            == files.conntrackd_variant(Role.PRIMARY).read_text())
 
 
 def test_add_again_with_the_same_arguments_changes_nothing(conf, spec, system):
