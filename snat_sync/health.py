@@ -164,6 +164,8 @@ class Facts:
     kernel_entries: int | None = None  # this node's kernel table, read now
     standby_mode: str = "cold"  # [failover] standby_mode: where a replica lives
     short_tolerance_percent: float = 1.0
+    # whose conntrackd configuration runs ("primary", "backup"; None: the same)
+    conntrackd_configuration: str | None = None
 
     @property
     def replica(self):
@@ -231,6 +233,10 @@ def judge(facts, now):
     failure = transition_failure(facts.last_transition)
     if failure:
         return Verdict(BROKEN, failure)
+    if facts.role == "primary" and facts.conntrackd_configuration == "backup":
+        return Verdict(BROKEN, "primary, but conntrackd runs the backup's "
+                               "configuration, which reads no conntrack events: "
+                               "nothing forwarded here is replicated")
     problems = report.problems if fresh else ()
     broken = _messages(problems, BROKEN)
     if broken:

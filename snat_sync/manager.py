@@ -390,6 +390,9 @@ class RouterStatus:
     replica_entries: int | None = None
     primary_entries: int | None = None
     missing_entries: int | None = None
+    # Whose conntrackd configuration runs: "primary" (reads conntrack events) or
+    # "backup" (reads none); None where the two are the same (cold standby).
+    conntrackd_configuration: str | None = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -458,6 +461,7 @@ def _router_status(conf, router_id, files, spec, process, read_addresses,
                   "%d entries were dropped and will not survive a failover; raise "
                   "[conntrackd] hash_limit", router_id, drops)
     role, role_source = _role(spec if read_addresses else None, last)
+    configuration = configuration_running(files)
     started = _started(process)
     fresh = report is not None and report.is_fresh(now)
     facts = health.Facts(
@@ -475,6 +479,7 @@ def _router_status(conf, router_id, files, spec, process, read_addresses,
         kernel_entries=kernel,
         standby_mode=conf.failover.standby_mode,
         short_tolerance_percent=conf.health.short_tolerance_percent,
+        conntrackd_configuration=configuration,
     )
     verdict = health.judge(facts, now)
     replica = health.replica(facts, now)
@@ -504,7 +509,21 @@ def _router_status(conf, router_id, files, spec, process, read_addresses,
         replica_entries=replica.replica_entries,
         primary_entries=replica.primary_entries,
         missing_entries=replica.missing_entries,
+        conntrackd_configuration=configuration,
     )
+
+
+def configuration_running(files):
+    """"primary" or "backup": whose conntrackd configuration conntrackd.conf is a
+    copy of; None if the two variants are the same (cold standby) or unreadable."""
+    on_disk = {path: statedir.read_text(path) for path in (
+        files.conntrackd_config, files.conntrackd_variant(Role.PRIMARY),
+        files.conntrackd_variant(Role.BACKUP))}
+    primary = on_disk[files.conntrackd_variant(Role.PRIMARY)]
+    backup = on_disk[files.conntrackd_variant(Role.BACKUP)]
+    if primary is None or backup is None or primary == backup:
+        return None
+    return running_variant(files, on_disk).value
 
 
 def _mtime(path):

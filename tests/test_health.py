@@ -114,6 +114,15 @@ def test_a_failed_last_transition_is_broken_with_its_first_error():
                 "committed")
 
 
+def test_a_primary_whose_conntrackd_runs_the_backups_configuration_is_broken():
+    """It reads no conntrack events: its flows reach no peer."""
+    assert judge(primary_facts(conntrackd_configuration="backup")) == Verdict(
+        BROKEN, "primary, but conntrackd runs the backup's configuration, which "
+                "reads no conntrack events: nothing forwarded here is replicated")
+    assert judge(primary_facts(conntrackd_configuration="primary")).word == IN_SYNC
+    assert judge(backup_facts(conntrackd_configuration="backup")).word == IN_SYNC
+
+
 @pytest.mark.parametrize("last, reason", [
     ({"outcome": "failed"}, "the last transition failed"),
     ({"outcome": "failed", "role": 7, "errors": "x"}, "the last transition failed"),

@@ -221,6 +221,17 @@ def test_add_again_keeps_a_primary_running_the_primarys_configuration(conf, spec
             == files.conntrackd_variant(Role.PRIMARY).read_text())
 
 
+def test_status_names_the_configuration_conntrackd_runs(conf, cold_conf, spec,
+                                                        system):
+    files = manager.add_router(conf, spec, COMMAND).rendered.files
+    assert manager.configuration_running(files) == "backup"
+    files.conntrackd_config.write_text(
+        files.conntrackd_variant(Role.PRIMARY).read_text())
+    assert manager.configuration_running(files) == "primary"
+    manager.add_router(cold_conf, spec, COMMAND)
+    assert manager.configuration_running(files) is None  # the two are the same
+
+
 def test_add_again_with_the_same_arguments_changes_nothing(conf, spec, system):
     manager.add_router(conf, spec, COMMAND)
     files = manager.router_files(conf, "r1")
@@ -479,7 +490,8 @@ def test_status_of_a_backup_in_sync(conf, node):
         "conntrackd_alive", "conntrackd_started", "conntrackd_uptime_seconds",
         "kernel_entries", "internal_cache", "external_cache", "replication",
         "last_transition", "last_repair", "problems", "checked", "verdict", "reason",
-        "standby_mode", "replica_entries", "primary_entries", "missing_entries"]
+        "standby_mode", "replica_entries", "primary_entries", "missing_entries",
+        "conntrackd_configuration"]
 
 
 def test_a_cold_standby_backups_replica_is_its_external_cache(conf, node):
