@@ -638,6 +638,7 @@ def kernel_entry_count(router):
 # never talk to, so no idle entry can take a tuple or a public port a live flow
 # needs, and their original tuples use other client addresses.
 IDLE_CLIENTS = 200
+IDLE_CLIENT_NETWORK = "10.200.0.0/24"
 IDLE_REMOTE_PORT = 443
 IDLE_PUBLIC_PORTS = range(45000, 65000)  # per remote host; the live flows use 40001+
 IDLE_TIMEOUT = 3600
@@ -666,16 +667,24 @@ def load_idle_entries(router, count, workdir):
     """Load `count` idle SNAT entries into router's kernel table in one go.
 
     Writes them to a file and loads it with `conntrack -R` (about 190,000 entries a
-    second). Returns how many entries the table gained: fewer than count if
-    nf_conntrack_max (or a clash) stopped some.
+    second). Returns how many idle entries the table gained: fewer than count if
+    nf_conntrack_max (or a clash) stopped some. Only idle entries are counted: a
+    conntrackd restarted meanwhile (a transition) adds its sync socket's entry.
     """
     if count <= 0:
         return 0
     path = pathlib.Path(workdir) / f"idle-entries-{router.name}.txt"
     path.write_text("".join(idle_entry(index) + "\n" for index in range(count)))
-    before = kernel_entry_count(router)
+    before = idle_entry_count(router)
     run(["conntrack", "-R", str(path)], namespace=router.namespace, check=False)
-    return kernel_entry_count(router) - before
+    return idle_entry_count(router) - before
+
+
+def idle_entry_count(router):
+    """How many idle entries (see idle_entry) the router's kernel table holds."""
+    listed = run(["conntrack", "-L", "-s", IDLE_CLIENT_NETWORK],
+                 namespace=router.namespace).stdout
+    return sum(1 for line in listed.splitlines() if line[:1].isalpha())
 
 
 # --- processes in a namespace ---------------------------------------------------------
