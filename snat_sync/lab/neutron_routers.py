@@ -9,13 +9,19 @@ spawns. Nothing is plugged: Neutron's interface drivers need Open vSwitch, so th
 functional test builds the devices itself under the names these objects give.
 """
 
+import contextlib
 import copy
 import dataclasses
+import http.server
 import os
 import pathlib
 import shutil
+import socketserver
+import subprocess
 import sys
 import sysconfig
+import threading
+import uuid
 
 from neutron.agent import l3_agent
 from neutron.agent.l3 import dvr_edge_ha_router
@@ -178,3 +184,162 @@ def state_change_program():
         raise topology.LabError(f"{STATE_CHANGE_PROGRAM} not found: is the neutron "
                                 "extra installed?")
     return found
+
+
+# --- the lab's two nodes as Neutron builds them ----------------------------------
+
+
+@dataclasses.dataclass
+class NeutronNode:
+    """One network node of the lab's HA router as Neutron's L3 agent has it.
+
+    The two nodes live on one machine, whose namespace names are global: each node
+    hosts the router under its own id, so that its qrouter-<id> (snat-<id>)
+    namespace does not collide with the other's. Nothing pairs the nodes by router
+    id: keepalived pairs by VRID on the HA network, conntrackd by its sync port.
+    Ids start with the lab's tag, and so do the namespaces' and ha- devices' names.
+    """
+
+    name: str
+    router: dict  # the router dict the agent hands to its extensions
+    ri: object  # Neutron's HaRouter or DvrEdgeHaRouter
+    conf: cfg.ConfigOpts  # the node's L3 agent configuration
+    ha_address: str
+    directory: pathlib.Path
+
+    @property
+    def router_id(self):
+        return self.router["id"]
+
+    @property
+    def state_path(self):
+        """snat-sync's state path on this node (the extension writes neutron/)."""
+        return self.directory / "s"
+
+
+def lab_id(tag, number):
+    """A UUID whose first group is the lab's tag and number (two hex digits)."""
+    return f"{tag}{number:02x}" + str(uuid.uuid4())[8:]
+
+
+def neutron_nodes(workdir, tag, vrid, distributed):
+    """The lab's two nodes r1 and r2: Neutron's router dicts and objects for them,
+    on a legacy agent or, distributed, on a dvr_snat agent."""
+    mode = "dvr_snat" if distributed else "legacy"
+    internal_port, gateway_port = lab_id(tag, 1), lab_id(tag, 2)
+    nodes = []
+    for index, (name, ha_address) in enumerate(zip(("r1", "r2"),
+                                                    topology.HA_ADDRESSES)):
+        directory = pathlib.Path(workdir) / name
+        conf = agent_conf(directory / "neutron", directory / "ha", mode)
+        router = router_dict(lab_id(tag, 0x10 + index), lab_id(tag, 0x20 + index),
+                             ha_address, vrid, distributed, internal_port,
+                             gateway_port)
+        nodes.append(NeutronNode(name, router, router_object(
+            conf, router, host=f"network-{index + 1}"), conf, ha_address, directory))
+    return nodes
+
+
+def lab_routers_for(nodes):
+    """A `routers` factory for topology.build_lab: the nodes' namespaces and legs
+    under Neutron's names (ha-, qr- or on DVR sg-, qg- + port id), Neutron's
+    priority for both."""
+    def routers(prefix, tag):
+        built = []
+        for node, peer in zip(nodes, reversed(nodes)):
+            names = devices(node.ri)
+            built.append(topology.Router(
+                node.name, names.namespace,
+                topology.Leg(f"{node.name}-qr", names.internal, "br-int"),
+                topology.Leg(f"{node.name}-ha", names.ha, "br-ha"),
+                topology.Leg(f"{node.name}-qg", names.external, "br-ext"),
+                node.ha_address, peer.ha_address, node.ri.ha_priority))
+        return tuple(built)
+    return routers
+
+
+def start_keepalived(lab, router, config_path):
+    """keepalived on Neutron's keepalived.conf, with Neutron's options (VRRP only,
+    its pid files beside the config), kept in the foreground for the lab."""
+    directory = pathlib.Path(config_path).parent
+    router.keepalived = topology.start_process(
+        lab, router.namespace,
+        ["keepalived", "-P", "-f", config_path, "-p", directory / "keepalived.pid",
+         "-r", directory / "keepalived.pid-vrrp", "--dont-fork", "--log-console",
+         "--no-syslog"],
+        directory / "keepalived.log")
+    return router.keepalived
+
+
+def start_state_change_monitor(lab, node):
+    """neutron-keepalived-state-change for node, in the root namespace as the
+    agent's ProcessManager runs it; kept in lab.processes."""
+    directory = pathlib.Path(node.ri.keepalived_manager.get_conf_dir())
+    with open(directory / "state-change.out", "ab") as log:
+        process = subprocess.Popen(
+            state_change_command(node.ri, directory / "monitor.pid"),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    lab.processes.append(process)
+    return process
+
+
+class StateChangeReceiver:
+    """Stands in for the L3 agent's keepalived state change server.
+
+    neutron-keepalived-state-change POSTs each state it detects to the UNIX socket
+    <Neutron's state_path>/keepalived-state-change (headers X-Neutron-Router-Id,
+    X-Neutron-State). The receiver answers, records (router id, state), and hands
+    the change to `on_change` the way the agent's enqueue_state_change ends in its
+    extensions' ha_state_change.
+    """
+
+    def __init__(self, socket_path, on_change=None):
+        self.socket_path = str(socket_path)
+        self.received = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                change = (self.headers.get("X-Neutron-Router-Id"),
+                          self.headers.get("X-Neutron-State"))
+                receiver.received.append(change)
+                if on_change is not None:
+                    on_change({"router_id": change[0], "state": change[1]})
+                self.send_response(200)
+                self.end_headers()
+
+            def address_string(self):
+                return "keepalived-state-change"
+
+            def log_message(self, *args):
+                """Quiet: the test reads `received`."""
+
+        pathlib.Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        self.server = socketserver.ThreadingUnixStreamServer(self.socket_path, Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+
+def stop_state_change_monitors(processes, timeout=5):
+    """SIGTERM all at once: each one's trap takes a second to stop its ip monitor."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)

@@ -1,0 +1,152 @@
+"""A primary crash the Neutron way (Neutron 29.0.0, the `.[neutron]` extra).
+
+Everything Neutron would do on a network node comes from Neutron's own code: the
+router dicts (its test helpers), the HaRouter / DvrEdgeHaRouter objects, the
+keepalived.conf its KeepalivedManager writes for the router (no notify script,
+nopreempt, garp_master_delay 60, advert_int 2, VIPs in virtual_ipaddress_excluded
+and the default route in virtual_routes, no_track), its device names in its
+namespaces, and its neutron-keepalived-state-change running beside keepalived
+(without --enable_conntrackd), reporting to a stand-in for the agent's state change
+server. Open vSwitch is absent, so the test builds the namespaces and veths itself
+under Neutron's names. snat-sync learns of the router only from the spec file the
+extension writes; its daemon does the rest.
+
+About 30 s per router type: Neutron's advert_int 2 makes the first election and
+the failover take ~8 s each, and TCP's backoff then resumes the flows up to 12.6 s
+after the crash.
+"""
+
+import contextlib
+import functools
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+import pytest
+
+from snat_sync import neutron_extension
+from snat_sync.lab import demo
+from snat_sync.lab import flows
+from snat_sync.lab import nodes as lab_nodes
+from snat_sync.lab import topology
+
+try:
+    from snat_sync.lab import neutron_routers
+except ImportError as error:
+    if os.environ.get("SNAT_SYNC_REQUIRE_FUNCTIONAL", "") not in ("", "0"):
+        raise ImportError(
+            "SNAT_SYNC_REQUIRE_FUNCTIONAL is set but neutron is not installed: "
+            "pip install -e '.[neutron]'") from error
+    pytest.skip(f"neutron is not installed ({error})", allow_module_level=True)
+
+VRID = 254
+SETTINGS = demo.ScenarioSettings(crash_after=3.0, run_after_crash=14.0, advert_int=2)
+ELECTION_TIMEOUT = 20  # Neutron's BACKUP start waits 3 x advert_int + skew
+
+
+@pytest.fixture
+def workdir():
+    """A short directory: conntrackd's socket lies below a router id of 36 bytes."""
+    directory = tempfile.mkdtemp(prefix="nf", dir="/tmp")
+    yield pathlib.Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def load_extension(node):
+    """The extension as node's L3 agent initializes it, on the node's state path."""
+    node.conf.register_opts(neutron_extension.OPTS, group=neutron_extension.GROUP)
+    node.conf.set_override("state_path", str(node.state_path),
+                           group=neutron_extension.GROUP)
+    extension = neutron_extension.SnatSyncExtension(node.conf)
+    extension.initialize(connection=None, driver_type="l3")
+    return extension
+
+
+def wait_for_router(node, role):
+    """Until node's daemon has added the router from the spec file and run its
+    transition into role."""
+    added = node.state_path / "routers" / node.router_id / "spec.json"
+    assert topology.wait_until(added.exists, 10), topology.read_tail(
+        node.directory / "daemon.log")
+    demo.wait_for_role(node.state_path, node.router_id, role)
+
+
+def start_snat_sync(lab, node, router):
+    config = lab_nodes.write_config(node.directory / "snat-sync.conf")
+    daemon = lab_nodes.Node(router, node.state_path, config,
+                            node.directory / "daemon.log")
+    lab_nodes.start_daemon(lab, daemon)
+    return daemon
+
+
+def run_failover(workdir, distributed, with_snat_sync=True):
+    """Build the lab, elect r1, run the flows, crash r1; return the nodes, the
+    flow results and the state changes Neutron's monitors reported.
+
+    with_snat_sync=False is the negative control: no extension, no daemon.
+    """
+    prefix = topology.new_prefix()
+    nodes = neutron_routers.neutron_nodes(workdir, prefix.rsplit("-", 1)[-1], VRID,
+                                          distributed)
+    configs = [neutron_routers.write_keepalived_config(node.ri) for node in nodes]
+    extensions = [load_extension(node) if with_snat_sync else None for node in nodes]
+    with contextlib.ExitStack() as stack:
+        lab = stack.enter_context(topology.running_lab(
+            workdir / "lab", prefix=prefix, vrid=VRID,
+            routers=neutron_routers.lab_routers_for(nodes)))
+        r1, r2 = lab.routers
+        # As the agent does on each node: the state change monitor, keepalived,
+        # and then the extensions' add_router. r2's keepalived comes once r1 is
+        # primary, so that r1 wins the first election.
+        receivers, monitors = [], []
+        for node, extension in zip(nodes, extensions):
+            on_change = extension and functools.partial(extension.ha_state_change,
+                                                        None)
+            receivers.append(stack.enter_context(neutron_routers.StateChangeReceiver(
+                node.directory / "neutron" / "keepalived-state-change", on_change)))
+            monitors.append(neutron_routers.start_state_change_monitor(lab, node))
+        neutron_routers.start_keepalived(lab, r1, configs[0])
+        if with_snat_sync:
+            for node, router, extension in zip(nodes, lab.routers, extensions):
+                extension.add_router(None, node.router)
+                start_snat_sync(lab, node, router)
+            wait_for_router(nodes[1], "backup")
+        topology.wait_for_primary(lab, r1, timeout=ELECTION_TIMEOUT)
+        if with_snat_sync:
+            wait_for_router(nodes[0], "primary")
+        neutron_routers.start_keepalived(lab, r2, configs[1])
+        server = demo.start_server(lab, workdir, SETTINGS.client_duration + 10)
+        client = demo.start_client(lab, workdir, SETTINGS)
+        time.sleep(SETTINGS.crash_after)
+        demo.crash_primary(lab)
+        demo.wait_for_exit(client, workdir / "client.log", SETTINGS.run_after_crash + 20)
+        demo.stop_server(server, workdir / "server.log")
+        if with_snat_sync:
+            demo.wait_for_role(nodes[1].state_path, nodes[1].router_id, "primary")
+        topology.wait_until(
+            lambda: (nodes[1].router_id, "primary") in receivers[1].received, 10)
+        neutron_routers.stop_state_change_monitors(monitors)
+        reported = [change for receiver in receivers for change in receiver.received]
+    results = flows.merge_reports(json.loads((workdir / "client.json").read_text()),
+                                  json.loads((workdir / "server.json").read_text()))
+    return nodes, results, reported
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["ha", "dvr-ha"])
+def test_neutron_router_keeps_every_flow_through_a_primary_crash(workdir,
+                                                                 distributed):
+    nodes, results, reported = run_failover(workdir, distributed)
+
+    lost = [f"{flow.flow_id} alive={flow.alive} public={flow.public_endpoints}"
+            for flow in results if not (flow.alive and flow.same_public_endpoint)]
+    assert not lost, lost
+    assert len(results) == 2 * SETTINGS.flows == 32
+    # Neutron's own monitor saw the same: r1 primary first, then r2 after the crash
+    assert (nodes[0].router_id, "primary") in reported, reported
+    assert (nodes[1].router_id, "primary") in reported, reported
+    expected_namespace = "snat-" if distributed else "qrouter-"
+    assert all(node.ri.ha_namespace == f"{expected_namespace}{node.router_id}"
+               for node in nodes)
