@@ -157,7 +157,8 @@ def test_delete_router_takes_it_away(extension, agent_conf):
 
 def test_ha_state_change_is_only_logged(extension, agent_conf, caplog):
     extension.add_router(None, router())
-    before = sorted((path.name, path.read_bytes()) for path in extension.inbox.iterdir())
+    before = sorted((path.name, path.read_bytes())
+                    for path in extension.inbox.iterdir())
 
     with caplog.at_level(logging.INFO, logger="snat_sync.neutron_extension"):
         extension.ha_state_change(None, {"router_id": ROUTER_ID, "state": "primary"})

@@ -35,7 +35,6 @@ from oslo_log import log as oslo_log
 
 from snat_sync.lab import topology
 
-NEUTRON_RELEASE = "29.0.0"
 STATE_CHANGE_PROGRAM = ha_router.STATE_CHANGE_PROC_NAME
 SNAT_PORT_ADDRESS = topology.INTERNAL_VIP
 
@@ -47,7 +46,7 @@ def register_agent_options(conf):
 
 
 def agent_conf(state_path, ha_confs_path, agent_mode="legacy"):
-    """A private L3 agent configuration: Neutron's options, NullDriver, no conntrackd."""
+    """A private L3 agent configuration: Neutron's options, the NullDriver."""
     conf = register_agent_options(cfg.ConfigOpts())
     conf.register_opts(neutron_common.core_opts)
     conf.register_cli_opts(neutron_common.core_cli_opts)
@@ -75,6 +74,7 @@ def router_dict(router_id, ha_port_id, ha_address, vrid, distributed=False,
     router["id"] = router_id
     router["distributed"] = distributed
     router["external_gateway_info"]["network_id"] = router["gw_port"]["network_id"]
+    # the helper's extra subnet 9.4.5.0/24 would be an on-link route to nowhere here
     router["gw_port"]["extra_subnets"] = []
     if gateway_port_id:
         router["gw_port"]["id"] = gateway_port_id
@@ -91,7 +91,6 @@ def router_dict(router_id, ha_port_id, ha_address, vrid, distributed=False,
         snat_port["device_owner"] = constants.DEVICE_OWNER_ROUTER_SNAT
         snat_port["fixed_ips"][0]["ip_address"] = SNAT_PORT_ADDRESS
         router[constants.SNAT_ROUTER_INTF_KEY] = [snat_port]
-        router["gw_port_host"] = None
     return router
 
 
@@ -102,11 +101,9 @@ def _sibling_id(port_id):
 
 
 def router_object(conf, router, host="network-1"):
-    """The router object the L3 agent creates for the dict in its agent_mode.
-
-    The agent's router factory picks HaRouter for an HA router and, on a dvr_snat
-    agent, DvrEdgeHaRouter for a distributed one (neutron.agent.l3.agent).
-    """
+    """The router object a legacy (HaRouter) or, for a distributed router, a
+    dvr_snat agent (DvrEdgeHaRouter) creates for the dict, as its router factory
+    picks them (neutron.agent.l3.agent), with its keepalived configuration made."""
     kwargs = dict(agent=_Agent(host), router_id=router["id"], router=router,
                   use_ipv6=False, agent_conf=conf,
                   interface_driver=interface.NullDriver(conf))
@@ -197,7 +194,8 @@ class NeutronNode:
     hosts the router under its own id, so that its qrouter-<id> (snat-<id>)
     namespace does not collide with the other's. Nothing pairs the nodes by router
     id: keepalived pairs by VRID on the HA network, conntrackd by its sync port.
-    Ids start with the lab's tag, and so do the namespaces' and ha- devices' names.
+    The ids begin with the lab's tag, and so the namespaces' and ha- devices' names
+    carry it.
     """
 
     name: str
