@@ -30,7 +30,14 @@ router, whose SNAT and keepalived live there), and the primary address keepalive
 puts on the HA interface while primary, which the daemon's watcher looks for.
 Neutron's keepalived configuration has no notify lines, so that watcher is what
 starts each failover's commit. `ha_state_change` arrives about advert_int after the
-address moved: too late for the commit, it is only recorded.
+address moved: too late for the commit, it is only logged (the daemon's `status`
+shows the role from the address itself; Neutron's view is `openstack network agent
+list --router <id> --long`).
+
+Agent modes: only a `legacy` or `dvr_snat` agent runs keepalived for an HA router.
+On `dvr` and `dvr_no_external` agents (compute nodes) Neutron builds a distributed
+HA router as a plain DVR router without VRRP, whatever the router dict carries, so
+the extension ignores distributed routers there by the agent's `agent_mode`.
 
 Neutron's own conntrackd (`ha_conntrackd_enabled`) would fight snat-sync's for the
 same table and sync port: with it on, the extension refuses to start.
@@ -39,7 +46,6 @@ same table and sync port: with it on, the extension refuses to start.
 import ipaddress
 import logging
 import os
-import time
 
 from neutron_lib.agent import l3_extension
 from oslo_config import cfg
@@ -67,6 +73,10 @@ LINK_LOCAL_RANGE = ipaddress.ip_network("169.254.0.0/16")
 NEUTRON_RESERVED = (ipaddress.ip_network("169.254.169.254/32"),
                     ipaddress.ip_network("169.254.64.0/18"))
 PRIMARY_PREFIX_LENGTH = 24
+# The agent modes (neutron_lib.constants L3_AGENT_MODE_*) and the one whose agent
+# hosts a distributed router's SNAT side with its keepalived.
+DEFAULT_AGENT_MODE = "legacy"  # Neutron's default for agent_mode
+DVR_SNAT_AGENT_MODE = "dvr_snat"
 
 
 class Ignored(Exception):
@@ -93,12 +103,16 @@ def primary_address(vrid, ha_cidrs):
     raise Ignored("no free /24 for the primary address in 169.254.0.0/16")
 
 
-def spec_from_router(router):
-    """The RouterSpec of a router dict as the L3 agent has it; Ignored if none."""
+def spec_from_router(router, agent_mode=DEFAULT_AGENT_MODE):
+    """The RouterSpec of a router dict as an L3 agent in agent_mode has it;
+    Ignored if none."""
     router_id = router.get("id")
     if not router.get("ha"):
         kind = "a DVR-only" if router.get("distributed") else "not an HA"
         raise Ignored(f"{kind} router")
+    if router.get("distributed") and agent_mode != DVR_SNAT_AGENT_MODE:
+        raise Ignored(f"a distributed router on an agent in mode {agent_mode}: only "
+                      f"{DVR_SNAT_AGENT_MODE} agents run its keepalived")
     port = router.get("_ha_interface")
     if not port:
         raise Ignored("no HA port on this node (a DVR compute node hosts no SNAT)")
@@ -120,6 +134,14 @@ def spec_from_router(router):
         )
     except (InvalidInput, KeyError, TypeError, ValueError) as error:
         raise Ignored(f"cannot derive its spec: {error}") from None
+
+
+def agent_mode(conf):
+    """The L3 agent's agent_mode; Neutron's default where no agent registered it."""
+    try:
+        return conf.agent_mode
+    except cfg.NoSuchOptError:
+        return DEFAULT_AGENT_MODE
 
 
 def check_no_neutron_conntrackd(conf):
@@ -146,11 +168,12 @@ class SnatSyncExtension(l3_extension.L3AgentExtension):
     def __init__(self, conf=None):
         self.conf = conf or cfg.CONF
         self.inbox = None
-        self.ha_states = {}
+        self.agent_mode = DEFAULT_AGENT_MODE
 
     def initialize(self, connection, driver_type):
         self.conf.register_opts(OPTS, group=GROUP)
         check_no_neutron_conntrackd(self.conf)
+        self.agent_mode = agent_mode(self.conf)
         state_path = statedir.check_state_path(self.conf.snat_sync.state_path)
         self.inbox = state_path / inventory.NEUTRON_DIRECTORY
         statedir.ensure_directory(self.inbox)
@@ -167,24 +190,19 @@ class SnatSyncExtension(l3_extension.L3AgentExtension):
         path = self._path(router_id)
         if path is None:
             return
-        self.ha_states.pop(router_id, None)
-        for each in (path, path.with_suffix(".state")):
-            try:
-                os.unlink(each)
-            except FileNotFoundError:
-                continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
         LOG.info("snat_sync: router %s removed", router_id)
 
     def ha_state_change(self, context, data):
-        """Bookkeeping only: Neutron reports a change about advert_int late."""
+        """Only logged: Neutron reports a change about advert_int after the address
+        moved, when the daemon's watcher has long run the transition."""
         router_id, state = data.get("router_id"), data.get("state")
         path = self._path(router_id)
         if path is None or not path.exists():
             return
-        self.ha_states[router_id] = state
-        statedir.write_json(path.with_suffix(".state"),
-                            {"router": router_id, "state": state,
-                             "reported": time.time()})
         LOG.info("snat_sync: Neutron reports router %s %s", router_id, state)
 
     def update_network(self, context, data):
@@ -192,7 +210,7 @@ class SnatSyncExtension(l3_extension.L3AgentExtension):
 
     def _write(self, router):
         try:
-            spec = spec_from_router(router)
+            spec = spec_from_router(router, self.agent_mode)
         except Ignored as reason:
             LOG.info("snat_sync: ignoring router %s: %s", router.get("id"), reason)
             path = self._path(router.get("id"))

@@ -155,17 +155,17 @@ def test_delete_router_takes_it_away(extension, agent_conf):
     extension.delete_router(None, router())  # twice is fine
 
 
-def test_ha_state_change_is_bookkeeping_only(extension, agent_conf):
+def test_ha_state_change_is_only_logged(extension, agent_conf, caplog):
     extension.add_router(None, router())
-    spec_file = extension.inbox / f"{ROUTER_ID}.json"
-    before = spec_file.read_text()
+    before = sorted((path.name, path.read_bytes())
+                    for path in extension.inbox.iterdir())
 
-    extension.ha_state_change(None, {"router_id": ROUTER_ID, "state": "primary"})
+    with caplog.at_level(logging.INFO, logger="snat_sync.neutron_extension"):
+        extension.ha_state_change(None, {"router_id": ROUTER_ID, "state": "primary"})
 
-    assert extension.ha_states == {ROUTER_ID: "primary"}
-    assert spec_file.read_text() == before
-    assert (extension.inbox / f"{ROUTER_ID}.state").exists()
-    assert set(inbox(agent_conf)) == {ROUTER_ID}
+    assert sorted((path.name, path.read_bytes())
+                  for path in extension.inbox.iterdir()) == before
+    assert f"Neutron reports router {ROUTER_ID} primary" in caplog.text
 
 
 def test_ha_state_change_of_an_unknown_router_is_ignored(extension):
@@ -177,7 +177,7 @@ def test_ha_state_change_of_an_unknown_router_is_ignored(extension):
 @pytest.mark.parametrize("changes, reason", [
     ({"ha": False, "_ha_interface": None}, "not an HA router"),
     ({"ha": False, "distributed": True, "_ha_interface": None}, "DVR-only"),
-    ({"distributed": True, "_ha_interface": None}, "no HA port on this node"),
+    ({"_ha_interface": None}, "no HA port on this node"),
 ])
 def test_routers_it_cannot_protect_are_ignored_with_a_log_line(
         extension, agent_conf, caplog, changes, reason):
@@ -187,9 +187,47 @@ def test_routers_it_cannot_protect_are_ignored_with_a_log_line(
     assert reason in caplog.text and ROUTER_ID in caplog.text
 
 
-def test_a_distributed_ha_router_lives_in_its_snat_namespace(extension, agent_conf):
-    extension.add_router(None, router(distributed=True))
+def agent_in_mode(conf, mode):
+    """The extension in an L3 agent whose agent_mode is mode."""
+    conf.register_opt(cfg.StrOpt("agent_mode", default="legacy"))
+    conf.set_override("agent_mode", mode)
+    loaded = load(conf)
+    loaded.initialize(None, "ovs")
+    return loaded
+
+
+def test_a_distributed_ha_router_lives_in_its_snat_namespace(agent_conf):
+    agent_in_mode(agent_conf, "dvr_snat").add_router(None, router(distributed=True))
     assert inbox(agent_conf)[ROUTER_ID].namespace == f"snat-{ROUTER_ID}"
+
+
+@pytest.mark.parametrize("mode", ["dvr", "dvr_no_external", "legacy"])
+def test_a_distributed_router_is_ignored_where_the_agent_runs_no_keepalived(
+        agent_conf, caplog, mode):
+    """Even with an HA port in the dict: Neutron builds a DvrLocalRouter there."""
+    extension = agent_in_mode(agent_conf, mode)
+    with caplog.at_level(logging.INFO, logger="snat_sync.neutron_extension"):
+        extension.add_router(None, router(distributed=True))
+    assert inbox(agent_conf) == {}
+    assert f"agent in mode {mode}" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["dvr", "dvr_no_external", "dvr_snat", "legacy"])
+def test_a_legacy_ha_router_is_handled_in_every_agent_mode(agent_conf, mode):
+    agent_in_mode(agent_conf, mode).add_router(None, router())
+    assert inbox(agent_conf)[ROUTER_ID].namespace == f"qrouter-{ROUTER_ID}"
+
+
+def test_a_distributed_router_handed_over_is_taken_away_on_a_dvr_agent(agent_conf):
+    """An agent whose mode changed finds the router's old file and removes it."""
+    agent_in_mode(agent_conf, "dvr_snat").add_router(None, router(distributed=True))
+    other = cfg.ConfigOpts()
+    other([], project="neutron")
+    other.register_opts(neutron_extension.OPTS, group=neutron_extension.GROUP)
+    other.set_override("state_path", agent_conf.snat_sync.state_path,
+                       group=neutron_extension.GROUP)
+    agent_in_mode(other, "dvr").update_router(None, router(distributed=True))
+    assert inbox(agent_conf) == {}
 
 
 def test_a_broken_router_dict_is_ignored_not_raised(extension, agent_conf, caplog):

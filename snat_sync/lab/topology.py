@@ -210,8 +210,21 @@ def wait_until(predicate, timeout, interval=0.05):
 # --- building -----------------------------------------------------------------------
 
 
-def build_lab(workdir, prefix=None, vrid=1):
-    """Build the whole topology; on any failure, tear down what was built and raise."""
+def lab_routers(prefix, tag):
+    """The lab's own two routers: namespaces <prefix>-r1/-r2, legs named by tag."""
+    return (
+        Router("r1", f"{prefix}-r1", *router_legs(tag, "r1"), *HA_ADDRESSES, 150),
+        Router("r2", f"{prefix}-r2", *router_legs(tag, "r2"), *reversed(HA_ADDRESSES),
+               100),
+    )
+
+
+def build_lab(workdir, prefix=None, vrid=1, routers=lab_routers):
+    """Build the whole topology; on any failure, tear down what was built and raise.
+
+    routers(prefix, tag) makes the two Router objects (their namespaces and device
+    names): the lab's own by default.
+    """
     prefix = prefix or new_prefix()
     tag = prefix.rsplit("-", 1)[-1][:6]  # keeps interface names within 15 bytes
     workdir = pathlib.Path(workdir)
@@ -225,11 +238,7 @@ def build_lab(workdir, prefix=None, vrid=1):
         switch_namespace=f"{prefix}-sw",
         client_namespace=f"{prefix}-client",
         server_namespace=f"{prefix}-server",
-        routers=(
-            Router("r1", f"{prefix}-r1", *router_legs(tag, "r1"), *HA_ADDRESSES, 150),
-            Router("r2", f"{prefix}-r2", *router_legs(tag, "r2"),
-                   *reversed(HA_ADDRESSES), 100),
-        ),
+        routers=routers(prefix, tag),
     )
     try:
         create_switch(lab)
@@ -805,9 +814,9 @@ def teardown(lab):
 
 
 @contextlib.contextmanager
-def running_lab(workdir, prefix=None, vrid=1):
+def running_lab(workdir, prefix=None, vrid=1, routers=lab_routers):
     """build_lab as a context manager: the lab is torn down however the block ends."""
-    lab = build_lab(workdir, prefix=prefix, vrid=vrid)
+    lab = build_lab(workdir, prefix=prefix, vrid=vrid, routers=routers)
     try:
         yield lab
     finally:
