@@ -80,6 +80,9 @@ def test_snat_flows_survive_with_their_public_ports(with_snat_sync, keepalived_a
             for flow in flows_of(keepalived_alone, "snat", protocol)
             if not kinds.kept(flow)]
     assert len(lost) >= kinds.KindsSettings().flows, describe(lost)
+    for result in (with_snat_sync, keepalived_alone):
+        print(("with snat-sync: " if result.with_snat_sync else "keepalived alone: ")
+              + "; ".join(kinds.summary_lines(result)))
 
 
 def test_ping_sessions_survive(with_snat_sync, keepalived_alone):
