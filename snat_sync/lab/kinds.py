@@ -45,18 +45,21 @@ KINDS = (
 @dataclasses.dataclass(frozen=True)
 class KindsSettings:
     flows: int = 8  # per protocol and kind
-    # Over 4 s, [failover] refresh_interval's default: a refresh tick falls
-    # between the two looks at r2's IPv6 entries (first_look, crash_after).
-    crash_after: float = 5.0
-    first_look: float = 0.5
-    run_after_crash: float = 10.0
+    # r2's IPv6 entries are watched from when r1 holds every IPv6 flow until
+    # the crash, this long: over 4 s, [failover] refresh_interval's default, so a
+    # refresh tick flips every live flow's mark in between.
+    refresh_window: float = 4.5
+    # the longest the flows may take to start (the clients' run includes it)
+    start_timeout: float = 3.0
+    run_after_crash: float = 9.0
     advert_int: int = 1
     snat_sync_arguments: tuple = ()
     icmp_error_after: float = 1.0  # seconds after r2 took over
 
     @property
     def client_duration(self):
-        return self.crash_after + self.run_after_crash
+        """Long enough for the slowest start, the window and the run after."""
+        return self.start_timeout + self.refresh_window + self.run_after_crash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +85,14 @@ class KindsResult:
     icmp_error_public_port: int
     # Entries of each family in r2's kernel table just before the crash.
     backup_entries: dict
-    # The connection marks of r2's IPv6 entries ({original tuple: mark}), looked
-    # at shortly after the flows started and just before the crash.
-    backup_ipv6_marks: tuple = ({}, {})
+    # The connection marks r2's IPv6 entries had in the refresh window
+    # ({original tuple: marks seen}).
+    backup_ipv6_marks: dict = dataclasses.field(default_factory=dict)
 
     def refreshed_ipv6_entries(self):
-        """r2's IPv6 entries whose mark a refresh flipped between the looks."""
-        first, last = self.backup_ipv6_marks
-        return [key for key, mark in last.items()
-                if key in first and first[key] != mark]
+        """r2's IPv6 entries whose mark a refresh flipped in the window."""
+        return [key for key, marks in self.backup_ipv6_marks.items()
+                if len(marks) > 1]
 
     def run(self, kind):
         return self.runs[kind]
@@ -190,10 +192,16 @@ def run_scenario(workdir, with_snat_sync, settings=KindsSettings()):
         clients = {kind.name: start_client(lab, workdir, kind, settings)
                    for kind in KINDS}
         r1, r2 = lab.routers
-        time.sleep(settings.first_look)
-        first_marks = ipv6_marks(r2)
-        time.sleep(settings.crash_after - settings.first_look)
-        last_marks = ipv6_marks(r2)
+        ipv6_flows = 2 * settings.flows
+        if not lab_module.wait_until(lambda: len(ipv6_marks(r1)) >= ipv6_flows,
+                                     settings.start_timeout, interval=0.1):
+            raise lab_module.LabError(f"r1 does not hold {ipv6_flows} IPv6 flows")
+        marks_seen = {}
+        window_ends = time.monotonic() + settings.refresh_window
+        while time.monotonic() < window_ends:
+            for key, mark in ipv6_marks(r2).items():
+                marks_seen.setdefault(key, set()).add(mark)
+            time.sleep(0.25)
         target_flow, public_port = remapped_udp_flow(r1, settings)
         backup_entries = entries_by_family(r2)
         failed_at = time.time()
@@ -216,7 +224,8 @@ def run_scenario(workdir, with_snat_sync, settings=KindsSettings()):
             icmp_error_at=icmp_error_sent_at - report["started_at"],
         )
     return KindsResult(with_snat_sync, runs, failover_seconds, target_flow,
-                       public_port, backup_entries, (first_marks, last_marks))
+                       public_port, backup_entries,
+                       {key: tuple(sorted(marks)) for key, marks in marks_seen.items()})
 
 
 def count(flows_, protocol, predicate):
