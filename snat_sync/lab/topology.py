@@ -497,7 +497,8 @@ def excluded_addresses(lab, router):
     variant = lab.variant
     addresses = []
     if variant.routed_ipv4:
-        addresses.append(f"{ROUTED_VIP}/{INTERNAL_PREFIXLEN} dev {router.internal.device}")
+        addresses.append(
+            f"{ROUTED_VIP}/{INTERNAL_PREFIXLEN} dev {router.internal.device}")
     if variant.ipv6:
         addresses += [f"{INTERNAL_VIP6}/{PREFIXLEN6} dev {router.internal.device}",
                       f"{GATEWAY_ADDRESS6}/{PREFIXLEN6} dev {router.external.device}"]
