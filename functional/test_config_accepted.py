@@ -161,6 +161,8 @@ def option_value(opt):
     """Edge and default values of a [conntrackd] option, as options.py allows."""
     if opt.dest == "multicast_group":
         return st.ip_addresses(v=4, network="224.0.0.0/4").map(str)
+    if opt.dest == "ipv6_multicast_group":
+        return st.ip_addresses(v=6, network="ff00::/8").map(str)
     if opt.dest == "protocols":
         return st.lists(st.sampled_from(options.SYNCED_PROTOCOLS), min_size=1,
                         unique=True)
@@ -184,12 +186,12 @@ def conntrackd_options(draw):
 @st.composite
 def accepted_addresses(draw, transport):
     """A local address and its peers that the transport takes: one peer for udp,
-    IPv4 for multicast (and so for several peers), one family."""
-    version = 4 if transport == "multicast" else draw(st.sampled_from([4, 4, 6]))
+    several for multicast (and auto) too, one family."""
+    version = draw(st.sampled_from([4, 4, 6]))
     networks = (["169.254.192.0/18", "10.0.0.0/8", "192.0.2.0/24"] if version == 4
                 else ["fd00:a::/64", "2001:db8::/32", "fe80::/64"])
     network = ipaddress.ip_network(draw(st.sampled_from(networks)))
-    size = 2 if transport == "udp" or version == 6 else draw(st.integers(2, 4))
+    size = 2 if transport == "udp" else draw(st.integers(2, 4))
     pool = draw(st.lists(st.ip_addresses(network=network), min_size=size,
                          max_size=size, unique=True))
     return [str(address) for address in pool]

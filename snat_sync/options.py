@@ -75,6 +75,14 @@ conntrackd_opts = [
         default="225.0.0.50",
         help="IPv4 multicast group for the multicast transport.",
     ),
+    cfg.IPOpt(
+        "ipv6_multicast_group",
+        version=6,
+        default="ff12::3780",
+        help="IPv6 multicast group for the multicast transport of routers whose "
+        "HA addresses are IPv6. The default is link-local in scope and "
+        "transient (ff12::/16): the group is joined on the HA interface only.",
+    ),
     cfg.IntOpt(
         "socket_buffer_size",
         default=33554432,
@@ -514,10 +522,11 @@ def validate(conf):
                 raise _invalid_option(conf, group, opt, ValueError(
                     f"is not valid: {error}; oslo.config substitutes $name in "
                     "values (write $$ for a '$')")) from None
-    if not ipaddress.ip_address(conf.conntrackd.multicast_group).is_multicast:
-        raise _invalid_option(
-            conf, "conntrackd", _opt("conntrackd", "multicast_group"),
-            ValueError("is not valid: not a multicast address"))
+    for name in ("multicast_group", "ipv6_multicast_group"):
+        if not ipaddress.ip_address(getattr(conf.conntrackd, name)).is_multicast:
+            raise _invalid_option(
+                conf, "conntrackd", _opt("conntrackd", name),
+                ValueError("is not valid: not a multicast address"))
     if not BINARY.fullmatch(conf.conntrackd.binary):
         raise _invalid_option(
             conf, "conntrackd", _opt("conntrackd", "binary"),

@@ -95,7 +95,9 @@ def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=Tru
         router_id=spec.router_id,
         sync_mode=options.sync_mode,
         channel=spec.sync_channel(
-            options.transport, options.base_port, options.multicast_group
+            options.transport, options.base_port,
+            options.multicast_group if spec.local_address.version == 4
+            else options.ipv6_multicast_group,
         ),
         ha_interface=spec.ha_interface,
         local_address=spec.local_address,

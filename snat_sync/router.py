@@ -121,7 +121,8 @@ class RouterSpec:
 
         conntrackd's UDP transport has one destination per link, so several peers
         need multicast. The port is base_port + VRID: routers of one project share
-        its HA network and must not read each other's messages.
+        its HA network and must not read each other's messages. multicast_group
+        is of the HA addresses' family.
         """
         if transport not in TRANSPORTS:
             raise InvalidInput("transport", transport,
@@ -138,12 +139,17 @@ class RouterSpec:
                 ", ".join(map(str, self.peer_addresses)),
                 "the udp transport takes exactly one peer; use multicast for several",
             )
-        if transport == "multicast" and self.local_address.version != 4:
-            raise InvalidInput(
-                "local address",
-                str(self.local_address),
-                "the multicast transport is IPv4 only",
-            )
+        if transport == "multicast":
+            try:
+                group = ipaddress.ip_address(multicast_group)
+            except ValueError:
+                raise InvalidInput("multicast group", multicast_group,
+                                   "not an address") from None
+            if group.version != self.local_address.version or not group.is_multicast:
+                raise InvalidInput(
+                    "multicast group", multicast_group,
+                    f"not an IPv{self.local_address.version} multicast group, as the "
+                    f"local address {self.local_address} needs")
         return SyncChannel(transport, base_port + self.vrid, multicast_group)
 
     def to_dict(self):

@@ -2,6 +2,7 @@
 
 import json
 import socket
+import struct
 import subprocess
 import sys
 
@@ -175,3 +176,40 @@ def test_the_client_reports_every_reply_time():
     report = clock.report(end=2.0)
     assert report.reply_times == [0.123, 1.5]
     assert report.replies == 2 and report.last_reply_at == 1.5
+
+
+def test_plan_adds_ping_sessions_and_the_flow_prefix():
+    plan = flows.plan_flows(["10.0.0.1", "10.0.0.2"], 1, 0, 40001, icmp_flows=3,
+                            flow_prefix="snat-")
+    assert [(spec.flow_id, spec.client_address, spec.client_port) for spec in plan] == [
+        ("snat-tcp-00", "10.0.0.1", 40001), ("snat-icmp-00", "10.0.0.1", 40001),
+        ("snat-icmp-01", "10.0.0.2", 40001), ("snat-icmp-02", "10.0.0.1", 40002)]
+
+
+def test_port_unreachable_quotes_the_datagram_with_valid_checksums():
+    message = flows.port_unreachable("203.0.113.10", 52001, "203.0.113.100", 9000)
+    assert message[:2] == bytes([3, 3])
+    assert flows.checksum(message) == 0
+    quoted = message[8:]
+    assert flows.checksum(quoted[:20]) == 0
+    assert socket.inet_ntoa(quoted[12:16]) == "203.0.113.10"
+    assert socket.inet_ntoa(quoted[16:20]) == "203.0.113.100"
+    assert struct.unpack("!HH", quoted[20:24]) == (52001, 9000)
+
+
+def test_echo_request_sighting_reads_source_and_identifier():
+    icmp = struct.pack("!BBHHH", 8, 0, 0, 4242, 7) + b"snat-icmp-03 7"
+    packet = (bytes([0x45]) + bytes(11) + socket.inet_aton("203.0.113.10")
+              + socket.inet_aton("203.0.113.100") + icmp)
+    assert flows.echo_request_sighting(packet) == ("snat-icmp-03",
+                                                   "203.0.113.10:4242")
+    reply = packet[:20] + bytes([0]) + icmp[1:]
+    assert flows.echo_request_sighting(reply) is None
+
+
+def test_icmp_errors_received_reach_the_result():
+    flow = dict(client_flow("udp-00", "udp", True),
+                errors_received=[[2.5, "ConnectionRefusedError"]])
+    result = flows.merge_reports({"flows": [flow]}, {})[0]
+    assert result.errors_after(2.0) == ["ConnectionRefusedError"]
+    assert result.errors_after(3.0) == []

@@ -191,3 +191,31 @@ def test_dead_before_failure_names_the_flows_silent_before_the_crash():
         None, 3.0, None, failure_at=3.0)
     assert [each.flow_id for each in result.dead_before_failure()] == [
         "udp-01", "udp-02"]
+
+
+def test_link_local_is_the_macs_eui64():
+    assert lab.link_local("fa:16:3e:42:3a:02") == "fe80::f816:3eff:fe42:3a02"
+
+
+def test_the_dual_stack_variant_puts_its_vips_in_the_excluded_block():
+    built = fake_lab()
+    built.variant = lab.Variant(routed_ipv4=True, ipv6=True)
+    r1 = built.routers[0]
+    text = lab.keepalived_config(built, r1)
+    excluded = text.split("virtual_ipaddress_excluded {\n", 1)[1].split("    }", 1)[0]
+    assert f"192.168.101.1/24 dev {r1.internal.device}" in excluded
+    assert f"2001:db8:100::1/64 dev {r1.internal.device}" in excluded
+    assert f"2001:db8:203::10/64 dev {r1.external.device}" in excluded
+    mac = lab.port_mac(built.tag, 2)
+    assert f"{lab.link_local(mac)}/64 dev {r1.external.device} scope link" in excluded
+    assert text.count("{") == text.count("}")
+    assert "virtual_ipaddress_excluded" not in lab.keepalived_config(fake_lab(), r1)
+
+
+def test_the_firewall_accepts_new_connections_from_inside_only():
+    r1 = fake_lab().routers[0]
+    rules = lab.firewall_rules(r1)
+    assert "policy drop;" in rules and "ct state invalid drop" in rules
+    assert "ct state established,related accept" in rules
+    assert (f'iifname "{r1.internal.device}" oifname "{r1.external.device}" '
+            "ct state new accept") in rules

@@ -61,6 +61,7 @@ BAD_VALUES = [
     ("conntrackd", "sync_mode", "fast"),
     ("conntrackd", "base_port", "65500"),       # 65500 + VRID is no port
     ("conntrackd", "multicast_group", "ff02::1"),
+    ("conntrackd", "ipv6_multicast_group", "225.0.0.50"),
     ("conntrackd", "scheduler_priority", "100"),
     ("conntrackd", "commit_timeout", "0"),
     ("failover", "lock_timeout", "-5"),
@@ -104,6 +105,15 @@ def test_a_multicast_group_must_be_a_multicast_address(make_conf, write_config):
         make_conf(path)
     assert_names_the_option(caught.value, "conntrackd", "multicast_group", path,
                             "10.0.0.1")
+
+
+def test_an_ipv6_multicast_group_must_be_a_multicast_address(make_conf,
+                                                             write_config):
+    path = write_config("[conntrackd]\nipv6_multicast_group = fd00::1\n")
+    with pytest.raises(InvalidInput) as caught:
+        make_conf(path)
+    assert_names_the_option(caught.value, "conntrackd", "ipv6_multicast_group",
+                            path, "fd00::1")
 
 
 def test_the_error_names_the_file_whose_value_is_used(make_conf, write_config):

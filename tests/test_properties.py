@@ -238,13 +238,14 @@ def test_a_spec_read_back_from_disk_is_checked_again(data):
 @given(spec=good_specs(), transport=st.one_of(
            st.sampled_from(["auto", "udp", "multicast"]), hostile_text),
        base_port=st.integers(-10, 70000),
-       group=st.ip_addresses(v=4, network="224.0.0.0/4").map(str))
+       group=st.one_of(st.ip_addresses(v=4, network="224.0.0.0/4"),
+                       st.ip_addresses(v=6, network="ff00::/8")).map(str))
 def test_sync_channel_is_usable_or_rejected(spec, transport, base_port, group):
     try:
         channel = spec.sync_channel(transport, base_port, group)
     except InvalidInput as error:
         assert_clear_rejection(error, {"transport", "base port", "peer address",
-                                       "local address"})
+                                       "multicast group"})
         return
     assert isinstance(channel, SyncChannel)
     assert transport in ("auto", "udp", "multicast")
@@ -253,7 +254,7 @@ def test_sync_channel_is_usable_or_rejected(spec, transport, base_port, group):
     if channel.transport == "udp":
         assert len(spec.peer_addresses) == 1
     else:
-        assert spec.local_address.version == 4
+        assert ipaddress.ip_address(group).version == spec.local_address.version
         assert transport == "multicast" or len(spec.peer_addresses) > 1
 
 
@@ -264,6 +265,8 @@ def option_values(opt):
     """A strategy for a [conntrackd] option, within what options.py accepts."""
     if opt.dest == "multicast_group":
         return st.ip_addresses(v=4, network="224.0.0.0/4").map(str)
+    if opt.dest == "ipv6_multicast_group":
+        return st.ip_addresses(v=6, network="ff00::/8").map(str)
     if opt.dest == "protocols":
         return st.lists(st.sampled_from(options.SYNCED_PROTOCOLS), min_size=1,
                         unique=True)
@@ -371,7 +374,7 @@ def test_conntrackd_config_is_well_formed_and_holds_every_value(case):
         settings_ = render.conntrackd_settings(spec, conntrackd_options_, facts, files)
     except InvalidInput as error:
         assert_clear_rejection(error, {"peer address", "local address", "transport",
-                                       "base port"})
+                                       "base port", "multicast group"})
         return
     text = render.render_conntrackd_config(settings_)
     tree = parse_conntrackd_config(text)
@@ -390,10 +393,16 @@ def test_conntrackd_config_is_well_formed_and_holds_every_value(case):
         })
     else:
         multicast = section(sync, "Multicast")
+        if spec.local_address.version == 4:
+            expected.update({
+                value(multicast, "IPv4_address"): conntrackd_options_.multicast_group,
+                value(multicast, "IPv4_interface"): str(spec.local_address),
+            })
+        else:
+            expected[value(multicast, "IPv6_address")] = (
+                conntrackd_options_.ipv6_multicast_group)
         expected.update({
-            value(multicast, "IPv4_address"): conntrackd_options_.multicast_group,
             value(multicast, "Group"): str(settings_.channel.port),
-            value(multicast, "IPv4_interface"): str(spec.local_address),
             value(multicast, "Interface"): spec.ha_interface,
         })
     expected.update({

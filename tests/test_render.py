@@ -109,6 +109,31 @@ def test_multicast_config_for_several_peers(conf):
                    for line in multicast)
 
 
+def test_multicast_config_over_ipv6(conf):
+    """conntrackd 1.4.7 joins an IPv6 group on Interface, read after
+    IPv6_address; it ignores IPv6_interface (src/read_config_yy.y)."""
+    text, _files = render_config(conf, make_spec(local="fd00:a::1",
+                                                 peers=["fd00:a::2", "fd00:a::3"],
+                                                 vrid=9),
+                                 NamespaceFacts(
+                                     ipaddress.ip_network("fd00:a::/64"), 1000))
+    multicast = parse_blocks(text)["Sync"]["Multicast"]["_lines"]
+    assert multicast[:3] == ["IPv6_address ff12::3780", "Group 3789",
+                             "Interface ha-1a2b3c4d-5e"]
+    assert not any(line.startswith(("IPv4", "IPv6_interface")) for line in multicast)
+
+
+def test_ipv6_multicast_group_comes_from_the_options(make_conf, write_config):
+    conf = make_conf(write_config(
+        "[conntrackd]\ntransport = multicast\nipv6_multicast_group = ff02::1:3\n"))
+    text, _files = render_config(conf, make_spec(local="fd00:a::1",
+                                                 peers=["fd00:a::2"]),
+                                 NamespaceFacts(
+                                     ipaddress.ip_network("fd00:a::/64"), 1000))
+    assert "IPv6_address ff02::1:3" in parse_blocks(text)["Sync"]["Multicast"][
+        "_lines"]
+
+
 def test_multicast_group_and_base_port_come_from_the_options(make_conf, write_config):
     conf = make_conf(write_config(
         "[conntrackd]\ntransport = multicast\nmulticast_group = 239.1.2.3\n"

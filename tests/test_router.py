@@ -294,12 +294,21 @@ def test_udp_refuses_two_peers():
 
 @pytest.mark.parametrize("transport, peers", [("multicast", ["fd00:a::2"]),
                                               ("auto", ["fd00:a::2", "fd00:a::3"])])
-def test_multicast_refuses_ipv6(transport, peers):
+def test_multicast_over_ipv6_takes_an_ipv6_group(transport, peers):
     spec = create(local_address="fd00:a::1", peer_addresses=peers)
+    assert spec.sync_channel(transport, 3780, "ff12::3780") == SyncChannel(
+        "multicast", 3787, "ff12::3780")
     with pytest.raises(InvalidInput) as caught:
         spec.sync_channel(transport, 3780, "225.0.0.50")
-    assert caught.value.field == "local address"
-    assert "IPv4 only" in str(caught.value)
+    assert caught.value.field == "multicast group"
+    assert "not an IPv6 multicast group" in str(caught.value)
+
+
+@pytest.mark.parametrize("group", ["ff12::3780", "10.0.0.1", "not-an-address"])
+def test_multicast_over_ipv4_refuses_other_groups(group):
+    with pytest.raises(InvalidInput) as caught:
+        create().sync_channel("multicast", 3780, group)
+    assert caught.value.field == "multicast group"
 
 
 def test_udp_over_ipv6_is_fine():

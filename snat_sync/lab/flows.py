@@ -15,6 +15,18 @@ address k mod 8 and port base + k div 8): the SNAT router can keep the port for 
 one of the addresses and must remap the others, which is exactly the mapping a new
 primary does not know unless the connection table was replicated.
 
+ICMP flows are ping sessions: a ping socket bound to the flow's port, which the
+kernel makes the echo identifier, so flows of different client addresses share
+an identifier and the SNAT router must remap all but one. The server's kernel
+answers the echoes; the server program records each request's source address and
+identifier (the public endpoint of a ping) from a raw socket (--icmp).
+
+Server addresses may be IPv4 or IPv6 (--address takes several, comma-separated);
+a client runs its flows against one server address. A UDP flow records the ICMP
+errors that reach its socket (errors_received), and `icmp-error` sends one: a
+port unreachable quoting a datagram the router sent for a flow, as the server's
+kernel would send if that port closed.
+
 Both programs stop by themselves after --duration seconds.
 """
 
@@ -27,6 +39,7 @@ import pathlib
 import random
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -42,7 +55,7 @@ class FlowSpec:
     flow_id: str
     protocol: str
     client_address: str
-    client_port: int
+    client_port: int  # an ICMP flow's echo identifier
 
 
 @dataclasses.dataclass
@@ -62,6 +75,8 @@ class ClientFlowReport:
     echoed_public_endpoints: list[str]
     # Every reply's arrival, to the millisecond: what the flow did before a fault.
     reply_times: list[float] = dataclasses.field(default_factory=list)
+    # ICMP errors that reached a UDP flow's socket: [seconds, error name]
+    errors_received: list[list] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -85,6 +100,11 @@ class FlowResult:
     public_endpoints: tuple[str, ...]
     error: str | None
     reply_times: tuple[float, ...] = ()
+    errors_received: tuple[tuple[float, str], ...] = ()
+
+    def errors_after(self, moment):
+        """The names of the ICMP errors that reached the flow after `moment`."""
+        return [name for at, name in self.errors_received if at > moment]
 
     @property
     def same_public_endpoint(self):
@@ -124,15 +144,18 @@ class TrafficSummary:
 # --- pure helpers ---------------------------------------------------------------------
 
 
-def plan_flows(addresses, tcp_flows, udp_flows, base_port=DEFAULT_BASE_PORT):
-    """Flow k of each protocol uses addresses[k % n] and port base_port + k // n."""
+def plan_flows(addresses, tcp_flows, udp_flows, base_port=DEFAULT_BASE_PORT,
+               icmp_flows=0, flow_prefix=""):
+    """Flow k of each protocol uses addresses[k % n] and port (ICMP: identifier)
+    base_port + k // n; flow ids are flow_prefix + protocol-kk."""
     addresses = tuple(addresses)
     plan = []
-    for protocol, count in (("tcp", tcp_flows), ("udp", udp_flows)):
+    for protocol, count in (("tcp", tcp_flows), ("udp", udp_flows),
+                            ("icmp", icmp_flows)):
         for index in range(count):
             plan.append(
                 FlowSpec(
-                    flow_id=f"{protocol}-{index:02d}",
+                    flow_id=f"{flow_prefix}{protocol}-{index:02d}",
                     protocol=protocol,
                     client_address=addresses[index % len(addresses)],
                     client_port=base_port + index // len(addresses),
@@ -190,6 +213,8 @@ def merge_reports(client_report, server_report):
                 public_endpoints=tuple(server_flow.get("public_endpoints", ())),
                 error=flow["error"],
                 reply_times=tuple(flow.get("reply_times", ())),
+                errors_received=tuple(
+                    (at, name) for at, name in flow.get("errors_received", ())),
             )
         )
     return results
@@ -269,29 +294,79 @@ async def echo_stream(record, connections, reader, writer):
     writer.close()
 
 
-async def serve(address, port, duration, ready_file):
-    """Echo for `duration` seconds, or until SIGTERM or SIGINT; return the report."""
+ICMP_ECHO_REQUEST = 8
+ICMP_ECHO_REPLY = 0
+ICMP_UNREACHABLE = 3
+ICMP_PORT_UNREACHABLE = 3
+
+
+def echo_request_sighting(packet):
+    """(flow_id, public endpoint) of an IPv4 packet carrying an ICMP echo request
+    sent by a ping flow, else None; the endpoint is source address:identifier."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    header_length = (packet[0] & 0x0F) * 4
+    icmp = packet[header_length:]
+    if len(icmp) < 8 or icmp[0] != ICMP_ECHO_REQUEST:
+        return None
+    identifier = struct.unpack("!H", icmp[4:6])[0]
+    try:
+        flow_id, _ = icmp[8:].decode().split()
+    except ValueError:
+        return None
+    return flow_id, endpoint(socket.inet_ntoa(packet[12:16]), identifier)
+
+
+def watch_echo_requests(loop, record):
+    """Record every ping flow's echo requests (a raw ICMP socket sees a copy of
+    each; the kernel still answers them). Returns the socket."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.setblocking(False)
+
+    def readable():
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while True:
+                sighting = echo_request_sighting(sock.recv(65535))
+                if sighting is not None:
+                    record.saw(sighting[0], "icmp", sighting[1])
+
+    loop.add_reader(sock.fileno(), readable)
+    return sock
+
+
+async def serve(addresses, port, duration, ready_file, icmp=False):
+    """Echo on every address for `duration` seconds, or until SIGTERM or SIGINT;
+    return the report. icmp: also record ping flows' echo requests."""
     record = ServerRecord()
     stop = asyncio.Event()
     connections = set()
     loop = asyncio.get_running_loop()
-    server = await asyncio.start_server(
-        lambda reader, writer: echo_stream(record, connections, reader, writer),
-        address,
-        port,
-        reuse_address=True,
-    )
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: EchoDatagram(record), local_addr=(address, port)
-    )
+    servers, transports = [], []
+    for address in addresses:
+        servers.append(await asyncio.start_server(
+            lambda reader, writer: echo_stream(record, connections, reader, writer),
+            address,
+            port,
+            reuse_address=True,
+        ))
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: EchoDatagram(record), local_addr=(address, port)
+        )
+        transports.append(transport)
+    icmp_socket = watch_echo_requests(loop, record) if icmp else None
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
     if ready_file:
         pathlib.Path(ready_file).write_text("ready\n")
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stop.wait(), duration)
-    transport.close()
-    server.close()
+    if icmp_socket is not None:
+        loop.remove_reader(icmp_socket.fileno())
+        icmp_socket.close()
+    for transport in transports:
+        transport.close()
+    for server in servers:
+        server.close()
     for writer in list(connections):
         writer.transport.abort()
     await asyncio.sleep(0.1)  # let each handler see its EOF and finish on its own
@@ -311,6 +386,7 @@ class FlowClock:
         self.reply_times = []
         self.public_endpoints = []
         self.error = None
+        self.errors_received = []
 
     def now(self):
         return time.monotonic() - self.started
@@ -322,6 +398,14 @@ class FlowClock:
                 self.reply_times.append(self.now())
                 if public_endpoint not in self.public_endpoints:
                     self.public_endpoints.append(public_endpoint)
+
+    def echoed(self, payload):
+        """An echo reply's payload: a reply if it is this flow's (the server does
+        not add the public endpoint to a ping's reply)."""
+        with contextlib.suppress(ValueError):
+            flow_id, _ = payload.decode().split()
+            if flow_id == self.spec.flow_id:
+                self.reply_times.append(self.now())
 
     def report(self, end):
         gap, gap_start = longest_gap(0.0, self.reply_times, end)
@@ -338,11 +422,16 @@ class FlowClock:
             error=self.error,
             echoed_public_endpoints=self.public_endpoints,
             reply_times=[round(at, 3) for at in self.reply_times],
+            errors_received=[[round(at, 3), name] for at, name in self.errors_received],
         )
 
 
-def bound_socket(kind, spec):
-    sock = socket.socket(socket.AF_INET, kind)
+def address_family(address):
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def bound_socket(kind, spec, protocol=0):
+    sock = socket.socket(address_family(spec.client_address), kind, protocol)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((spec.client_address, spec.client_port))
     sock.setblocking(False)
@@ -401,7 +490,8 @@ class ReplyDatagram(asyncio.DatagramProtocol):
         self.clock.replied(data)
 
     def error_received(self, error):
-        """ICMP errors (port unreachable during a failover) do not end a UDP flow."""
+        """ICMP errors do not end a UDP flow; they are recorded."""
+        self.clock.errors_received.append((self.clock.now(), type(error).__name__))
 
 
 async def run_udp_flow(clock, server, deadline):
@@ -421,6 +511,64 @@ async def run_udp_flow(clock, server, deadline):
         transport.close()
 
 
+async def run_icmp_flow(clock, server, deadline):
+    """A ping session: echo requests with the flow's identifier, replies counted.
+
+    The kernel fills in the identifier (the socket's bound port) and the checksum.
+    """
+    loop = asyncio.get_running_loop()
+    sock = bound_socket(socket.SOCK_DGRAM, clock.spec, socket.IPPROTO_ICMP)
+
+    def readable():
+        with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+            while True:
+                reply = sock.recv(65535)
+                if reply[:1] == bytes([ICMP_ECHO_REPLY]):
+                    clock.echoed(reply[8:])
+
+    async def send(message):
+        header = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, 0, clock.sent & 0xFFFF)
+        with contextlib.suppress(OSError):  # no route while the router fails over
+            sock.sendto(header + message, (server[0], 0))
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        await pace(clock, deadline, send)
+    finally:
+        loop.remove_reader(sock.fileno())
+        sock.close()
+
+
+def checksum(data):
+    """The Internet checksum (RFC 1071) of data."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def port_unreachable(source, source_port, destination, destination_port):
+    """An ICMP port unreachable quoting a UDP datagram source:port -> destination:
+    port (IPv4), without its outer IP header (the kernel adds it)."""
+    quoted_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64,
+                                socket.IPPROTO_UDP, 0, socket.inet_aton(source),
+                                socket.inet_aton(destination))
+    quoted_header = (quoted_header[:10] + struct.pack("!H", checksum(quoted_header))
+                     + quoted_header[12:])
+    quoted = quoted_header + struct.pack("!HHHH", source_port, destination_port, 8, 0)
+    message = struct.pack("!BBHI", ICMP_UNREACHABLE, ICMP_PORT_UNREACHABLE, 0, 0) + quoted
+    return message[:2] + struct.pack("!H", checksum(message)) + message[4:]
+
+
+def send_port_unreachable(source, source_port, destination, destination_port):
+    """Send port_unreachable(...) to `source`, the address the datagram came from."""
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        sock.sendto(port_unreachable(source, source_port, destination,
+                                     destination_port), (source, 0))
+
+
 async def bounded(flow, clock, duration):
     """Run one flow, but never past duration plus a grace period (a write that blocks
     on a stalled connection must not keep the client alive)."""
@@ -434,7 +582,7 @@ async def run_flows(server_address, server_port, specs, duration):
     started = time.monotonic()
     clocks = [FlowClock(spec, started) for spec in specs]
     server = (server_address, server_port)
-    runners = {"tcp": run_tcp_flow, "udp": run_udp_flow}
+    runners = {"tcp": run_tcp_flow, "udp": run_udp_flow, "icmp": run_icmp_flow}
     await asyncio.gather(
         *(
             bounded(runners[clock.spec.protocol](clock, server, duration), clock,
@@ -469,7 +617,10 @@ def parse_arguments(argv):
     server = commands.add_parser(
         "server", help="echo server that records the public endpoints it sees"
     )
-    server.add_argument("--address", required=True)
+    server.add_argument("--address", required=True,
+                        help="the address to serve on, or several, comma-separated")
+    server.add_argument("--icmp", action="store_true",
+                        help="record ping flows' echo requests (raw socket)")
     server.add_argument("--port", type=int, default=DEFAULT_PORT)
     server.add_argument("--duration", type=float, required=True)
     server.add_argument("--ready-file", help="written once both sockets listen")
@@ -480,17 +631,33 @@ def parse_arguments(argv):
     client.add_argument("--addresses", default=",".join(DEFAULT_ADDRESSES))
     client.add_argument("--tcp-flows", type=int, default=16)
     client.add_argument("--udp-flows", type=int, default=16)
+    client.add_argument("--icmp-flows", type=int, default=0)
+    client.add_argument("--flow-prefix", default="",
+                        help="put before every flow id (keeps clients apart)")
     client.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
     client.add_argument("--duration", type=float, required=True)
     client.add_argument("--output", help="JSON report file (default: stdout)")
+    icmp_error = commands.add_parser(
+        "icmp-error", help="send a port unreachable about a UDP datagram (IPv4)")
+    icmp_error.add_argument("--quoted-source", required=True,
+                            help="ADDRESS:PORT the datagram came from (gets the error)")
+    icmp_error.add_argument("--quoted-destination", required=True,
+                            help="ADDRESS:PORT the datagram went to")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     arguments = parse_arguments(argv)
+    if arguments.command == "icmp-error":
+        source, source_port = arguments.quoted_source.rsplit(":", 1)
+        destination, destination_port = arguments.quoted_destination.rsplit(":", 1)
+        send_port_unreachable(source, int(source_port), destination,
+                              int(destination_port))
+        return 0
     if arguments.command == "server":
         report = asyncio.run(serve(
-            arguments.address, arguments.port, arguments.duration, arguments.ready_file
+            arguments.address.split(","), arguments.port, arguments.duration,
+            arguments.ready_file, arguments.icmp,
         ))
     else:
         specs = plan_flows(
@@ -498,6 +665,8 @@ def main(argv=None):
             arguments.tcp_flows,
             arguments.udp_flows,
             arguments.base_port,
+            arguments.icmp_flows,
+            arguments.flow_prefix,
         )
         report = asyncio.run(
             run_flows(arguments.server, arguments.port, specs, arguments.duration)

@@ -13,6 +13,14 @@ see each other.
                                              SNAT to it for everything leaving qg
     <prefix>-server  eth0          br-ext    203.0.113.100/24
 
+A `Variant` adds what else the router carries: a second internal subnet routed
+without SNAT (192.168.101.0/24, VIP .1), tenant IPv6 routed without NAT
+(2001:db8:100::/64 inside, VIP ::1; 2001:db8:203::/64 outside, VIP ::10, server
+::100), both VIP sets in keepalived's virtual_ipaddress_excluded as Neutron puts
+them; a stateful firewall on both routers (`FIREWALL_RULES`); or IPv6 HA
+addresses (fd00:ca5e::1 and ::2/64). The server routes the routed subnets back
+through the gateway VIPs, as an upstream router of a no-NAT address scope does.
+
 Every veth pair is created inside the switch namespace with its peer end sent straight
 into the node's namespace, so no interface ever exists in the root namespace, not even
 for a moment.
@@ -40,6 +48,17 @@ EXTERNAL_PREFIXLEN = 24
 SERVER_ADDRESS = "203.0.113.100"
 HA_ADDRESSES = ("169.254.192.1", "169.254.192.2")
 HA_PREFIXLEN = 18
+ROUTED_VIP = "192.168.101.1"
+ROUTED_NETWORK = "192.168.101.0/24"
+ROUTED_CLIENT_ADDRESSES = tuple(f"192.168.101.{host}" for host in range(11, 19))
+INTERNAL_VIP6 = "2001:db8:100::1"
+INTERNAL_NETWORK6 = "2001:db8:100::/64"
+CLIENT_ADDRESSES6 = tuple(f"2001:db8:100::{host}" for host in range(11, 19))
+GATEWAY_ADDRESS6 = "2001:db8:203::10"
+SERVER_ADDRESS6 = "2001:db8:203::100"
+PREFIXLEN6 = 64
+HA_ADDRESSES6 = ("fd00:ca5e::1", "fd00:ca5e::2")
+HA_PREFIXLEN6 = 64
 BRIDGES = ("br-int", "br-ha", "br-ext")
 INTERFACE_NAME_MAX = 15  # IFNAMSIZ is 16 bytes including the terminating NUL.
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
@@ -82,6 +101,33 @@ class Router:
         return (self.internal, self.ha, self.external)
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What the lab's router carries besides IPv4 through SNAT (module docstring)."""
+
+    routed_ipv4: bool = False
+    ipv6: bool = False
+    firewall: bool = False
+    ha_ipv6: bool = False
+
+
+# The tenant's stateful firewall, as an operator writes it for the router's
+# forwarded traffic: replies and related ICMP errors of known connections pass,
+# invalid packets and new TCP connections that do not start with a SYN are
+# dropped, new connections are allowed only from the inside (qr) out (qg).
+FIREWALL_TABLE = "tenant_firewall"
+FIREWALL_RULES = """table inet {table} {{
+	chain forward {{
+		type filter hook forward priority filter; policy drop;
+		ct state invalid drop
+		ct state established,related accept
+		tcp flags & (fin|syn|rst|ack) != syn ct state new drop
+		iifname "{inside}" oifname "{outside}" ct state new accept
+	}}
+}}
+"""
+
+
 @dataclasses.dataclass
 class Lab:
     prefix: str
@@ -95,6 +141,7 @@ class Lab:
     routers: tuple[Router, Router]
     namespaces: list[str] = dataclasses.field(default_factory=list)
     processes: list[subprocess.Popen] = dataclasses.field(default_factory=list)
+    variant: Variant = Variant()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,22 +257,24 @@ def wait_until(predicate, timeout, interval=0.05):
 # --- building -----------------------------------------------------------------------
 
 
-def lab_routers(prefix, tag):
+def lab_routers(prefix, tag, ha_addresses=HA_ADDRESSES):
     """The lab's own two routers: namespaces <prefix>-r1/-r2, legs named by tag."""
     return (
-        Router("r1", f"{prefix}-r1", *router_legs(tag, "r1"), *HA_ADDRESSES, 150),
-        Router("r2", f"{prefix}-r2", *router_legs(tag, "r2"), *reversed(HA_ADDRESSES),
+        Router("r1", f"{prefix}-r1", *router_legs(tag, "r1"), *ha_addresses, 150),
+        Router("r2", f"{prefix}-r2", *router_legs(tag, "r2"), *reversed(ha_addresses),
                100),
     )
 
 
-def build_lab(workdir, prefix=None, vrid=1, routers=lab_routers):
+def build_lab(workdir, prefix=None, vrid=1, variant=Variant(), routers=None):
     """Build the whole topology; on any failure, tear down what was built and raise.
 
     routers(prefix, tag) makes the two Router objects (their namespaces and device
-    names): the lab's own by default.
+    names); by default the lab's own (lab_routers), on IPv6 HA addresses if the
+    variant asks for them.
     """
     prefix = prefix or new_prefix()
+    ha_addresses = HA_ADDRESSES6 if variant.ha_ipv6 else HA_ADDRESSES
     tag = prefix.rsplit("-", 1)[-1][:6]  # keeps interface names within 15 bytes
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +287,9 @@ def build_lab(workdir, prefix=None, vrid=1, routers=lab_routers):
         switch_namespace=f"{prefix}-sw",
         client_namespace=f"{prefix}-client",
         server_namespace=f"{prefix}-server",
-        routers=routers(prefix, tag),
+        routers=(routers(prefix, tag) if routers is not None
+                 else lab_routers(prefix, tag, ha_addresses)),
+        variant=variant,
     )
     try:
         create_switch(lab)
@@ -274,14 +325,35 @@ def sysctl(namespace, *settings):
     run(["sysctl", "-q", "-w", *settings], namespace=namespace)
 
 
+def enable_ipv6(namespace, device, shared_mac=False):
+    """Turn IPv6 on for one device (create_namespace turned it off everywhere).
+
+    shared_mac (the qr and qg ports both routers share a MAC on): no link-local
+    address and no duplicate address detection, so that a backup sends nothing
+    from the shared MAC that would make the switch learn it on the wrong port.
+    """
+    prefix = f"net.ipv6.conf.{device}"
+    if shared_mac:
+        sysctl(namespace, f"{prefix}.addr_gen_mode=1", f"{prefix}.accept_dad=0")
+    sysctl(namespace, f"{prefix}.disable_ipv6=0")
+
+
 def add_address(namespace, device, address, prefixlen):
-    ip("addr", "add", f"{address}/{prefixlen}", "dev", device, namespace=namespace)
+    """Add an address; an IPv6 one without duplicate address detection (usable at
+    once)."""
+    nodad = ("nodad",) if ":" in address else ()
+    ip("addr", "add", f"{address}/{prefixlen}", "dev", device, *nodad,
+       namespace=namespace)
 
 
 def create_switch(lab):
     create_namespace(lab, lab.switch_namespace)
     for bridge in BRIDGES:
-        ip("link", "add", bridge, "type", "bridge", namespace=lab.switch_namespace)
+        # No multicast snooping: the switch floods multicast (neighbour
+        # discovery, conntrackd's sync groups) instead of following MLD/IGMP
+        # reports that a dead node's port may have sent last.
+        ip("link", "add", bridge, "type", "bridge", "mcast_snooping", "0",
+           namespace=lab.switch_namespace)
         ip("link", "set", bridge, "up", namespace=lab.switch_namespace)
 
 
@@ -308,6 +380,16 @@ def create_client(lab):
     for address in CLIENT_ADDRESSES:
         add_address(namespace, "eth0", address, INTERNAL_PREFIXLEN)
     ip("route", "add", "default", "via", INTERNAL_VIP, namespace=namespace)
+    # ping sockets (unprivileged ICMP echo, identifier = bound port) for root too
+    sysctl(namespace, "net.ipv4.ping_group_range=0 2147483647")
+    if lab.variant.routed_ipv4:
+        for address in ROUTED_CLIENT_ADDRESSES:
+            add_address(namespace, "eth0", address, INTERNAL_PREFIXLEN)
+    if lab.variant.ipv6:
+        enable_ipv6(namespace, "eth0")
+        for address in CLIENT_ADDRESSES6:
+            add_address(namespace, "eth0", address, PREFIXLEN6)
+        ip("-6", "route", "add", "default", "via", INTERNAL_VIP6, namespace=namespace)
 
 
 def create_server(lab):
@@ -315,6 +397,13 @@ def create_server(lab):
     create_namespace(lab, namespace)
     add_leg(lab, namespace, Leg("server", "eth0", "br-ext"))
     add_address(namespace, "eth0", SERVER_ADDRESS, EXTERNAL_PREFIXLEN)
+    if lab.variant.routed_ipv4:
+        ip("route", "add", ROUTED_NETWORK, "via", GATEWAY_ADDRESS, namespace=namespace)
+    if lab.variant.ipv6:
+        enable_ipv6(namespace, "eth0")
+        add_address(namespace, "eth0", SERVER_ADDRESS6, PREFIXLEN6)
+        ip("-6", "route", "add", INTERNAL_NETWORK6, "via", GATEWAY_ADDRESS6,
+           namespace=namespace)
 
 
 def create_router(lab, router):
@@ -329,8 +418,18 @@ def create_router(lab, router):
     add_leg(lab, namespace, router.internal, mac=port_mac(lab.tag, 1))
     add_leg(lab, namespace, router.ha)
     add_leg(lab, namespace, router.external, mac=port_mac(lab.tag, 2))
-    add_address(namespace, router.ha.device, router.ha_address, HA_PREFIXLEN)
+    variant = lab.variant
+    if variant.ha_ipv6:
+        enable_ipv6(namespace, router.ha.device)
+        add_address(namespace, router.ha.device, router.ha_address, HA_PREFIXLEN6)
+    else:
+        add_address(namespace, router.ha.device, router.ha_address, HA_PREFIXLEN)
     sysctl(namespace, "net.ipv4.ip_forward=1")
+    if variant.routed_ipv4:
+        # The routed subnet leaves untranslated: an exemption ahead of the SNAT
+        # rule, as Neutron's rule for a no-NAT address scope is.
+        run(["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", ROUTED_NETWORK,
+             "-o", router.external.device, "-j", "ACCEPT"], namespace=namespace)
     run(
         [
             "iptables", "-t", "nat", "-A", "POSTROUTING",
@@ -338,6 +437,24 @@ def create_router(lab, router):
         ],
         namespace=namespace,
     )
+    if variant.ipv6:
+        for leg in (router.internal, router.external):
+            enable_ipv6(namespace, leg.device, shared_mac=True)
+        sysctl(namespace, "net.ipv6.conf.all.forwarding=1")
+    if variant.firewall:
+        apply_firewall(lab, router)
+
+
+def firewall_rules(router):
+    return FIREWALL_RULES.format(table=FIREWALL_TABLE, inside=router.internal.device,
+                                 outside=router.external.device)
+
+
+def apply_firewall(lab, router):
+    """Load the tenant firewall (FIREWALL_RULES) into the router's namespace."""
+    path = lab.workdir / f"firewall-{router.name}.nft"
+    path.write_text(firewall_rules(router))
+    run(["nft", "-f", str(path)], namespace=router.namespace)
 
 
 # --- keepalived -----------------------------------------------------------------------
@@ -374,6 +491,7 @@ def keepalived_config(lab, router, notify_command=None, advert_int=1):
         f"        {INTERNAL_VIP}/{INTERNAL_PREFIXLEN} dev {router.internal.device}",
         f"        {GATEWAY_ADDRESS}/{EXTERNAL_PREFIXLEN} dev {router.external.device}",
         "    }",
+        *excluded_addresses(lab, router),
     ]
     if notify_command is not None:
         if '"' in notify_command:
@@ -382,6 +500,39 @@ def keepalived_config(lab, router, notify_command=None, advert_int=1):
     lines.extend(router.keepalived_instance_lines)
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def excluded_addresses(lab, router):
+    """The variant's VIPs in virtual_ipaddress_excluded (Neutron puts all but one
+    address there): lines of keepalived.conf, none without a variant."""
+    variant = lab.variant
+    addresses = []
+    if variant.routed_ipv4:
+        addresses.append(
+            f"{ROUTED_VIP}/{INTERNAL_PREFIXLEN} dev {router.internal.device}")
+    if variant.ipv6:
+        addresses += [f"{INTERNAL_VIP6}/{PREFIXLEN6} dev {router.internal.device}",
+                      f"{GATEWAY_ADDRESS6}/{PREFIXLEN6} dev {router.external.device}"]
+        # The ports' link-local addresses are VIPs too, as Neutron has them: the
+        # kernel sends neighbour solicitations only from a link-local address,
+        # and only the primary may have one.
+        addresses += [(f"{link_local(port_mac(lab.tag, port))}/64 dev {leg.device} "
+                       "scope link")
+                      for port, leg in ((1, router.internal), (2, router.external))]
+    if not addresses:
+        return []
+    return ["    virtual_ipaddress_excluded {",
+            *(f"        {address}" for address in addresses),
+            "    }"]
+
+
+def link_local(mac):
+    """The EUI-64 link-local IPv6 address of a MAC."""
+    octets = [int(part, 16) for part in mac.split(":")]
+    octets[0] ^= 0x02
+    words = [octets[0] << 8 | octets[1], octets[2] << 8 | 0xFF,
+             0xFE << 8 | octets[3], octets[4] << 8 | octets[5]]
+    return "fe80::" + ":".join(f"{word:x}" for word in words)
 
 
 def keepalived_directory(lab, router):
@@ -814,9 +965,10 @@ def teardown(lab):
 
 
 @contextlib.contextmanager
-def running_lab(workdir, prefix=None, vrid=1, routers=lab_routers):
+def running_lab(workdir, prefix=None, vrid=1, variant=Variant(), routers=None):
     """build_lab as a context manager: the lab is torn down however the block ends."""
-    lab = build_lab(workdir, prefix=prefix, vrid=vrid, routers=routers)
+    lab = build_lab(workdir, prefix=prefix, vrid=vrid, variant=variant,
+                    routers=routers)
     try:
         yield lab
     finally:
