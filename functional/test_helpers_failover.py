@@ -1,12 +1,12 @@
 """FTP and SIP through the kernel's helpers, and SCTP, across a crash of the primary.
 
-Two labs, one crash each (about 25 s each, see snat_sync.lab.helper_failover):
-snat-sync with its defaults (every helper's expectations, SCTP replicated), and the
-negative control: snat-sync with expectation sync off and SCTP left out of the
-replicated protocols. The control keeps what plain entries carry (the running
-downloads, and the helper name with which the new primary's helper announces new
-data connections) and must lose what only the expectations and the SCTP entries
-carry.
+Three labs, one crash each (about 25 s each, see snat_sync.lab.helper_failover):
+snat-sync with its defaults (every helper's expectations, SCTP replicated), and two
+negative controls: snat-sync with expectation sync off and SCTP left out of the
+replicated protocols, which keeps what plain entries carry (the running downloads,
+and the helper name with which the new primary's helper announces new data
+connections) and must lose what only the expectations and the SCTP entries carry;
+and keepalived alone, which must lose the running downloads too.
 """
 
 import secrets
@@ -34,6 +34,11 @@ def synced(tmp_path_factory):
 @pytest.fixture(scope="module")
 def control(tmp_path_factory):
     return run(tmp_path_factory, "control", CONTROL_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def keepalived_only(tmp_path_factory):
+    return run(tmp_path_factory, "alone", False)
 
 
 def transfer(result, session, what):
@@ -122,3 +127,17 @@ def test_control_without_sctp_replication_loses_the_association(control):
     assert client["established"] and client["acks"], describe(control)
     assert not control.replica_sctp_entries, describe(control)
     assert not client["alive"], describe(control)
+
+
+def test_keepalived_alone_loses_the_running_downloads(keepalived_only):
+    assert not keepalived_only.ftp["failures"], describe(keepalived_only)
+    client, _server = sctp_association(keepalived_only, 0)
+    assert client["established"] and client["acks"], describe(keepalived_only)
+    for session in ("running-passive", "running-active"):
+        download = transfer(keepalived_only, session, "running download")
+        assert download["received"] > 0, describe(keepalived_only)
+        assert not download["complete"], describe(keepalived_only)
+    assert not transfer(keepalived_only, "pending-passive",
+                        "data connection announced before")["complete"], \
+        describe(keepalived_only)
+    assert not client["alive"], describe(keepalived_only)
