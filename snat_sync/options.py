@@ -24,6 +24,10 @@ CONNTRACKD_INT_MAX = 2**31 - 1
 TIMEOUT_MAX = 86400
 # A command name looked up in PATH, or an absolute path of plain characters.
 BINARY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*|(/[A-Za-z0-9_.+-]+)+")
+# A kernel conntrack helper's name as conntrackd's config parser reads a word
+# (ftp, sip, tftp, Q.931, H.245, netbios-ns, ...).
+HELPER_NAME = r"^[A-Za-z][A-Za-z0-9._-]*$"
+ALL_HELPERS = "all"
 
 common_opts = [
     cfg.StrOpt(
@@ -187,9 +191,29 @@ conntrackd_opts = [
     ),
     cfg.ListOpt(
         "protocols",
-        default=["TCP", "UDP", "ICMP", "IPv6-ICMP"],
+        default=list(SYNCED_PROTOCOLS),
         item_type=types.String(choices=SYNCED_PROTOCOLS),
-        help="Layer 4 protocols whose connections are replicated.",
+        help="Layer 4 protocols whose connections are replicated. A protocol the "
+        "kernel does not track (DCCP on kernels built without "
+        "nf_conntrack_proto_dccp) costs nothing.",
+    ),
+    cfg.ListOpt(
+        "expectation_helpers",
+        default=[ALL_HELPERS],
+        item_type=types.String(regex=HELPER_NAME),
+        help="Connection-tracking helpers (kernel helper names: ftp, sip, tftp, "
+        "irc, amanda, sane, pptp, RAS, Q.931, H.245, ...) whose expectations are "
+        "replicated (conntrackd's ExpectationSync), so that the data connection "
+        "of an FTP session or the media of a SIP call opened before a failover "
+        "still finds its expectation on the new primary. conntrackd matches a "
+        "name as a prefix of the helper's (sip also matches sip-5061). 'all' "
+        "replicates the expectations of every helper: a helper creates "
+        "expectations only for connections a CT rule in the router's namespace "
+        "gave it, so this covers exactly the helpers the namespace uses, also "
+        "those whose rules are added after the router. Empty replicates none. "
+        "The connections themselves carry their helper's name either way, and "
+        "a backup's kernel must have that helper (built in or loadable) to "
+        "accept them.",
     ),
     cfg.IntOpt(
         "purge_timeout",
@@ -546,6 +570,12 @@ def validate(conf):
             ValueError(f"is not valid: its ports {report_ports.start}-"
                        f"{report_ports.stop - 1} overlap the sync ports "
                        f"{sync_ports.start}-{sync_ports.stop - 1}"))
+    helpers = conf.conntrackd.expectation_helpers
+    if ALL_HELPERS in helpers and len(helpers) > 1:
+        raise _invalid_option(
+            conf, "conntrackd", _opt("conntrackd", "expectation_helpers"),
+            ValueError(f"is not valid: '{ALL_HELPERS}' already covers every "
+                       "helper; give it alone or list helper names"))
     if conf.failover.demotion_weight >= 0:
         raise _invalid_option(
             conf, "failover", _opt("failover", "demotion_weight"),

@@ -46,6 +46,8 @@ class ConntrackdSettings:
     warm_standby: bool
     scheduler: Scheduler | None
     protocols: tuple
+    # ("all",), helper names, or () for no expectation sync (options.py)
+    expectation_helpers: tuple
     ignored_networks: tuple
     purge_timeout: int
     files: object
@@ -113,6 +115,7 @@ def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=Tru
         warm_standby=warm_standby,
         scheduler=scheduler,
         protocols=tuple(options.protocols),
+        expectation_helpers=tuple(options.expectation_helpers),
         ignored_networks=(*LOOPBACK_NETWORKS, facts.ha_network),
         purge_timeout=options.purge_timeout,
         files=files,

@@ -21,7 +21,9 @@ def test_defaults(conf, state_path):
     assert conf.conntrackd.transport == "auto"
     assert conf.conntrackd.base_port == 3780
     assert conf.conntrackd.multicast_group == "225.0.0.50"
-    assert conf.conntrackd.protocols == ["TCP", "UDP", "ICMP", "IPv6-ICMP"]
+    assert conf.conntrackd.protocols == ["TCP", "UDP", "ICMP", "IPv6-ICMP", "SCTP",
+                                         "DCCP"]
+    assert conf.conntrackd.expectation_helpers == ["all"]
     assert conf.conntrackd.hash_size == 12289
     assert conf.conntrackd.hash_limit == 0
     assert conf.conntrackd.scheduler == "other"
@@ -58,6 +60,9 @@ BAD_VALUES = [
     ("conntrackd", "hash_size", "abc"),
     ("conntrackd", "transport", "carrier-pigeon"),
     ("conntrackd", "protocols", "TCP,FOO"),
+    ("conntrackd", "expectation_helpers", "ftp,s ip"),
+    ("conntrackd", "expectation_helpers", "ftp,{sip}"),
+    ("conntrackd", "expectation_helpers", "all,ftp"),   # all covers ftp already
     ("conntrackd", "sync_mode", "fast"),
     ("conntrackd", "base_port", "65500"),       # 65500 + VRID is no port
     ("conntrackd", "multicast_group", "ff02::1"),

@@ -71,7 +71,7 @@ def test_udp_config(cold_conf):
     blocks = parse_blocks(text)
     assert set(blocks) == {"_lines", "Sync", "General"}
     sync = blocks["Sync"]
-    assert set(sync) == {"_lines", "Mode FTFW", "UDP"}
+    assert set(sync) == {"_lines", "Mode FTFW", "UDP", "Options"}
     assert "DisableExternalCache Off" in sync["Mode FTFW"]["_lines"]
     assert "PurgeTimeout 60" in sync["Mode FTFW"]["_lines"]
     udp = sync["UDP"]["_lines"]
@@ -168,16 +168,37 @@ def test_two_routers_share_no_file_and_no_port(conf):
     assert "Port 3782" in second["Sync"]["UDP"]["_lines"]
 
 
-def test_filter_syncs_tcp_udp_icmp_and_ignores_local_and_ha_traffic(conf):
+def test_filter_syncs_tcp_udp_icmp_sctp_dccp_and_ignores_local_and_ha_traffic(conf):
     filter_block = parse_blocks(render_config(conf, make_spec())[0])["General"][
         "Filter From Kernelspace"]
     assert filter_block["Protocol Accept"]["_lines"] == ["TCP", "UDP", "ICMP",
-                                                         "IPv6-ICMP"]
+                                                         "IPv6-ICMP", "SCTP", "DCCP"]
     assert filter_block["Address Ignore"]["_lines"] == [
         "IPv4_address 127.0.0.0/8",
         "IPv6_address ::1/128",
         "IPv4_address 169.254.192.0/18",
     ]
+
+
+def test_expectations_of_every_helper_are_synced_by_default(conf):
+    blocks = parse_blocks(render_config(conf, make_spec())[0])
+    assert blocks["Sync"]["Options"]["_lines"] == ["ExpectationSync On"]
+
+
+def test_expectation_sync_lists_the_configured_helpers(make_conf, write_config):
+    conf = make_conf(write_config(
+        "[conntrackd]\nexpectation_helpers = ftp,sip,Q.931\n"))
+    blocks = parse_blocks(render_config(conf, make_spec())[0])
+    options_block = blocks["Sync"]["Options"]
+    assert options_block["_lines"] == []
+    assert options_block["ExpectationSync"]["_lines"] == ["ftp", "sip", "Q.931"]
+
+
+def test_no_expectation_sync_when_no_helper_is_configured(make_conf, write_config):
+    conf = make_conf(write_config("[conntrackd]\nexpectation_helpers =\n"))
+    text = render_config(conf, make_spec())[0]
+    assert "Options" not in parse_blocks(text)["Sync"]
+    assert "ExpectationSync" not in text
 
 
 def test_protocols_come_from_the_options(make_conf, write_config):
