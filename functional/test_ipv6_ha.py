@@ -39,6 +39,12 @@ def test_entries_replicate_over_ipv6_ha_addresses(tmp_path, transport):
             lab_module.snat_sync_router_add(lab, router, tmp_path / router.name,
                                             "--config-file", config)
             for router in lab.routers]
+        # As keepalived would: r1 primary, r2 backup (only a primary's conntrackd
+        # reads the conntrack events it sends).
+        for registration, router, state in zip(registrations, lab.routers,
+                                               ("MASTER", "BACKUP")):
+            lab_module.run([registration.notify_command, "INSTANCE", "VR_1", state,
+                            "100"], namespace=router.namespace)
         rendered = registrations[0].conntrackd_config.read_text()
         log_file = next(line.split()[1] for line in rendered.splitlines()
                         if line.strip().startswith("LogFile"))
