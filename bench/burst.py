@@ -22,7 +22,11 @@ sides and restarts conntrackd (SCHED_OTHER, as snat-sync runs it); --txqueuelen 
 the HA veth's queue length; --burn N runs N busy loops meanwhile (a loaded node);
 --rt-loader runs the loader at SCHED_FIFO (the kernel inserting at full speed);
 --busy-backup N pins the backup's conntrackd to CPU 1 with N busy loops, the primary's
-conntrackd and the loader to CPU 0 (a busy backup node).
+conntrackd and the loader to CPU 0 (a busy backup node); --node-return then empties
+the backup's kernel table and asks for the whole table (`-n`), as a node returning
+with an empty table does, and times the resync (time to redundancy); --raw-floor
+sends the burst's bytes once more over the HA link, in datagrams of the same size,
+with a plain UDP sender: the transfer floor.
 
     python3 bench/burst.py [--size 250000] [--runs 3] [--config F] [--edit 'K V']...
 """
@@ -105,7 +109,8 @@ def link_stats(namespace):
                                 namespace=namespace).stdout)[0]
     stats = data.get("stats64", data.get("stats", {}))
     return {"rx_dropped": stats["rx"]["dropped"], "tx_dropped": stats["tx"]["dropped"],
-            "rx_packets": stats["rx"]["packets"], "tx_packets": stats["tx"]["packets"]}
+            "rx_packets": stats["rx"]["packets"], "tx_packets": stats["tx"]["packets"],
+            "tx_bytes": stats["tx"]["bytes"]}
 
 
 def softnet_dropped():
@@ -171,8 +176,85 @@ def pin(namespace, cpu):
             os.sched_setaffinity(thread.id, {cpu})
 
 
+def return_with_empty_table(r2, backup, size, limit, stall):
+    """The backup returns with an empty table: its kernel table is emptied and it
+    asks the primary for the whole one, as a node becoming backup does. Seconds
+    until its kernel table holds `size` entries again (or how far it got)."""
+    common.sh("conntrack", "-F", namespace=r2, check=False)
+    started = time.time()
+    ctl(backup["conntrackd_config"], "-n")
+    last, grown_at, count = -1, time.time(), 0
+    while time.time() - started < limit:
+        count = common.conntrack_count(r2)
+        if count >= size:
+            return {"complete_s": round(time.time() - started, 2), "held": count}
+        if count != last:
+            last, grown_at = count, time.time()
+        elif time.time() - grown_at > stall:
+            break
+        time.sleep(0.1)
+    return {"complete_s": None, "held": count,
+            "stopped_s": round(time.time() - started, 2)}
+
+
+RECEIVER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 64 << 20)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(2.0)
+got, first, last = 0, None, None
+print("ready", flush=True)
+try:
+    while got < int(sys.argv[3]):
+        n = len(s.recv(65535))
+        last = time.time()
+        first = first or last
+        got += n
+except socket.timeout:
+    pass
+print(got, first, last, flush=True)
+"""
+
+SENDER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUFFORCE, 64 << 20)
+total, size = int(sys.argv[3]), int(sys.argv[4])
+payload = bytes(size)
+sent = 0
+while sent < total:
+    try:
+        sent += s.sendto(payload, (sys.argv[1], int(sys.argv[2])))
+    except BlockingIOError:
+        pass
+"""
+
+
+def raw_transfer(bench, r1, r2, total_bytes, datagram):
+    """Seconds a plain UDP sender takes to move total_bytes in datagrams of
+    `datagram` bytes from r1 to r2 over the HA link, first to last byte received,
+    and how many bytes arrived."""
+    receiver = subprocess.Popen(
+        ["ip", "netns", "exec", r2, sys.executable, "-c", RECEIVER,
+         common.HA_ADDRESSES[1], "39999", str(total_bytes)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        receiver.stdout.readline()
+        common.sh("ip", "netns", "exec", r1, sys.executable, "-c", SENDER,
+                  common.HA_ADDRESSES[1], 39999, total_bytes, datagram, timeout=120)
+        got, first, last = receiver.communicate(timeout=60)[0].split()
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    seconds = float(last) - float(first) if first != "None" else None
+    return {"bytes": total_bytes, "datagram": datagram, "received": int(got),
+            "seconds": seconds and round(seconds, 3)}
+
+
 def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, burn=0,
-            busy_backup=0, rt_loader=False):
+            busy_backup=0, rt_loader=False, resync_after=False, raw_floor=False):
     with common.Bench("burst") as bench:
         r1, r2 = bench.router_pair()
         for index in range(burn):
@@ -188,7 +270,9 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
         if edits:
             for namespace, side in ((r1, primary), (r2, backup)):
                 config = pathlib.Path(side["conntrackd_config"])
-                edit_config(config, edits)
+                # The role's variant is what a transition runs: edit them too.
+                for path in (config, *config.parent.glob("conntrackd.*.conf")):
+                    edit_config(path, edits)
                 restart(namespace, config)
         common.sh(backup["notify_command"], "INSTANCE", "VR_1", "BACKUP", "100",
                   namespace=r2)
@@ -243,6 +327,9 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
         stopped_at = time.time() - started
         sampler.done.set()
         sampler.join()
+        node_return = None
+        if resync_after and complete_at is not None:
+            node_return = return_with_empty_table(r2, backup, size, limit, stall)
         try:
             primary_internal = common.cache_counts(primary_socket).internal_active
         except OSError as error:
@@ -283,6 +370,8 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
             - before["link_r2"]["rx_dropped"],
             "packets_primary_to_backup": after["link_r1"]["tx_packets"]
             - before["link_r1"]["tx_packets"],
+            "bytes_primary_to_backup": after["link_r1"]["tx_bytes"]
+            - before["link_r1"]["tx_bytes"],
             "softnet_dropped": after["softnet"] - before["softnet"],
             "rss_idle_kb": rss_idle, "rss_after_kb": (rss_kb(r1), rss_kb(r2)),
             "netlink_peak_bytes": sampler.netlink_peak,
@@ -296,6 +385,15 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
                 line.strip() for line in ctl(primary["conntrackd_config"], "-s")
                 .splitlines() if line.strip()),
         }
+        if node_return is not None:
+            result["node_return"] = node_return
+        if raw_floor:
+            # The same bytes in datagrams of the same size, sent once over the HA
+            # link from r1 to r2 by a plain sender: the transfer floor.
+            packets = max(1, result["packets_primary_to_backup"])
+            result["raw_transfer"] = raw_transfer(
+                bench, r1, r2, result["bytes_primary_to_backup"],
+                max(64, result["bytes_primary_to_backup"] // packets - 42))
         return result
 
 
@@ -317,6 +415,12 @@ def main():
                         help="run conntrack -R at SCHED_FIFO 10")
     parser.add_argument("--burn", type=int, default=0,
                         help="busy-loop processes running during the run")
+    parser.add_argument("--node-return", action="store_true",
+                        help="after the burst, empty the backup's table and time "
+                        "its resync (a node returning with an empty table)")
+    parser.add_argument("--raw-floor", action="store_true",
+                        help="also time the burst's bytes sent once over the HA "
+                        "link by a plain UDP sender (the transfer floor)")
     parser.add_argument("--json", help="append results here (one JSON per line)")
     arguments = parser.parse_args()
     workdir = pathlib.Path(common.tempfile.mkdtemp(prefix="snat-sync-burst-"))
@@ -328,7 +432,8 @@ def main():
             result = one_run(arguments.size, entries, arguments.config, arguments.edit,
                              arguments.txqueuelen, arguments.stall, arguments.limit,
                              arguments.burn, arguments.busy_backup,
-                             arguments.rt_loader)
+                             arguments.rt_loader, arguments.node_return,
+                             arguments.raw_floor)
             result.update(label=arguments.label, run=run, edits=arguments.edit,
                           config=arguments.config and pathlib.Path(
                               arguments.config).read_text(),

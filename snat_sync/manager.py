@@ -55,7 +55,7 @@ class RenderedRouter:
         return {Role.PRIMARY: self.conntrackd_config,
                 Role.BACKUP: self.backup_conntrackd_config}
 
-    def contents(self, running_as=Role.BACKUP):
+    def contents(self, running_as=Role.PRIMARY):
         """Path -> (content, mode), in the order they are written.
 
         running_as: the variant conntrackd.conf is a copy of (see
@@ -234,16 +234,17 @@ def add_router(conf, spec, snat_sync_command):
 
 def running_variant(files, on_disk):
     """The role whose conntrackd configuration conntrackd.conf is a copy of, judged
-    from the files on disk (path -> text or None): the primary's only if it is that
-    and the backup's differs; a new router's, or an unknown one, is the backup's
-    (a backup's conntrackd sends nothing of its own; a transition or the restore
-    of a primary switches)."""
+    from the files on disk (path -> text or None): the backup's only if it is that
+    and the primary's differs. A new router's, or an unknown one, is the primary's,
+    which reads conntrack events as any conntrackd does, so a router replicates
+    from the start; the transitions keepalived runs as soon as it starts (and the
+    restore of a restarted conntrackd) give a backup the backup's."""
     running = on_disk.get(files.conntrackd_config)
     primary = on_disk.get(files.conntrackd_variant(Role.PRIMARY))
     backup = on_disk.get(files.conntrackd_variant(Role.BACKUP))
-    if running is not None and running == primary and primary != backup:
-        return Role.PRIMARY
-    return Role.BACKUP
+    if running is not None and running == backup and primary != backup:
+        return Role.BACKUP
+    return Role.PRIMARY
 
 
 def _undo_add(conf, spec, files, is_new, previous, previous_spec):

@@ -193,23 +193,23 @@ def test_generate_for_warm_standby_gives_the_backup_a_conntrackd_that_reads_no_e
                for line in differing), differing
 
 
-def test_a_new_warm_router_runs_the_backups_configuration(conf, spec, system):
-    """A backup's conntrackd sends nothing of its own: safe until a transition or
-    a restore of a primary says otherwise."""
+def test_a_new_warm_router_runs_the_primarys_configuration(conf, spec, system):
+    """It reads conntrack events as any conntrackd does, so the router replicates
+    before any transition; keepalived's first BACKUP gives a backup its own."""
     result = manager.add_router(conf, spec, COMMAND)
     files = result.rendered.files
     assert (files.conntrackd_config.read_text()
-            == files.conntrackd_variant(Role.BACKUP).read_text()
-            == result.rendered.backup_conntrackd_config)
-    assert (files.conntrackd_variant(Role.PRIMARY).read_text()
+            == files.conntrackd_variant(Role.PRIMARY).read_text()
             == result.rendered.conntrackd_config)
+    assert (files.conntrackd_variant(Role.BACKUP).read_text()
+            == result.rendered.backup_conntrackd_config)
 
 
-def test_add_again_keeps_a_primary_running_the_primarys_configuration(conf, spec,
-                                                                      system):
+def test_add_again_keeps_a_backup_running_the_backups_configuration(conf, spec,
+                                                                    system):
     files = manager.add_router(conf, spec, COMMAND).rendered.files
     files.conntrackd_config.write_text(
-        files.conntrackd_variant(Role.PRIMARY).read_text())
+        files.conntrackd_variant(Role.BACKUP).read_text())
     result = manager.add_router(conf, spec, COMMAND)
     assert result.changed_files == ()
     assert ("stop", "qrouter-r1") not in system.calls
@@ -218,16 +218,16 @@ def test_add_again_keeps_a_primary_running_the_primarys_configuration(conf, spec
     result = manager.add_router(conf, moved, COMMAND)
     assert "Port 3789" in files.conntrackd_config.read_text()
     assert (files.conntrackd_config.read_text()
-            == files.conntrackd_variant(Role.PRIMARY).read_text())
+            == files.conntrackd_variant(Role.BACKUP).read_text())
 
 
 def test_status_names_the_configuration_conntrackd_runs(conf, cold_conf, spec,
                                                         system):
     files = manager.add_router(conf, spec, COMMAND).rendered.files
-    assert manager.configuration_running(files) == "backup"
-    files.conntrackd_config.write_text(
-        files.conntrackd_variant(Role.PRIMARY).read_text())
     assert manager.configuration_running(files) == "primary"
+    files.conntrackd_config.write_text(
+        files.conntrackd_variant(Role.BACKUP).read_text())
+    assert manager.configuration_running(files) == "backup"
     manager.add_router(cold_conf, spec, COMMAND)
     assert manager.configuration_running(files) is None  # the two are the same
 

@@ -383,7 +383,9 @@ def describe_transition(result):
     if not transition:
         return None
     steps = ", ".join(
-        f"{step['name']} {step['duration_ms']:.1f} ms" for step in transition["steps"]
+        f"{step['name']} skipped" if step.get("skipped")
+        else f"{step['name']} {step['duration_ms']:.1f} ms"
+        for step in transition["steps"]
     )
     commit = transition.get("commit") or {}
     committed = ""
