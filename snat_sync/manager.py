@@ -118,7 +118,8 @@ def generate(conf, spec, facts, files, snat_sync_command):
     """Render every file of a router. Pure."""
     configs = {
         role: render.render_conntrackd_config(render.conntrackd_settings(
-            spec, conf.conntrackd, facts, files, warm_standby=is_warm(conf), role=role))
+            spec, conf.conntrackd, facts, files, warm_standby=is_warm(conf), role=role,
+            backup_reads_events=conf.failover.backup_reads_events))
         for role in (Role.PRIMARY, Role.BACKUP)
     }
     guard_raise, guard_lift = render.render_guard(spec, guard.TABLE)

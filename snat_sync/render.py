@@ -72,22 +72,22 @@ NO_EVENTS_PROTOCOL = "ipv6-nonxt"
 
 
 def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=True,
-                        role=Role.PRIMARY):
+                        role=Role.PRIMARY, backup_reads_events=True):
     """Decide the content of a router's conntrackd.conf for a node in role.
 
     warm_standby: conntrackd puts replicated entries straight into the kernel
     (DisableExternalCache) instead of keeping them for a commit.
 
-    A warm backup's conntrackd reads no conntrack events: its kernel filter lets
-    none through. Every entry it injects raises an event on its own node; it would
-    read each one only to drop it (it knows them by their origin), and during a
-    burst of 1,000,000 new entries on the primary that doubled its work, it fell
-    behind, its receive buffer overflowed, its event buffer overran, and the
-    overrun resync sent the replica back to the primary as its own table (see
-    BENCHMARKS.md). A backup forwards nothing, so it has no events worth reading;
-    a node becoming primary restarts conntrackd with the primary's variant, which
-    reads the kernel table at start. Cold standby injects nothing: both variants
-    are the primary's.
+    Unless backup_reads_events, a warm backup's conntrackd reads no conntrack
+    events: its kernel filter lets none through. Every entry it injects raises an
+    event on its own node, which it reads only to drop it; during a burst of
+    1,000,000 new entries on the primary that doubled its work, it fell behind,
+    its event buffer overran, and the overrun resync sent the replica back to the
+    primary as its own table. A backup forwards nothing, so it has no events worth
+    reading; a node becoming primary restarts conntrackd with the primary's
+    variant, which reads the kernel table at start. The price: FTFW recovers
+    losses on the sync link more slowly (see [failover] backup_reads_events).
+    Cold standby injects nothing: both variants are the primary's.
     """
     options = conntrackd_options
     scheduler = None
@@ -119,7 +119,8 @@ def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=Tru
         ignored_networks=(*LOOPBACK_NETWORKS, facts.ha_network),
         purge_timeout=options.purge_timeout,
         files=files,
-        reads_events=not (warm_standby and role is Role.BACKUP),
+        reads_events=backup_reads_events or not (warm_standby
+                                                 and role is Role.BACKUP),
     )
 
 

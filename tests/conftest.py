@@ -75,6 +75,12 @@ def router_files(state_path):
 
 
 @pytest.fixture
+def quiet_backup_conf(make_conf, write_config):
+    """Warm standby whose backups' conntrackd reads no conntrack events."""
+    return make_conf(write_config("[failover]\nbackup_reads_events = false\n"))
+
+
+@pytest.fixture
 def cold_conf(make_conf, write_config):
     """The options with cold standby, for what only it has: the commit, the guard."""
     return make_conf(write_config("[failover]\nstandby_mode = cold\n"))
