@@ -2,7 +2,9 @@
 namespace (reports.ReportChannel) and polled in the daemon's selector. The peers'
 daemons send their health reports to it; the health check (health_check.py)
 sends ours through it. A channel follows its namespace: when the namespace is
-re-created the channel is opened anew in the new one.
+re-created the channel is opened anew in the new one. A router without peer
+addresses reports by multicast (reports.Audience): its channel needs the HA
+interface's index and network, read from the namespace when it is opened.
 """
 
 import logging
@@ -31,8 +33,8 @@ class PeerChannels:
             return
         port = reports_module.report_port(self.conf.health.base_port, spec.vrid)
         try:
-            channel = reports_module.ReportChannel(spec, port)
-        except Exception as error:  # pyroute2 and bind raise a variety of errors
+            channel = self._open(spec, port)
+        except Exception as error:  # netlink, pyroute2 and bind raise a variety
             LOG.error("router %s: cannot open the report socket on %s port %d in "
                       "namespace %s: %s", router_id, spec.local_address, port,
                       spec.namespace, error)
@@ -40,6 +42,16 @@ class PeerChannels:
         tracked.channel, tracked.channel_namespace = channel, inode
         self.selector.register(channel.fileno(), selectors.EVENT_READ,
                                ("report", router_id))
+
+    def _open(self, spec, port):
+        if spec.peer_addresses:
+            return reports_module.ReportChannel(
+                spec, port, reports_module.audience_for(spec, None, None, None))
+        link = namespace.ha_link(spec)
+        audience = reports_module.audience_for(
+            spec, link.network, self.conf.conntrackd.multicast_group,
+            self.conf.conntrackd.ipv6_multicast_group)
+        return reports_module.ReportChannel(spec, port, audience, link.index)
 
     def close(self, tracked):
         if tracked.channel is not None:
@@ -57,3 +69,7 @@ class PeerChannels:
             return
         for report in received:
             tracked.peer_reports[report.address] = report
+        if received:
+            tracked.peer_reports = reports_module.current_reports(
+                tracked.peer_reports, tracked.spec.peer_addresses, time.time(),
+                self.conf.health.peer_timeout)
