@@ -4,7 +4,9 @@ daemons send their health reports to it; the health check (health_check.py)
 sends ours through it. A channel follows its namespace: when the namespace is
 re-created the channel is opened anew in the new one. A router without peer
 addresses reports by multicast (reports.Audience): its channel needs the HA
-interface's index and network, read from the namespace when it is opened.
+interface's index and network, read from the namespace when it is opened; it
+is opened anew when that interface is re-created (its group membership went
+with the old one).
 """
 
 import logging
@@ -26,7 +28,8 @@ class PeerChannels:
     def ensure(self, router_id, tracked, spec):
         """Open the router's channel in its namespace as it is now, if need be."""
         inode = namespace.namespace_inode(spec.namespace)
-        if tracked.channel is not None and tracked.channel_namespace == inode:
+        if (tracked.channel is not None and tracked.channel_namespace == inode
+                and not _interface_replaced(tracked.channel, spec)):
             return
         self.close(tracked)
         if inode is None:
@@ -44,14 +47,12 @@ class PeerChannels:
                                ("report", router_id))
 
     def _open(self, spec, port):
-        if spec.peer_addresses:
-            return reports_module.ReportChannel(
-                spec, port, reports_module.audience_for(spec, None, None, None))
-        link = namespace.ha_link(spec)
+        link = None if spec.peer_addresses else namespace.ha_link(spec)
         audience = reports_module.audience_for(
-            spec, link.network, self.conf.conntrackd.multicast_group,
+            spec, link.network if link else None, self.conf.conntrackd.multicast_group,
             self.conf.conntrackd.ipv6_multicast_group)
-        return reports_module.ReportChannel(spec, port, audience, link.index)
+        return reports_module.ReportChannel(spec, port, audience,
+                                            link.index if link else None)
 
     def close(self, tracked):
         if tracked.channel is not None:
@@ -73,3 +74,15 @@ class PeerChannels:
             tracked.peer_reports = reports_module.current_reports(
                 tracked.peer_reports, tracked.spec.peer_addresses, time.time(),
                 self.conf.health.peer_timeout)
+
+
+def _interface_replaced(channel, spec):
+    """Whether a multicast channel's HA interface is gone or was re-created (a
+    new index): its group membership went with the old one, so it would hear
+    nothing more. A unicast channel is bound to the address and keeps working."""
+    if not channel.audience.learned:
+        return False
+    try:
+        return namespace.ha_link(spec).index != channel.ifindex
+    except Exception:  # gone (InvalidInput) or netlink failed: reopen, which logs
+        return True
