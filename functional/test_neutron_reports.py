@@ -1,13 +1,15 @@
 """Health reports of routers without a peer list (Neutron's): by multicast on the
 HA network, peers learned from them, so status and `snat-sync wait` say in-sync.
 
-Both lab routers (IPv4 HA addresses, and IPv6 ones) are handed over as the Neutron extension does (no peers, the
-primary address), each node's daemon checks every second, and r1 takes the
-primary address as keepalived would. The primary is loaded with idle entries
-that the backup must hold. Negative control: while r2's namespace drops the
-report port, r2 hears no report, so its status names the primary's silent
-daemon and `wait` times out; once the reports pass, both nodes are in sync with
-the other node, and only it, as their one peer.
+Both lab routers (IPv4 HA addresses, and IPv6 ones) are handed over as the
+Neutron extension does (no peers, the primary address), each node's daemon
+checks every second, and r1 takes the primary address as keepalived would. The
+primary is loaded with idle entries that the backup must hold. Negative
+control: while r2's namespace drops the report port, r2 hears no report, so its
+status names the primary's silent daemon and `wait` times out; once the reports
+pass, both nodes are in sync with the other node, and only it, as their one
+peer. (Without multicast reports, the code before them, the final wait fails:
+"no report from any peer's daemon".)
 """
 
 import contextlib

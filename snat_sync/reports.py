@@ -37,9 +37,11 @@ back, and our own address is never believed either.
 
 A report is believed only from an address the audience accepts, for the same
 router (routers sharing a group are told apart by it and by the port), and when
-every field is of the expected type and size; anything else is dropped. The HA network carries conntrackd's unauthenticated sync traffic too:
-whoever can write to it can already corrupt the replica, so reports add no new
-trust. The protocol (encode/decode) is kept apart from the socket (ReportChannel).
+every field is of the expected type and size; anything else is dropped. The HA
+network carries conntrackd's unauthenticated sync traffic too: whoever can write
+to it can already corrupt the replica, so reports add no new trust. The protocol
+(encode/decode, and the audience's decisions) is kept apart from the socket
+(ReportChannel).
 """
 
 import dataclasses

@@ -15,7 +15,8 @@ NETWORK = ipaddress.ip_network("169.254.192.0/18")
 
 class FakeChannel:
     def __init__(self, spec, port, audience, ifindex=None):
-        self.spec, self.port, self.audience, self.ifindex = spec, port, audience, ifindex
+        self.spec, self.port, self.audience = spec, port, audience
+        self.ifindex = ifindex
         self.closed = False
 
     def fileno(self):
