@@ -193,7 +193,7 @@ class Daemon:
                 for checked, state in result.items():
                     if checked in self.tracked:
                         self.tracked[checked].health = state
-            if outcome == "started" and result:
+            if outcome in ("started", "transition") and result:
                 spec = self._spec_of(router_id)
                 if spec is not None:
                     started[router_id] = spec

@@ -69,12 +69,16 @@ def check(conf, spec, files, pid, peer_reports, state, channel):
     last = statedir.read_json(files.last_transition)
     role = recorded_role(last)
     observation = observe(conf, daemon, pid, role.value if role else "unknown")
+    peer_reports = reports_module.current_reports(
+        peer_reports, spec.peer_addresses, observation.at, conf.health.peer_timeout)
     if channel is not None:
         channel.send(reports_module.encode_report(
             spec.router_id, observation.role, last.get("arrived") if role else None,
             observation.internal, observation.external, observation.kernel,
             time.time(), taken=observation.at, standby=observation.standby))
-    assessment = repair.assess(observation, peer_reports, spec.peer_addresses,
+    assessment = repair.assess(observation, peer_reports,
+                               reports_module.expected_peers(spec.peer_addresses,
+                                                             peer_reports),
                                state.memory, repair.Settings.from_conf(conf))
     _log_problem_changes(spec.router_id, state.memory, assessment.problems)
     recent = list(state.recent_repairs)

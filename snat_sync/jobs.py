@@ -80,7 +80,14 @@ def restore(conf, daemon, files, spec, record_is_current=False):
 
 
 def transition(conf, router_id, role, arrived):
-    """The watcher's trigger: the same serialised transition keepalived's runs."""
+    """The watcher's trigger: the same serialised transition keepalived's runs.
+
+    Returns True, as the jobs that start conntrackd do: a transition restarts it
+    with its role's configuration (run-as-primary, run-as-backup), and the main
+    loop, which saw the old process exit while the job ran, must look up the new
+    one, or it would neither supervise nor health-check the router any more.
+    """
     record = manager.notify(conf, router_id, [role.value], arrived, skip_if_done=True)
     LOG.info("router %s: %s transition from the address watcher: %s", router_id,
              role.value, record.outcome)
+    return True

@@ -490,8 +490,8 @@ def _router_status(conf, router_id, files, spec, process, read_addresses,
         namespace=spec.namespace if spec else "",
         role=role,
         role_source=role_source,
-        peers=tuple(_peer_status(str(peer), report, now)
-                    for peer in (spec.peer_addresses if spec else ())),
+        peers=tuple(_peer_status(peer, report, now)
+                    for peer in _status_peers(spec, report)),
         conntrackd_pid=process.pid if process else None,
         conntrackd_alive=process is not None,
         conntrackd_started=started,
@@ -561,6 +561,14 @@ def _started(process):
         return process.create_time()
     except psutil.Error:
         return None
+
+
+def _status_peers(spec, report):
+    """The spec's peers; for a router without (multicast, Neutron) the peers its
+    daemon learned, as its latest check wrote them."""
+    if spec is not None and spec.peer_addresses:
+        return tuple(map(str, spec.peer_addresses))
+    return tuple(peer.address for peer in report.peers) if report else ()
 
 
 def _peer_status(address, report, now):

@@ -3,6 +3,7 @@
 Nothing here changes the namespace.
 """
 
+import dataclasses
 import ipaddress
 import os
 import pathlib
@@ -36,11 +37,31 @@ def process_namespace_inode(pid):
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class HaLink:
+    """The router's HA interface in its namespace: its index and the network of
+    the router's local address on it."""
+
+    index: int
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 def gather_facts(spec):
     """Check that the router's namespace, interface and address exist; learn the rest.
 
     Raises InvalidInput naming the missing piece.
     """
+    ha_network = ha_link(spec).network
+    for peer in spec.peer_addresses:
+        if peer not in ha_network:
+            raise InvalidInput(
+                "peer address", str(peer), f"not in the HA network {ha_network}"
+            )
+    return NamespaceFacts(ha_network, nf_conntrack_max(spec.namespace))
+
+
+def ha_link(spec):
+    """The HA interface's index and network; InvalidInput naming what is missing."""
     from pyroute2 import IPRoute
 
     if namespace_inode(spec.namespace) is None:
@@ -69,12 +90,7 @@ def gather_facts(spec):
             f"not configured on {spec.ha_interface} in namespace {spec.namespace} "
             f"(it has {', '.join(str(iface) for iface in interfaces) or 'none'})",
         )
-    for peer in spec.peer_addresses:
-        if peer not in ha_network:
-            raise InvalidInput(
-                "peer address", str(peer), f"not in the HA network {ha_network}"
-            )
-    return NamespaceFacts(ha_network, nf_conntrack_max(spec.namespace))
+    return HaLink(indexes[0], ha_network)
 
 
 def nf_conntrack_max(namespace):

@@ -77,14 +77,17 @@ conntrackd_opts = [
         "multicast_group",
         version=4,
         default="225.0.0.50",
-        help="IPv4 multicast group for the multicast transport.",
+        help="IPv4 multicast group for the multicast transport, and for the "
+        "daemons' health reports of routers without peer addresses (Neutron's), "
+        "on the [health] base_port + VRID.",
     ),
     cfg.IPOpt(
         "ipv6_multicast_group",
         version=6,
         default="ff12::3780",
         help="IPv6 multicast group for the multicast transport of routers whose "
-        "HA addresses are IPv6. The default is link-local in scope and "
+        "HA addresses are IPv6, and for the health reports of such routers "
+        "without peer addresses. The default is link-local in scope and "
         "transient (ff12::/16): the group is joined on the HA interface only.",
     ),
     cfg.IntOpt(
@@ -450,8 +453,10 @@ health_opts = [
         min=1,
         max=65535 - 254,
         help="The daemons of a router's nodes exchange health reports on UDP port "
-        "base_port + VRID of the HA network; the range must not overlap "
-        "[conntrackd] base_port's.",
+        "base_port + VRID of the HA network (to the peer addresses; for a router "
+        "without, such as Neutron's, to [conntrackd] multicast_group or "
+        "ipv6_multicast_group); the range must not overlap [conntrackd] "
+        "base_port's.",
     ),
 ]
 

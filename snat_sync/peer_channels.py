@@ -2,7 +2,11 @@
 namespace (reports.ReportChannel) and polled in the daemon's selector. The peers'
 daemons send their health reports to it; the health check (health_check.py)
 sends ours through it. A channel follows its namespace: when the namespace is
-re-created the channel is opened anew in the new one.
+re-created the channel is opened anew in the new one. A router without peer
+addresses reports by multicast (reports.Audience): its channel needs the HA
+interface's index and network, read from the namespace when it is opened; it
+is opened anew when that interface is re-created (its group membership went
+with the old one).
 """
 
 import logging
@@ -24,15 +28,16 @@ class PeerChannels:
     def ensure(self, router_id, tracked, spec):
         """Open the router's channel in its namespace as it is now, if need be."""
         inode = namespace.namespace_inode(spec.namespace)
-        if tracked.channel is not None and tracked.channel_namespace == inode:
+        if (tracked.channel is not None and tracked.channel_namespace == inode
+                and not _interface_replaced(tracked.channel, spec)):
             return
         self.close(tracked)
         if inode is None:
             return
         port = reports_module.report_port(self.conf.health.base_port, spec.vrid)
         try:
-            channel = reports_module.ReportChannel(spec, port)
-        except Exception as error:  # pyroute2 and bind raise a variety of errors
+            channel = self._open(spec, port)
+        except Exception as error:  # netlink, pyroute2 and bind raise a variety
             LOG.error("router %s: cannot open the report socket on %s port %d in "
                       "namespace %s: %s", router_id, spec.local_address, port,
                       spec.namespace, error)
@@ -40,6 +45,14 @@ class PeerChannels:
         tracked.channel, tracked.channel_namespace = channel, inode
         self.selector.register(channel.fileno(), selectors.EVENT_READ,
                                ("report", router_id))
+
+    def _open(self, spec, port):
+        link = None if spec.peer_addresses else namespace.ha_link(spec)
+        audience = reports_module.audience_for(
+            spec, link.network if link else None, self.conf.conntrackd.multicast_group,
+            self.conf.conntrackd.ipv6_multicast_group)
+        return reports_module.ReportChannel(spec, port, audience,
+                                            link.index if link else None)
 
     def close(self, tracked):
         if tracked.channel is not None:
@@ -57,3 +70,19 @@ class PeerChannels:
             return
         for report in received:
             tracked.peer_reports[report.address] = report
+        if received:
+            tracked.peer_reports = reports_module.current_reports(
+                tracked.peer_reports, tracked.spec.peer_addresses, time.time(),
+                self.conf.health.peer_timeout)
+
+
+def _interface_replaced(channel, spec):
+    """Whether a multicast channel's HA interface is gone or was re-created (a
+    new index): its group membership went with the old one, so it would hear
+    nothing more. A unicast channel is bound to the address and keeps working."""
+    if not channel.audience.learned:
+        return False
+    try:
+        return namespace.ha_link(spec).index != channel.ifindex
+    except Exception:  # gone (InvalidInput) or netlink failed: reopen, which logs
+        return True

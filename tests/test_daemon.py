@@ -452,6 +452,34 @@ def test_address_events_run_transitions_in_order(node, state_path, stand_ins,
     node.tracked["a"].watcher = None
 
 
+def test_a_watcher_transition_that_restarts_conntrackd_is_tracked_again(
+        node, state_path, stand_ins, monkeypatch):
+    """run-as-primary restarts conntrackd inside the transition job: the loop sees
+    the old process exit while the router is busy (no restart of its own), and
+    must pick up the new process when the job is done."""
+    _calls, _running, processes = stand_ins
+    launch = []
+
+    def transition(conf, router_id, role, arrived):
+        old = processes[-1]
+        old.kill()
+        old.wait()
+        launch.append(subprocess.Popen(["sleep", "60"]))
+        processes.append(launch[-1])
+        _running[router_id] = launch[-1].pid
+        return True
+
+    monkeypatch.setattr(jobs_module, "transition", transition)
+    write_router(state_path, make_spec("a"))
+    assert run_until(node, lambda: "a" in node.tracked and node.tracked["a"].pid)
+    node.tracked["a"].watcher = FakeWatcher([Role.PRIMARY])
+
+    node.routers.on_event("watch", "a")
+
+    assert run_until(node, lambda: launch and node.tracked["a"].pid == launch[0].pid)
+    node.tracked["a"].watcher = None
+
+
 def test_running_routers_are_health_checked_in_one_job(node, state_path, stand_ins):
     for name in ("a", "b"):
         write_router(state_path, make_spec(name))

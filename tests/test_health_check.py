@@ -13,6 +13,7 @@ from snat_sync import namespace
 from snat_sync import reports
 from snat_sync import statedir
 from snat_sync.conntrackd import CacheStats
+from snat_sync.router import RouterSpec
 
 
 class FakeDaemon:
@@ -123,3 +124,33 @@ def test_a_peer_whose_report_goes_stale_rewrites_health_json(conf, spec, router,
 ])
 def test_figures_moved(before, after, moved):
     assert health_check.figures_moved(before, after, 1.0) is moved
+
+
+def test_a_router_without_peers_counts_the_learned_ones_and_forgets_the_long_silent(
+        conf, router, monkeypatch):
+    """Neutron: no peer list. A learned peer silent past peer_timeout is a silent
+    peer (degraded) like a listed one; after FORGET_AFTER_TIMEOUTS it is gone."""
+    files, _daemon, _counts = router
+    spec = RouterSpec.create("r1", "qrouter-r1", "ha-1a2b3c4d-5e", "169.254.192.1",
+                             [], 7, "169.254.0.7/24")
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(health_check.time, "time", lambda: clock["now"])
+    backup = reports.PeerReport("169.254.192.2", "backup", None, 3, 0, 200010,
+                                999.0, 999.5, 999.0, "warm")
+    state = health_check.check(conf, spec, files, 4242, {"169.254.192.2": backup},
+                               health_check.HealthState(), FakeChannel())
+    written = json.loads(files.health.read_text())
+    assert [peer["address"] for peer in written["peers"]] == ["169.254.192.2"]
+    assert written["problems"] == []
+
+    clock["now"] = 999.5 + conf.health.peer_timeout + 1
+    state = health_check.check(conf, spec, files, 4242, {"169.254.192.2": backup},
+                               state, FakeChannel())
+    written = json.loads(files.health.read_text())
+    assert [problem["kind"] for problem in written["problems"]] == ["peer-silent"]
+
+    clock["now"] = 999.5 + reports.FORGET_AFTER_TIMEOUTS * conf.health.peer_timeout + 1
+    health_check.check(conf, spec, files, 4242, {"169.254.192.2": backup}, state,
+                       FakeChannel())
+    written = json.loads(files.health.read_text())
+    assert (written["peers"], written["problems"]) == ([], [])

@@ -502,6 +502,27 @@ def test_status_of_a_backup_in_sync(conf, node):
         "conntrackd_configuration"]
 
 
+def test_status_of_a_router_without_peers_shows_the_peers_its_daemon_learned(
+        conf, node):
+    """A Neutron router: no peer list; the primary its daemon heard by multicast
+    is its peer, and the replica is judged against it."""
+    write_health(added(conf, peers=()))
+    (status,) = manager.status(conf)
+    (peer,) = status.peers
+    assert (peer.address, peer.role, peer.kernel_entries) == (
+        "169.254.192.2", "primary", 20210)
+    assert (status.verdict, status.reason) == (
+        "in-sync", "replica holds 20210 of the primary's 20210 entries")
+
+
+def test_a_router_without_peers_none_heard_yet_is_degraded(conf, node):
+    write_health(added(conf, peers=()), peers=[])
+    (status,) = manager.status(conf)
+    assert status.peers == ()
+    assert status.verdict == "degraded"
+    assert "no report from the primary's daemon" in status.reason
+
+
 def test_a_cold_standby_backups_replica_is_its_external_cache(conf, node):
     conf.set_override("standby_mode", "cold", "failover")
     write_health(added(conf))

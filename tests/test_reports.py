@@ -8,9 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from snat_sync import reports
+from snat_sync.router import RouterSpec
 
 ROUTER = "router-1"
-PEERS = (ipaddress.ip_address("169.254.192.2"),)
+PEERS = reports.Audience(peers=(ipaddress.ip_address("169.254.192.2"),))
 
 
 def valid(**changes):
@@ -91,3 +92,90 @@ def test_no_datagram_makes_decoding_fail(data):
 
 def test_the_report_port_follows_the_vrid():
     assert reports.report_port(4780, 7) == 4787
+
+
+def spec(peers=(), local="169.254.192.1", primary="169.254.0.7/24"):
+    return RouterSpec.create(ROUTER, "qrouter-1", "ha-1", local, list(peers), 7,
+                             primary)
+
+
+HA_NETWORK = ipaddress.ip_network("169.254.192.0/18")
+GROUPS = ("225.0.0.50", "ff12::3780")
+
+
+def test_a_router_with_peers_reports_to_them_and_believes_only_them():
+    audience = reports.audience_for(spec(["169.254.192.2", "169.254.192.3"]),
+                                    HA_NETWORK, *GROUPS)
+    assert not audience.learned
+    assert audience.destinations == (ipaddress.ip_address("169.254.192.2"),
+                                     ipaddress.ip_address("169.254.192.3"))
+    assert audience.accepts(ipaddress.ip_address("169.254.192.3"))
+    assert not audience.accepts(ipaddress.ip_address("169.254.192.4"))
+
+
+def test_a_router_without_peers_reports_to_its_familys_multicast_group():
+    audience = reports.audience_for(spec(), HA_NETWORK, *GROUPS)
+    assert audience.learned
+    assert audience.destinations == (ipaddress.ip_address("225.0.0.50"),)
+    v6 = reports.audience_for(spec(local="fd00:a::1", primary="fd00:b::7/64"),
+                              ipaddress.ip_network("fd00:a::/64"), *GROUPS)
+    assert v6.destinations == (ipaddress.ip_address("ff12::3780"),)
+
+
+@pytest.mark.parametrize("source, accepted", [
+    ("169.254.192.2", True),        # another agent's HA port
+    ("169.254.255.254", True),      # anywhere on the HA network
+    ("169.254.192.1", False),       # our own (multicast looped back)
+    ("169.254.0.7", False),         # the primary address
+    ("169.254.64.2", False),        # outside the HA network
+    ("10.0.0.2", False),
+    ("fd00:a::2", False),           # the other family
+])
+def test_without_peers_a_report_is_believed_from_the_ha_network_but_not_ourselves(
+        source, accepted):
+    audience = reports.audience_for(spec(), HA_NETWORK, *GROUPS)
+    data = reports.encode_report(ROUTER, "backup", None, 1, 2, 3, 200.0)
+    report = reports.decode_report(data, source, ROUTER, audience, 201.0)
+    assert (report is not None) is accepted
+
+
+def test_without_peers_another_routers_report_on_the_group_is_dropped():
+    audience = reports.audience_for(spec(), HA_NETWORK, *GROUPS)
+    data = reports.encode_report("router-2", "backup", None, 1, 2, 3, 200.0)
+    assert reports.decode_report(data, "169.254.192.2", ROUTER, audience,
+                                 201.0) is None
+
+
+def heard(address, received):
+    return reports.PeerReport(address, "backup", None, 1, 0, 1, received - 0.1,
+                              received, received - 0.1, "warm")
+
+
+def test_learned_peers_are_those_heard_and_a_long_silent_one_is_forgotten():
+    kept = {"169.254.192.2": heard("169.254.192.2", 1000.0),
+            "169.254.192.3": heard("169.254.192.3", 990.0)}
+    # peer_timeout 10: silent for 10 s counts as silent (repair.assess) but is
+    # kept, and so counted; forgotten after 6 timeouts.
+    now = 1000.0 + reports.FORGET_AFTER_TIMEOUTS * 10.0
+    current = reports.current_reports(kept, (), now, 10.0)
+    assert set(current) == {"169.254.192.2"}
+    assert reports.expected_peers((), current) == (
+        ipaddress.ip_address("169.254.192.2"),)
+    assert reports.expected_peers((), reports.current_reports(kept, (), 1005.0,
+                                                              10.0)) == (
+        ipaddress.ip_address("169.254.192.2"), ipaddress.ip_address("169.254.192.3"))
+
+
+def test_listed_peers_stay_expected_and_their_reports_are_kept():
+    listed = (ipaddress.ip_address("169.254.192.2"),)
+    kept = {"169.254.192.2": heard("169.254.192.2", 0.0)}
+    assert reports.current_reports(kept, listed, 1e6, 10.0) == kept
+    assert reports.expected_peers(listed, {}) == listed
+
+
+def test_no_more_learned_peers_are_kept_than_the_cap():
+    many = {f"169.254.193.{n}": heard(f"169.254.193.{n}", 1000.0 + n)
+            for n in range(1, 41)}
+    current = reports.current_reports(many, (), 1041.0, 10.0)
+    assert len(current) == reports.MAX_LEARNED_PEERS
+    assert "169.254.193.40" in current and "169.254.193.1" not in current
