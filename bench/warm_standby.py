@@ -17,6 +17,9 @@ ends would measure nothing (the same extra for every mode at one size). Modes:
             the backup's conntrackd injects replicated entries into its kernel
             table and the refresh table re-announces live flows every 4 s, so the
             new primary loads nothing
+  warm-quiet  warm, with `[failover] backup_reads_events = false`: a backup's
+            conntrackd reads no conntrack events, a takeover restarts it with
+            the primary's configuration
   cold      a config file with `[failover] standby_mode = cold`: external cache on
             the backup, committed at takeover behind the reset-window guard
   no-sync   keepalived alone (the floor: VRRP detection, and what is lost without
@@ -76,7 +79,8 @@ import common  # noqa: E402
 from snat_sync.lab import demo  # noqa: E402
 from snat_sync.lab import topology as lab_module  # noqa: E402
 
-MODES = {"warm": "", "cold": "[failover]\nstandby_mode = cold\n", "no-sync": None}
+MODES = {"warm": "", "warm-quiet": "[failover]\nbackup_reads_events = false\n",
+         "cold": "[failover]\nstandby_mode = cold\n", "no-sync": None}
 CONNTRACK_MAX = pathlib.Path("/proc/sys/net/netfilter/nf_conntrack_max")
 HASHSIZE = pathlib.Path("/sys/module/nf_conntrack/parameters/hashsize")
 HEADROOM = 1.1  # the kernel limits must fit 1.1 x the largest idle table

@@ -1,4 +1,7 @@
-"""A crash of the primary with 0, 100,000 and 200,000 idle SNAT entries in its table.
+"""A crash of the primary with 200,000 idle SNAT entries in its table.
+
+(The empty table's cold crash is test_failover's; 100,000 entries, between the
+two, is bench/failover_gap.py's: CI time.)
 
 The failover cases run in cold standby: what they measure is the commit at
 failover and the guard (warm standby's takeover commits nothing; test_warm_standby
@@ -34,7 +37,7 @@ def standby_config(tmp_path, standby_mode):
     return config
 
 
-@pytest.mark.parametrize("idle_entries", [0, 100_000, 200_000])
+@pytest.mark.parametrize("idle_entries", [200_000])
 def test_failover_with_large_table(tmp_path, idle_entries):
     settings = demo.ScenarioSettings(
         flows=LIVE_FLOWS,
