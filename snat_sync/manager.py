@@ -393,7 +393,8 @@ class RouterStatus:
     primary_entries: int | None = None
     missing_entries: int | None = None
     # Whose conntrackd configuration runs: "primary" (reads conntrack events) or
-    # "backup" (reads none); None where the two are the same (cold standby).
+    # "backup" (reads none); None where the two are the same (the default, and
+    # cold standby).
     conntrackd_configuration: str | None = None
 
     def to_dict(self):

@@ -80,8 +80,9 @@ class RouterFiles:
     def conntrackd_variant(self, role):
         """The configuration for conntrackd on a node in role (primary or backup).
 
-        They differ in warm standby only, where a backup's conntrackd reads no
-        conntrack events (render.conntrackd_settings); the failover copies the
+        They differ only in warm standby with [failover] backup_reads_events off,
+        where a backup's conntrackd reads no conntrack events
+        (render.conntrackd_settings); the failover copies the
         role's variant to conntrackd.conf and restarts conntrackd when they differ.
         """
         return self.directory / f"conntrackd.{role.value}.conf"
