@@ -233,11 +233,17 @@ def _poll_count(output, interval, duration):
             time.sleep(interval)
 
 
-def start_sync_poller(bench, namespace, socket_path, output, interval, duration):
-    """Like start_count_poller, and also the external cache count of the conntrackd
-    behind socket_path: lines `time.time() kernel_count external_active`."""
-    return bench.start(namespace, [sys.executable, __file__, "poll-sync", socket_path,
-                                   output, interval, duration], str(output) + ".log")
+def start_sync_poller(bench, namespace, socket_path, output, interval, duration,
+                      replica_namespace=None):
+    """Like start_count_poller, and also the replica's size: lines `time.time()
+    kernel_count replica_count`. The replica is the external cache of the conntrackd
+    behind socket_path (cold standby), or with replica_namespace the kernel table of
+    that namespace (warm standby: the backup injects what it receives)."""
+    argv = [sys.executable, __file__, "poll-sync", socket_path, output, interval,
+            duration]
+    if replica_namespace:
+        argv.append(replica_namespace)
+    return bench.start(namespace, argv, str(output) + ".log")
 
 
 def read_sync_samples(output):
@@ -249,20 +255,54 @@ def read_sync_samples(output):
     return samples
 
 
-def _poll_sync(socket_path, output, interval, duration):
+CLONE_NEWNET = 0x40000000
+
+
+def open_count_in(namespace):
+    """nf_conntrack_count of another network namespace, opened inside it: a sysctl
+    file keeps reading the namespace it was opened in (checked here: such a file
+    read from the root namespace gave the other namespace's count). Python 3.11
+    has no os.setns, hence libc."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    other = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+    try:
+        if libc.setns(other, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {namespace}")
+        try:
+            return open("/proc/sys/net/netfilter/nf_conntrack_count")
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(own)
+        os.close(other)
+
+
+def _poll_sync(socket_path, output, interval, duration, replica_namespace=None):
     deadline = time.monotonic() + duration
     last = None
+    replica_source = open_count_in(replica_namespace) if replica_namespace else None
+
+    def replica():
+        if replica_source is None:
+            return cache_counts(socket_path).external_active
+        replica_source.seek(0)
+        return replica_source.read().strip()
+
     with open(output, "w", buffering=1 << 20) as out, \
             open("/proc/sys/net/netfilter/nf_conntrack_count") as source:
         try:
             while time.monotonic() < deadline:
                 source.seek(0)
                 kernel = source.read().strip()
-                external = cache_counts(socket_path).external_active
+                held = replica()
                 stamp = time.time()
-                if (kernel, external) != last:
-                    out.write(f"{stamp:.6f} {kernel} {external}\n")
-                    last = (kernel, external)
+                if (kernel, held) != last:
+                    out.write(f"{stamp:.6f} {kernel} {held}\n")
+                    last = (kernel, held)
                 time.sleep(interval)
         except KeyboardInterrupt:
             pass
@@ -270,7 +310,8 @@ def _poll_sync(socket_path, output, interval, duration):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["poll-sync"]:
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    _poll_sync(sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5]))
+    _poll_sync(sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5]),
+               *sys.argv[6:7])
 
 if __name__ == "__main__" and sys.argv[1:2] == ["poll-count"]:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))

@@ -1,28 +1,34 @@
-"""Benchmark: how long a new flow on the primary takes to reach the backup's cache.
+"""Benchmark: how long a new flow on the primary takes to reach the backup's replica.
 
 For each configuration and rate: a fresh pair of router namespaces joined by one veth
 (the HA network). Entries are fed into the primary's kernel at a steady rate in paced batches, one
 `conntrack -R FILE` process every 20 ms (`conntrack -R -` from a pipe does not
 stream: it inserts nothing before its input ends). A poller
 inside the primary's namespace samples, every 1 ms, the primary's nf_conntrack_count
-and the backup conntrackd's external cache size (one STATS_CACHE request straight to
-its UNIX socket, ~0.2 ms). For batch k with cumulative count C_k:
+and the size of the backup's replica: in warm standby the backup's kernel table (its
+nf_conntrack_count, a file opened inside the backup's namespace), in cold standby
+its conntrackd's external cache (one STATS_CACHE request straight to its UNIX
+socket, ~0.2 ms). For batch k with cumulative count C_k:
   kernel lag       batch's conntrack started -> primary's kernel count >= C_k
   replication lag  per entry n (every entries/5000-th): primary's kernel count >= n
-                   -> backup's external cache >= n ("a new flow on the primary
-                   appears on the backup"); 0 means within one sample (~1.2 ms)
-Lost = entries in the primary's kernel minus entries in the backup's external cache
-once it has been stable for 2 s (at most 20 s after the feed ends).
+                   -> backup's replica >= n ("a new flow on the primary appears on
+                   the backup"); 0 means within one sample (~1.2 ms)
+Lost = entries in the primary's kernel minus entries in the backup's replica once
+it has been stable for 2 s (at most 20 s after the feed ends).
 
 Configurations (each measured in the same run, same feed):
-  snat-sync     conntrackd as `snat-sync router add` renders and runs it, with the
+  snat-sync     conntrackd as `snat-sync router add` renders and runs it (warm
+                standby, the default: into the backup's kernel table), with the
                 backup / primary notify transitions run first
+  snat-sync-cold  the same with [failover] standby_mode = cold (into the backup's
+                external cache)
   defaults      conntrackd at its defaults apart from what it needs to run on this
                 pair: FTFW over UDP between the two HA addresses, lock file, socket,
                 log file, HA network ignored (no buffer sizes, HashSize, HashLimit,
                 Scheduler: so netlink buffer = rmem_default, SCHED_RR 99)
 
     python3 bench/replication_lag.py [--rates 2000,20000,50000,100000,150000] [--seconds 3]
+        [--configurations snat-sync,snat-sync-cold,defaults]
 """
 
 import argparse
@@ -68,12 +74,21 @@ General {{
 """
 
 
+WARM = ("snat-sync",)
+COLD_CONFIG = "[failover]\nstandby_mode = cold\n"
+
+
 def start_pair(bench, configuration):
     """Return (r1, r2, (config, socket, log) of the primary, same of the backup)."""
     r1, r2 = bench.router_pair()
-    if configuration == "snat-sync":
-        primary = bench.add_router(r1, 0)
-        backup = bench.add_router(r2, 1)
+    if configuration.startswith("snat-sync"):
+        config_file = None
+        if configuration == "snat-sync-cold":
+            config_file = bench.workdir / "cold.conf"
+            config_file.write_text(COLD_CONFIG)
+            config_file.chmod(0o600)
+        primary = bench.add_router(r1, 0, config_file=config_file)
+        backup = bench.add_router(r2, 1, config_file=config_file)
         common.sh(backup["notify_command"], "INSTANCE", "VR_1", "BACKUP", "100",
                   namespace=r2)
         common.sh(primary["notify_command"], "INSTANCE", "VR_1", "MASTER", "100",
@@ -125,8 +140,16 @@ def one_run(configuration, rate, seconds):
         (primary_config, _primary_socket, _primary_log), \
             (backup_config, backup_socket, backup_log) = sides
         samples_path = bench.workdir / "samples.txt"
+        warm = configuration in WARM
         poller = common.start_sync_poller(bench, r1, backup_socket, samples_path,
-                                          0.001, seconds + 60)
+                                          0.001, seconds + 60,
+                                          replica_namespace=r2 if warm else None)
+
+        def replica_count():
+            if warm:
+                return common.conntrack_count(r2)
+            return common.cache_counts(backup_socket).external_active
+
         time.sleep(0.5)
         load = os.getloadavg()[0]
         written, feeders = [], []
@@ -143,10 +166,10 @@ def one_run(configuration, rate, seconds):
         for each in feeders:
             each.wait(timeout=60)
         fed_until = time.time()
-        # Settle: external cache stable for 2 s, at most 20 s.
+        # Settle: the replica stable for 2 s, at most 20 s.
         last, stable_since = None, time.time()
         while time.time() - fed_until < 20:
-            now = common.cache_counts(backup_socket).external_active
+            now = replica_count()
             if now != last:
                 last, stable_since = now, time.time()
             elif time.time() - stable_since >= 2:
@@ -162,7 +185,7 @@ def one_run(configuration, rate, seconds):
         log_lines = [line for line in backup_log.read_text(errors="replace")
                      .splitlines() + _read(sides[0][2]).splitlines()
                      if re.search(r"overrun|resync|no space|lost|ERROR|WARNING", line)]
-    kernel_base, external_base = samples[0][1], samples[0][2]
+    kernel_base, replica_base = samples[0][1], samples[0][2]
     kernel_lags, replication_lags, unreached = [], [], 0
     kernel_index = 0
     for k in range(batches):
@@ -174,25 +197,25 @@ def one_run(configuration, rate, seconds):
             break
         kernel_lags.append((samples[kernel_index][0] - written[k]) * 1000)
     # Per entry: the n-th new entry is on the primary when its kernel count first
-    # reaches n, on the backup when the external cache first reaches n.
+    # reaches n, on the backup when its replica first reaches n.
     step = max(1, entries // 5000)
-    kernel_index = external_index = 0
+    kernel_index = replica_index = 0
     for n in range(step, entries + 1, step):
         while kernel_index < len(samples) and samples[kernel_index][1] - kernel_base < n:
             kernel_index += 1
-        while external_index < len(samples) and \
-                samples[external_index][2] - external_base < n:
-            external_index += 1
+        while replica_index < len(samples) and \
+                samples[replica_index][2] - replica_base < n:
+            replica_index += 1
         if kernel_index >= len(samples):
             break
-        if external_index >= len(samples):
+        if replica_index >= len(samples):
             unreached += step
             continue
         replication_lags.append(
-            max(0.0, samples[external_index][0] - samples[kernel_index][0]) * 1000)
+            max(0.0, samples[replica_index][0] - samples[kernel_index][0]) * 1000)
     intervals = [b[0] - a[0] for a, b in zip(samples, samples[1:])]
     in_kernel = primary_kernel - kernel_base
-    on_backup = last - external_base
+    on_backup = last - replica_base
     return {
         "configuration": configuration, "rate": rate, "entries": entries,
         "batches": batches, "per_batch": per_batch, "loadavg": load,
@@ -222,7 +245,7 @@ def _read(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="2000,20000,50000,100000,150000")
-    parser.add_argument("--configurations", default="snat-sync,defaults")
+    parser.add_argument("--configurations", default="snat-sync,snat-sync-cold,defaults")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--json")
     arguments = parser.parse_args()
