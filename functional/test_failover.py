@@ -34,10 +34,10 @@ def warm_takeover_steps(transition):
              step.get("skipped") is not None) for step in transition["steps"]]
 
 
-# By default backups read conntrack events, so conntrackd already runs the
-# primary's configuration: nothing restarts, the takeover reads the kernel's
-# table into conntrackd's cache (-R) and loads nothing.
-WARM_TAKEOVER = [("run-as-primary", False, False), ("resync-from-kernel", False, False)]
+# By default a backup's conntrackd reads no conntrack events: the takeover
+# restarts it with the primary's configuration, whose start reads the kernel's
+# table into conntrackd's cache, so the -R after it is skipped; nothing is loaded.
+WARM_TAKEOVER = [("run-as-primary", True, False), ("resync-from-kernel", False, True)]
 
 def test_snat_sync_keeps_flows(tmp_path):
     result = demo.run_scenario(tmp_path, with_snat_sync=True)

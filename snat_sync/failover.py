@@ -133,13 +133,14 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=Fals
 
     Warm standby (replicated entries live in the backups' kernel tables):
     primary: the table is complete already; run conntrackd with the primary's
-             configuration (with [failover] backup_reads_events off a backup's
-             reads no conntrack events, see render.conntrackd_settings; then the
+             configuration (a backup's reads no conntrack events unless [failover]
+             backup_reads_events, see render.conntrackd_settings; then the
              restart reads the kernel's table into conntrackd's own cache), so
              that conntrackd reports its changes and ends and can answer a
              backup's request for the whole table. The data plane does not wait
-             for it. If conntrackd already ran that configuration (the default:
-             both are the same), it reads the table again (-R). Nothing is
+             for it. If conntrackd already ran that configuration (with
+             backup_reads_events both are the same), it reads the table again
+             (-R). Nothing is
              sent on its own initiative: a node that becomes backup empties its
              table and asks for it (at 1,000,000 entries a bulk send besides
              would cross the HA network twice).

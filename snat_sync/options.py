@@ -317,21 +317,21 @@ failover_opts = [
     ),
     cfg.BoolOpt(
         "backup_reads_events",
-        default=True,
+        default=False,
         help="warm standby: whether a backup's conntrackd reads conntrack events. "
-        "Every entry it injects raises one on its own node, which it reads only to "
-        "drop. False gives each router a backup configuration whose kernel filter "
-        "lets no event through, and transitions restart conntrackd with the role's "
-        "configuration (becoming primary, the new conntrackd reads the kernel's "
-        "table; the data plane does not wait). Measured: a burst of 1,000,000 new "
-        "entries was complete on a backup that reads none 1.6 s after the load "
-        "ended, nothing lost, while one that reads them fell behind, overran its "
-        "event buffer and sent the replica back (713,627 after 90 s). But with 20% "
-        "of the sync packets lost, FTFW's recovery depended on the backup's own "
-        "traffic: a backup that reads none still lacked 117-225 of 3,000 entries "
-        "after 15-60 s (one that reads them caught up in 0.2-6.1 s). False for "
-        "tables that take bursts of hundreds of thousands of entries on a clean HA "
-        "link; see BENCHMARKS.md.",
+        "Every entry it injects raises one on its own node, which it could only "
+        "drop: a backup forwards nothing, so no event of its own is worth reading. "
+        "False (the default) gives each router a backup configuration whose kernel "
+        "filter lets no event through, and transitions restart conntrackd with the "
+        "role's configuration (becoming primary, the new conntrackd reads the "
+        "kernel's table; the data plane does not wait). Measured: a burst of "
+        "1,000,000 new entries was complete on such a backup 1.6 s after the load "
+        "ended, nothing lost, while one that reads its events fell behind, overran "
+        "its event buffer and sent the replica back to the primary (713,627 after "
+        "90 s). True keeps one configuration for both roles (no restart at a "
+        "transition); with 20% of the sync packets lost it let FTFW catch up "
+        "somewhat sooner (0.2-6.1 s against 1-17 s for 3,000 entries), because the "
+        "backup's echo keeps its side of the channel busy; see BENCHMARKS.md.",
     ),
     cfg.BoolOpt(
         "reset_window_guard",

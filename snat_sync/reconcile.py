@@ -68,7 +68,7 @@ def restore_steps(role, standby_mode=failover.WARM):
     (-R, which a conntrackd just started has done) and sends all of it to the
     backups (-B), whose replica it refreshes; on a backup it asks the primary for
     its whole table (-n). With warm standby it must run the role's configuration
-    (with backup_reads_events off a backup's reads no conntrack events; a node
+    (a backup's reads no conntrack events unless backup_reads_events; a node
     of unknown role runs a backup's), restarted if it was started with the other; and a new conntrackd
     reads its kernel table as its own: on a backup those are the replicated
     entries and on a node of unknown role perhaps a table from before a crash; it

@@ -72,7 +72,7 @@ NO_EVENTS_PROTOCOL = "ipv6-nonxt"
 
 
 def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=True,
-                        role=Role.PRIMARY, backup_reads_events=True):
+                        role=Role.PRIMARY, backup_reads_events=False):
     """Decide the content of a router's conntrackd.conf for a node in role.
 
     warm_standby: conntrackd puts replicated entries straight into the kernel
@@ -85,8 +85,9 @@ def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=Tru
     its event buffer overran, and the overrun resync sent the replica back to the
     primary as its own table. A backup forwards nothing, so it has no events worth
     reading; a node becoming primary restarts conntrackd with the primary's
-    variant, which reads the kernel table at start. The price: FTFW recovers
-    losses on the sync link more slowly (see [failover] backup_reads_events).
+    variant, which reads the kernel table at start. The price: FTFW repairs
+    losses on the sync link somewhat more slowly (see [failover]
+    backup_reads_events).
     Cold standby injects nothing: both variants are the primary's.
     """
     options = conntrackd_options

@@ -80,7 +80,7 @@ class RouterFiles:
     def conntrackd_variant(self, role):
         """The configuration for conntrackd on a node in role (primary or backup).
 
-        They differ only in warm standby with [failover] backup_reads_events off,
+        They differ only in warm standby unless [failover] backup_reads_events,
         where a backup's conntrackd reads no conntrack events
         (render.conntrackd_settings); the failover copies the
         role's variant to conntrackd.conf and restarts conntrackd when they differ.

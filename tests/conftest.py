@@ -75,9 +75,10 @@ def router_files(state_path):
 
 
 @pytest.fixture
-def quiet_backup_conf(make_conf, write_config):
-    """Warm standby whose backups' conntrackd reads no conntrack events."""
-    return make_conf(write_config("[failover]\nbackup_reads_events = false\n"))
+def events_reading_backup_conf(make_conf, write_config):
+    """Warm standby whose backups' conntrackd reads conntrack events, as a primary's
+    does: one conntrackd configuration for both roles."""
+    return make_conf(write_config("[failover]\nbackup_reads_events = true\n"))
 
 
 @pytest.fixture

@@ -178,15 +178,19 @@ def test_add_writes_the_files_and_starts_conntrackd(cold_conf, spec, system):
                             ("apply-refresh", "qrouter-r1")]
 
 
-def test_warm_backups_read_conntrack_events_unless_told_not_to(conf, spec):
-    rendered = manager.generate(conf, spec, FACTS, manager.router_files(conf, "r1"),
-                                COMMAND)
-    assert rendered.backup_conntrackd_config == rendered.conntrackd_config
+def test_warm_backups_read_conntrack_events_only_when_told_to(
+        conf, events_reading_backup_conf, spec):
+    default = manager.generate(conf, spec, FACTS, manager.router_files(conf, "r1"),
+                               COMMAND)
+    assert default.backup_conntrackd_config != default.conntrackd_config
+    told = manager.generate(events_reading_backup_conf, spec, FACTS,
+                            manager.router_files(events_reading_backup_conf, "r1"),
+                            COMMAND)
+    assert told.backup_conntrackd_config == told.conntrackd_config
 
 
 def test_generate_for_warm_standby_gives_the_backup_a_conntrackd_that_reads_no_events(
-        quiet_backup_conf, spec):
-    conf = quiet_backup_conf
+        conf, spec):
     files = manager.router_files(conf, "r1")
     rendered = manager.generate(conf, spec, FACTS, files, COMMAND)
     primary = rendered.conntrackd_config
@@ -213,8 +217,7 @@ def test_a_new_warm_router_runs_the_primarys_configuration(conf, spec, system):
 
 
 def test_add_again_keeps_a_backup_running_the_backups_configuration(
-        quiet_backup_conf, spec, system):
-    conf = quiet_backup_conf
+        conf, spec, system):
     files = manager.add_router(conf, spec, COMMAND).rendered.files
     files.conntrackd_config.write_text(
         files.conntrackd_variant(Role.BACKUP).read_text())
@@ -229,9 +232,8 @@ def test_add_again_keeps_a_backup_running_the_backups_configuration(
             == files.conntrackd_variant(Role.BACKUP).read_text())
 
 
-def test_status_names_the_configuration_conntrackd_runs(quiet_backup_conf, cold_conf,
-                                                        spec, system):
-    files = manager.add_router(quiet_backup_conf, spec, COMMAND).rendered.files
+def test_status_names_the_configuration_conntrackd_runs(conf, cold_conf, spec, system):
+    files = manager.add_router(conf, spec, COMMAND).rendered.files
     assert manager.configuration_running(files) == "primary"
     files.conntrackd_config.write_text(
         files.conntrackd_variant(Role.BACKUP).read_text())
