@@ -43,7 +43,9 @@ class ConntrackdSettings:
     netlink_overrun_resync: int
     hash_size: int
     hash_limit: int
-    warm_standby: bool
+    # DisableExternalCache: entries received from a peer go straight into the
+    # kernel table instead of conntrackd's external cache
+    injects_received: bool
     scheduler: Scheduler | None
     protocols: tuple
     # ("all",), helper names, or () for no expectation sync (options.py)
@@ -75,8 +77,8 @@ def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=Tru
                         role=Role.PRIMARY, backup_reads_events=False):
     """Decide the content of a router's conntrackd.conf for a node in role.
 
-    warm_standby: conntrackd puts replicated entries straight into the kernel
-    (DisableExternalCache) instead of keeping them for a commit.
+    warm_standby: a backup's conntrackd puts replicated entries straight into the
+    kernel (DisableExternalCache) instead of keeping them for a commit.
 
     Unless backup_reads_events, a warm backup's conntrackd reads no conntrack
     events: its kernel filter lets none through. Every entry it injects raises an
@@ -88,6 +90,15 @@ def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=Tru
     variant, which reads the kernel table at start. The price: FTFW repairs
     losses on the sync link somewhat more slowly (see [failover]
     backup_reads_events).
+
+    With role variants, the primary's conntrackd also injects nothing it
+    receives: what a peer sends lands in its external cache, which nothing
+    commits. A primary's table is the live one; the only sender it can hear is a
+    node that was primary at the same time (a split brain), whose resends after
+    the partition heals would otherwise overwrite live entries with that node's
+    versions, TCP window data included, before its backup transition forgets
+    them (seen in the partition-heal test: the loser's partition-time entry and
+    mark reached the survivor's kernel).
     Cold standby injects nothing: both variants are the primary's.
     """
     options = conntrackd_options
@@ -113,7 +124,8 @@ def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=Tru
         netlink_overrun_resync=options.netlink_overrun_resync,
         hash_size=options.hash_size,
         hash_limit=hash_limit(options.hash_limit, facts.nf_conntrack_max),
-        warm_standby=warm_standby,
+        injects_received=warm_standby and (backup_reads_events
+                                            or role is Role.BACKUP),
         scheduler=scheduler,
         protocols=tuple(options.protocols),
         expectation_helpers=tuple(options.expectation_helpers),

@@ -81,8 +81,8 @@ class RouterFiles:
         """The configuration for conntrackd on a node in role (primary or backup).
 
         They differ only in warm standby unless [failover] backup_reads_events,
-        where a backup's conntrackd reads no conntrack events
-        (render.conntrackd_settings); the failover copies the
+        where a backup's conntrackd reads no conntrack events and only a backup's
+        injects what it receives (render.conntrackd_settings); the failover copies the
         role's variant to conntrackd.conf and restarts conntrackd when they differ.
         """
         return self.directory / f"conntrackd.{role.value}.conf"

@@ -120,7 +120,8 @@ def test_generate_is_pure_and_complete(cold_conf, spec, state_path):
 def test_generate_for_warm_standby_injects_refreshes_and_commits_nothing(conf, spec):
     files = manager.router_files(conf, "r1")
     rendered = manager.generate(conf, spec, FACTS, files, COMMAND)
-    assert "DisableExternalCache On" in rendered.conntrackd_config
+    assert "DisableExternalCache On" in rendered.backup_conntrackd_config
+    assert "DisableExternalCache Off" in rendered.conntrackd_config  # the primary's
     assert rendered.refresh_rules == render.render_refresh(
         spec, manager.refresh.TABLE, render.RefreshSettings(4, 15))
     assert "ct mark set" in rendered.refresh_rules

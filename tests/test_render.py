@@ -12,6 +12,7 @@ from snat_sync import failover
 from snat_sync import render
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput
+from snat_sync.roles import Role
 from snat_sync.router import NamespaceFacts, RouterSpec
 
 HA_NETWORK = ipaddress.ip_network("169.254.192.0/18")
@@ -51,11 +52,12 @@ def make_spec(peers=("169.254.192.2",), local="169.254.192.1", vrid=7,
                              local, list(peers), vrid)
 
 
-def render_config(conf, spec, facts=FACTS):
+def render_config(conf, spec, facts=FACTS, role=Role.PRIMARY):
     files = statedir.RouterFiles.under(conf.state_path, spec.router_id)
     settings = render.conntrackd_settings(
         spec, conf.conntrackd, facts, files,
-        warm_standby=conf.failover.standby_mode == "warm")
+        warm_standby=conf.failover.standby_mode == "warm", role=role,
+        backup_reads_events=conf.failover.backup_reads_events)
     return render.render_conntrackd_config(settings), files
 
 
@@ -251,7 +253,7 @@ def test_scheduler_section_for_real_time_policies(make_conf, write_config, polic
 def test_notrack_mode_injects_with_warm_standby(make_conf, write_config, mode, switch):
     conf = make_conf(write_config(f"[conntrackd]\nsync_mode = notrack\n"
                                   f"[failover]\nstandby_mode = {mode}\n"))
-    sync = parse_blocks(render_config(conf, make_spec())[0])["Sync"]
+    sync = parse_blocks(render_config(conf, make_spec(), role=Role.BACKUP)[0])["Sync"]
     assert sync["Mode NOTRACK"]["_lines"] == [f"DisableExternalCache {switch}",
                                               "PurgeTimeout 60"]
 
@@ -692,10 +694,20 @@ def test_snat_sync_command_uses_absolute_paths(tmp_path, monkeypatch):
     ]
 
 
-def test_warm_standby_disables_the_external_cache(conf):
-    text, _files = render_config(conf, make_spec())
-    sync = parse_blocks(text)["Sync"]
-    assert "DisableExternalCache On" in sync["Mode FTFW"]["_lines"]
+def test_a_warm_backup_injects_what_it_receives_and_a_primary_does_not(conf):
+    """A primary's table is the live one: what a peer sends (only a node that was
+    primary at the same time sends anything) stays in its external cache."""
+    backup = parse_blocks(render_config(conf, make_spec(), role=Role.BACKUP)[0])
+    primary = parse_blocks(render_config(conf, make_spec(), role=Role.PRIMARY)[0])
+    assert "DisableExternalCache On" in backup["Sync"]["Mode FTFW"]["_lines"]
+    assert "DisableExternalCache Off" in primary["Sync"]["Mode FTFW"]["_lines"]
+
+
+def test_with_backups_that_read_events_both_roles_inject(make_conf, write_config):
+    conf = make_conf(write_config("[failover]\nbackup_reads_events = true\n"))
+    for role in (Role.PRIMARY, Role.BACKUP):
+        sync = parse_blocks(render_config(conf, make_spec(), role=role)[0])["Sync"]
+        assert "DisableExternalCache On" in sync["Mode FTFW"]["_lines"], role
 
 
 def test_the_old_inject_option_is_refused_by_name(make_conf, write_config):
