@@ -233,10 +233,11 @@ def ha_drop(router, action):
 
 @pytest.mark.parametrize("repair", [
     pytest.param(True, marks=pytest.mark.xfail(strict=False, reason=(
-        "known defect, not fixed: after a split brain heals, 2 TCP flows of 16 "
-        "were lost in 1 CI run of 3 and the losing node's partition-time work "
-        "reached the survivor in another (FTFW resends it before the loser's "
-        "backup transition forgets it); passes in the other runs"))),
+        "known defect, half fixed: the loser's partition-time work no longer "
+        "reaches the survivor (a primary's conntrackd injects nothing it "
+        "receives), but a TCP flow whose packets crossed the other primary "
+        "during the split can find the survivor's entry behind its window: 1 of "
+        "16 lost in 1 run of 2 after that fix (2 of 16 in 1 CI run of 3 before)"))),
     False], ids=["repair-on", "repair-off"])
 def test_partition_heal(tmp_path, repair):
     duration = 4 + PARTITION + AFTER_HEAL + 2 + FAILOVER_ALLOWANCE \
