@@ -65,6 +65,46 @@ def test_keepalived_config():
         lab.keepalived_config(built, r1, notify_command='x "y"')
 
 
+def test_the_lab_routers_of_a_pair_are_r1_and_r2_as_ever():
+    r1, r2 = lab.lab_routers("ss-a1b2c3", "a1b2c3")
+    assert (r1.name, r1.ha_address, r1.peer_ha_address, r1.priority) == (
+        "r1", "169.254.192.1", "169.254.192.2", 150)
+    assert (r2.name, r2.ha_address, r2.peer_ha_address, r2.priority) == (
+        "r2", "169.254.192.2", "169.254.192.1", 100)
+    assert r1.peer_ha_addresses == ("169.254.192.2",)
+    assert r2.peer_ha_addresses == ("169.254.192.1",)
+    assert fake_lab().routers[0].peer_ha_addresses == ("169.254.192.2",)
+
+
+def test_three_lab_routers_each_list_the_two_others():
+    routers = lab.lab_routers("ss-a1b2c3", "a1b2c3", lab.NODE_HA_ADDRESSES)
+    assert [(router.name, router.namespace, router.ha_address, router.priority)
+            for router in routers] == [
+        ("r1", "ss-a1b2c3-r1", "169.254.192.1", 150),
+        ("r2", "ss-a1b2c3-r2", "169.254.192.2", 100),
+        ("r3", "ss-a1b2c3-r3", "169.254.192.3", 50)]
+    assert [router.peer_ha_addresses for router in routers] == [
+        ("169.254.192.2", "169.254.192.3"), ("169.254.192.1", "169.254.192.3"),
+        ("169.254.192.1", "169.254.192.2")]
+    assert all(router.peer_ha_address == router.peer_ha_addresses[0]
+               for router in routers)
+    assert routers[2].ha.device == "ha-a1b2c3-r3"
+    with pytest.raises(ValueError):
+        lab.lab_routers("ss-a1b2c3", "a1b2c3", lab.NODE_HA_ADDRESSES[:1])
+    with pytest.raises(ValueError):
+        lab.Router("r1", "x", *lab.router_legs("a", "r1"), "169.254.192.1",
+                   "169.254.192.2", 1, peer_ha_addresses=("169.254.192.3",))
+
+
+def test_keepalived_config_lists_every_peer():
+    built = fake_lab()
+    built.routers = lab.lab_routers("ss-a1b2c3", "a1b2c3", lab.NODE_HA_ADDRESSES)
+    text = lab.keepalived_config(built, built.routers[1])
+    assert ("    unicast_src_ip 169.254.192.2\n    unicast_peer {\n"
+            "        169.254.192.1\n        169.254.192.3\n    }\n") in text
+    assert "priority 100" in text
+
+
 def test_keepalived_config_preempting_with_extra_lines():
     built = fake_lab()
     r1 = built.routers[0]
