@@ -14,6 +14,7 @@ Every daemon is started in its own session and kept in lab.processes, so
 whole process group (the daemon and the commands it runs) by that pid.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -101,9 +102,14 @@ def start_nodes(lab, workdir, configs, advert_int=1):
     node's daemon running, keepalived on each with the notify hook, r1 primary and
     the others backup with their transitions done. Returns {name: Node}."""
     workdir = pathlib.Path(workdir)
-    nodes = {router.name: add_node(lab, router, workdir / router.name,
-                                   configs[router.name])
-             for router in lab.routers}
+    # One `router add` per node at once: each is a Python start-up and a
+    # conntrackd start of its own (some seconds each on a loaded machine), and
+    # the nodes share nothing.
+    with concurrent.futures.ThreadPoolExecutor(len(lab.routers)) as pool:
+        added = list(pool.map(
+            lambda router: add_node(lab, router, workdir / router.name,
+                                    configs[router.name]), lab.routers))
+    nodes = {node.name: node for node in added}
     for node in nodes.values():
         start_daemon(lab, node)
     demo.start_keepalived_pair(
