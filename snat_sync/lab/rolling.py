@@ -42,6 +42,8 @@ DYING_MARK = 42
 # (victim, who takes over, the victim's priority when it returns); the last
 # failover's victim does not return.
 ROLL = (("r1", "r2", 25), ("r2", "r3", 10), ("r3", "r1", 5), ("r1", "r2", None))
+# One return and the failover after it: r3 (50) takes over from r2, not r1 (25).
+SHORT_ROLL = (("r1", "r2", 25), ("r2", "r3", None))
 RETURN_AFTER = 1.0  # seconds after the VIP moved
 # The next failure comes no sooner than this after the last one: a TCP flow's
 # retransmission after a 3-4 s failover goes out 6.2 s after the loss began
@@ -226,10 +228,12 @@ def started_nodes(stack, workdir, repair, idle_entries, sync_mode="auto"):
 
 
 def rolling_restart(workdir, repair=True, flush=False, idle_entries=5_000,
-                    wait_timeout=WAIT_TIMEOUT):
+                    wait_timeout=WAIT_TIMEOUT, roll=ROLL):
     """Run the roll (module docstring) in a fresh lab under workdir; the
     Observed. repair False: resync_on_backup and [health] repair off. flush:
-    each node returns with an empty table."""
+    each node returns with an empty table. roll: (victim, successor, priority
+    it returns with or None for the last victim, which does not return), ROLL
+    unless a shorter one is given (SHORT_ROLL)."""
     workdir = pathlib.Path(workdir)
     began = time.monotonic()
     failovers = []
@@ -239,7 +243,7 @@ def rolling_restart(workdir, repair=True, flush=False, idle_entries=5_000,
         client = demo.start_client(lab, workdir, demo.ScenarioSettings(
             flows=FLOWS, crash_after=0, run_after_crash=CLIENT_DURATION))
         time.sleep(4)
-        for index, (victim, successor, priority) in enumerate(ROLL):
+        for index, (victim, successor, priority) in enumerate(roll):
             if failovers:
                 time.sleep(max(0.0, FAILURE_SPACING
                                - (time.time() - failovers[-1].failed_at)))
