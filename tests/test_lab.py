@@ -1,9 +1,12 @@
 """The pure parts of snat_sync.lab.topology and snat_sync.lab.demo (no root, no namespaces)."""
 
+import dataclasses
+
 import pytest
 
 from snat_sync.lab import demo
 from snat_sync.lab import flows
+from snat_sync.lab import rolling
 from snat_sync.lab import topology as lab
 
 
@@ -259,3 +262,35 @@ def test_the_firewall_accepts_new_connections_from_inside_only():
     assert "ct state established,related accept" in rules
     assert (f'iifname "{r1.internal.device}" oifname "{r1.external.device}" '
             "ct state new accept") in rules
+
+
+def test_a_flow_is_alive_after_a_failover_if_it_answered_before_the_next():
+    def flow(flow_id, protocol, replies, endpoints=("203.0.113.10:40001",),
+             alive=True):
+        return flows.FlowResult(flow_id, protocol, "192.168.100.11:40001", alive,
+                                0.0, 0.0, endpoints, None, tuple(replies))
+
+    started = 1000.0
+    failovers = [rolling.Failover("r1", "r2", started + 10, 3.0),
+                 rolling.Failover("r2", "r3", started + 20, 3.0)]
+    steady = [at / 10 for at in range(0, 300)]
+    observed = rolling.Observed([
+        flow("tcp-00", "tcp", steady),
+        # silent from the first failover to the second: lost after the first
+        flow("tcp-01", "tcp", [at for at in steady if not 10 <= at < 25]),
+        flow("udp-00", "udp", steady, ("203.0.113.10:40001", "203.0.113.10:1024")),
+        flow("udp-01", "udp", steady[:250], alive=False),  # dead at the end
+    ], started, failovers, 40.0)
+    assert observed.failure_moments() == [10.0, 20.0]
+    assert observed.lost_after(0) == ["tcp-01", "udp-00"]
+    assert observed.lost_after(1) == ["udp-00", "udp-01"]
+    assert observed.alive_counts() == [(1, 1), (2, 0)]
+
+
+def test_tables_agree_only_without_difference_stale_entry_or_mark():
+    agreeing = rolling.Failover("r1", "r2", 0.0, 3.0, differences={"r1": (0, 0)},
+                                stale_left={"r1": []}, marked_left={"r1": 0})
+    assert agreeing.tables_agree
+    for change in ({"differences": {"r1": (1, 0)}}, {"stale_left": {"r1": [0]}},
+                   {"marked_left": {"r1": 25}}):
+        assert not dataclasses.replace(agreeing, **change).tables_agree

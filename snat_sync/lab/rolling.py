@@ -63,6 +63,9 @@ def stale_entry(index):
 
 @dataclasses.dataclass
 class Failover:
+    """One failover of the roll and what was seen after it and after the
+    victim's return (the last victim does not return: those fields stay empty)."""
+
     victim: str
     successor: str
     failed_at: float  # wall clock, as the client's started_at
@@ -88,6 +91,9 @@ class Failover:
 
 @dataclasses.dataclass
 class Observed:
+    """The flows' results (flows.FlowResult, times since the client started at
+    started_at, wall clock), the failovers in order and the run's length."""
+
     results: list
     started_at: float
     failovers: list
