@@ -15,8 +15,9 @@ Reported per failover: the seconds until the next node held the VIPs, how long
 an entry new on the new primary took to reach each other live node (before the
 dead node returned), the seconds until `snat-sync wait` returned on all three
 nodes after the return (and their exit statuses), the probe after the return,
-whether every node's samples were the primary's, and the TCP and UDP flows alive
-on their public port after the failover.
+whether every node's samples were the primary's, the fewest idle entries a node
+held then (of --idle), and the TCP and UDP flows alive on their public port after
+the failover.
 
     python3 bench/rolling_restart.py [--idle 200000] [--variants old-table,reboot]
         [--output results.json]
@@ -68,7 +69,7 @@ def figures(name, observed):
 
 def table(results):
     lines = ["variant    failover  takeover  probe (s)        wait     statuses   "
-             "probe (s)        tables  TCP    UDP"]
+             "probe (s)        tables  fewest idle  TCP    UDP"]
     for result in results:
         for failover, (tcp, udp) in zip(result["failovers"],
                                         result["alive_after_each_failover"]):
@@ -77,9 +78,10 @@ def table(results):
                 after_return = (
                     f"{failover['wait_seconds']:>6.2f} s {statuses:<10} "
                     f"{_probe(failover['probe_after_return']):<16} "
-                    f"{'same' if failover['tables_agree'] else 'DIFFER':<7}")
+                    f"{'same' if failover['tables_agree'] else 'DIFFER':<7} "
+                    f"{min(failover['idle_held'].values()):>11}")
             else:  # the last failover: its victim does not return
-                after_return = f"{'-':>8} {'-':<10} {'-':<16} {'-':<7}"
+                after_return = f"{'-':>8} {'-':<10} {'-':<16} {'-':<7} {'-':>11}"
             lines.append(
                 f"{result['variant']:<10} {failover['victim']}->{failover['successor']}"
                 f"    {failover['took_over_after']:>5.2f} s  "

@@ -13,9 +13,9 @@ After every failover every flow must answer again before the next one, on the
 public port it had from the start; after each failover, and again after each
 return, an entry new on the primary (a probe) must reach every other live node
 within rolling.PROBE_TIMEOUT; after each return `snat-sync wait` must say in-sync
-on all three nodes and every node's table must be the primary's (the samples:
-the flows, a client's idle entries marked on the dying node alone, the entry only
-the dying node had). With the repair off (`resync_on_backup = false` and
+on all three nodes, every node must hold every idle entry, and every node's table
+must be the primary's (the samples: the flows, a client's idle entries marked on
+the dying node alone, the entry only the dying node had). With the repair off (`resync_on_backup = false` and
 `[health] repair = false`: the negative control) a returned node keeps its old
 version.
 
@@ -54,6 +54,7 @@ def assert_every_flow_and_table_kept(observed, report):
         assert failover.wait_status == (0, 0, 0), report
         assert None not in failover.probe_after_return.values(), report
         assert failover.tables_agree, report
+        assert set(failover.idle_held.values()) == {IDLE_ENTRIES}, report
 
 
 @pytest.mark.parametrize("repair", [True, False], ids=["repair-on", "repair-off"])

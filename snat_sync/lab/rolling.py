@@ -79,6 +79,7 @@ class Failover:
     differences: dict = dataclasses.field(default_factory=dict)  # node: sample diff
     stale_left: dict = dataclasses.field(default_factory=dict)  # node: stale entries
     marked_left: dict = dataclasses.field(default_factory=dict)  # node: marked
+    idle_held: dict = dataclasses.field(default_factory=dict)  # node: idle entries
 
     @property
     def tables_agree(self):
@@ -286,6 +287,7 @@ def rolling_restart(workdir, repair=True, flush=False, idle_entries=5_000,
                     number for number in range(index + 1)
                     if holds(router, stale_entry(number))]
                 failover.marked_left[name] = marked(router)
+                failover.idle_held[name] = lab_module.idle_entry_count(router)
                 if router is not routers[successor]:
                     keys = sample_keys(router)
                     failover.differences[name] = (len(keys - primary_keys),
@@ -306,6 +308,7 @@ def describe(observed):
             f"{failover.took_over_after} s; probe {failover.probe_after_failover}; "
             f"wait {failover.wait_seconds} s; probe {failover.probe_after_return} "
             f"{failover.wait_status}; differences {failover.differences}; stale "
-            f"{failover.stale_left}; marked {failover.marked_left}; lost "
+            f"{failover.stale_left}; marked {failover.marked_left}; idle entries "
+            f"{failover.idle_held}; lost "
             f"{observed.lost_after(index)}")
     return "\n".join(lines)
