@@ -47,13 +47,19 @@ conntrackd_opts = [
     ),
     cfg.StrOpt(
         "sync_mode",
-        default="ftfw",
+        default="auto",
         choices=[
-            ("ftfw", "reliable: acknowledgements and resends (recommended)"),
+            ("auto", "ftfw for a router with one peer, notrack for one with "
+             "several peers or peers learned by multicast"),
+            ("ftfw", "reliable: acknowledgements and resends (two nodes only)"),
             ("notrack", "best effort, no acknowledgements"),
             ("alarm", "periodic resend of every entry"),
         ],
-        help="conntrackd synchronisation protocol.",
+        help="conntrackd synchronisation protocol. FTFW keeps one sequence "
+        "number for every message it receives, whoever sent it: on a multicast "
+        "group of three nodes it drops the messages of the sender whose sequence "
+        "is behind another's as replays (a new primary's updates, a returning "
+        "node's resync request), so auto uses it only between two nodes.",
     ),
     cfg.StrOpt(
         "transport",

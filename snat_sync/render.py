@@ -73,6 +73,30 @@ def hash_limit(configured, nf_conntrack_max):
 NO_EVENTS_PROTOCOL = "ipv6-nonxt"
 
 
+AUTO_SYNC_MODE = "auto"
+
+
+def sync_mode(configured, spec):
+    """The conntrackd sync mode of a router: [conntrackd] sync_mode, where auto
+    is FTFW for a router with one peer and NOTRACK for any other (several
+    listed peers, or peers learned by multicast: Neutron's routers, on up to
+    max_l3_agents_per_router nodes, 3 by default).
+
+    FTFW tracks a single sequence number for all it receives and drops as a
+    replay every message whose number is behind the last one taken, from
+    whichever sender. With three nodes on one group each node hears two
+    senders: measured in the lab, after the primary died the new primary's
+    updates reached the other backup not at all (its numbers were behind the
+    dead primary's last ones), and a returning node's resync request never
+    reached the primary (a backup's numbers were ahead of it). NOTRACK drops
+    nothing by sequence; what it loses, the daemon's stall repair asks for
+    again, and the refreshes resend every live flow.
+    """
+    if configured != AUTO_SYNC_MODE:
+        return configured
+    return "ftfw" if len(spec.peer_addresses) == 1 else "notrack"
+
+
 def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=True,
                         role=Role.PRIMARY, backup_reads_events=False):
     """Decide the content of a router's conntrackd.conf for a node in role.
@@ -107,7 +131,7 @@ def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=Tru
         scheduler = Scheduler(options.scheduler, options.scheduler_priority)
     return ConntrackdSettings(
         router_id=spec.router_id,
-        sync_mode=options.sync_mode,
+        sync_mode=sync_mode(options.sync_mode, spec),
         channel=spec.sync_channel(
             options.transport, options.base_port,
             options.multicast_group if spec.local_address.version == 4

@@ -151,6 +151,46 @@ def test_short_run_over_loopback(tmp_path):
         assert result.longest_gap_ms < 1000, result
 
 
+def test_a_client_stopped_by_sigterm_reports_at_once(tmp_path):
+    """The lab stops a client whose run length it cannot know in advance (a
+    rolling restart) with SIGTERM: it ends long before --duration and its
+    report holds the flows alive until then."""
+    port = free_port(socket.SOCK_STREAM)
+    base_port = free_port(socket.SOCK_STREAM)
+    ready = tmp_path / "ready"
+    server = subprocess.Popen([
+        sys.executable, "-m", "snat_sync.lab.flows", "server", "--address", "127.0.0.1",
+        "--port", str(port), "--duration", "60", "--ready-file", str(ready),
+        "--output", str(tmp_path / "server.json"),
+    ])
+    try:
+        for _ in range(100):
+            if ready.exists():
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        client = subprocess.Popen([
+            sys.executable, "-m", "snat_sync.lab.flows", "client",
+            "--server", "127.0.0.1", "--port", str(port),
+            "--addresses", "127.0.0.11", "--tcp-flows", "1", "--udp-flows", "1",
+            "--base-port", str(base_port), "--duration", "60",
+            "--output", str(tmp_path / "client.json")])
+        try:
+            subprocess.run(["sleep", "2"], check=True)
+            client.terminate()
+            assert client.wait(timeout=10) == 0
+        finally:
+            client.kill()
+            client.wait()
+    finally:
+        server.kill()
+        server.wait()
+    report = json.loads((tmp_path / "client.json").read_text())
+    assert len(report["flows"]) == 2
+    for flow in report["flows"]:
+        assert flow["alive"] and flow["error"] is None, flow
+        assert flow["last_reply_at"] < 10, flow
+
+
 def test_reply_times_before_a_fault():
     flow = flows.merge_reports({"flows": [dict(
         client_flow("udp-00", "udp", False), reply_times=[0.1, 0.2, 2.5, 2.9, 9.0])]},

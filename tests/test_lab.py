@@ -1,9 +1,12 @@
 """The pure parts of snat_sync.lab.topology and snat_sync.lab.demo (no root, no namespaces)."""
 
+import dataclasses
+
 import pytest
 
 from snat_sync.lab import demo
 from snat_sync.lab import flows
+from snat_sync.lab import rolling
 from snat_sync.lab import topology as lab
 
 
@@ -63,6 +66,46 @@ def test_keepalived_config():
     assert "notify" not in lab.keepalived_config(built, r1)
     with pytest.raises(ValueError):
         lab.keepalived_config(built, r1, notify_command='x "y"')
+
+
+def test_the_lab_routers_of_a_pair_are_r1_and_r2_as_ever():
+    r1, r2 = lab.lab_routers("ss-a1b2c3", "a1b2c3")
+    assert (r1.name, r1.ha_address, r1.peer_ha_address, r1.priority) == (
+        "r1", "169.254.192.1", "169.254.192.2", 150)
+    assert (r2.name, r2.ha_address, r2.peer_ha_address, r2.priority) == (
+        "r2", "169.254.192.2", "169.254.192.1", 100)
+    assert r1.peer_ha_addresses == ("169.254.192.2",)
+    assert r2.peer_ha_addresses == ("169.254.192.1",)
+    assert fake_lab().routers[0].peer_ha_addresses == ("169.254.192.2",)
+
+
+def test_three_lab_routers_each_list_the_two_others():
+    routers = lab.lab_routers("ss-a1b2c3", "a1b2c3", lab.NODE_HA_ADDRESSES)
+    assert [(router.name, router.namespace, router.ha_address, router.priority)
+            for router in routers] == [
+        ("r1", "ss-a1b2c3-r1", "169.254.192.1", 150),
+        ("r2", "ss-a1b2c3-r2", "169.254.192.2", 100),
+        ("r3", "ss-a1b2c3-r3", "169.254.192.3", 50)]
+    assert [router.peer_ha_addresses for router in routers] == [
+        ("169.254.192.2", "169.254.192.3"), ("169.254.192.1", "169.254.192.3"),
+        ("169.254.192.1", "169.254.192.2")]
+    assert all(router.peer_ha_address == router.peer_ha_addresses[0]
+               for router in routers)
+    assert routers[2].ha.device == "ha-a1b2c3-r3"
+    with pytest.raises(ValueError):
+        lab.lab_routers("ss-a1b2c3", "a1b2c3", lab.NODE_HA_ADDRESSES[:1])
+    with pytest.raises(ValueError):
+        lab.Router("r1", "x", *lab.router_legs("a", "r1"), "169.254.192.1",
+                   "169.254.192.2", 1, peer_ha_addresses=("169.254.192.3",))
+
+
+def test_keepalived_config_lists_every_peer():
+    built = fake_lab()
+    built.routers = lab.lab_routers("ss-a1b2c3", "a1b2c3", lab.NODE_HA_ADDRESSES)
+    text = lab.keepalived_config(built, built.routers[1])
+    assert ("    unicast_src_ip 169.254.192.2\n    unicast_peer {\n"
+            "        169.254.192.1\n        169.254.192.3\n    }\n") in text
+    assert "priority 100" in text
 
 
 def test_keepalived_config_preempting_with_extra_lines():
@@ -219,3 +262,35 @@ def test_the_firewall_accepts_new_connections_from_inside_only():
     assert "ct state established,related accept" in rules
     assert (f'iifname "{r1.internal.device}" oifname "{r1.external.device}" '
             "ct state new accept") in rules
+
+
+def test_a_flow_is_alive_after_a_failover_if_it_answered_before_the_next():
+    def flow(flow_id, protocol, replies, endpoints=("203.0.113.10:40001",),
+             alive=True):
+        return flows.FlowResult(flow_id, protocol, "192.168.100.11:40001", alive,
+                                0.0, 0.0, endpoints, None, tuple(replies))
+
+    started = 1000.0
+    failovers = [rolling.Failover("r1", "r2", started + 10, 3.0),
+                 rolling.Failover("r2", "r3", started + 20, 3.0)]
+    steady = [at / 10 for at in range(0, 300)]
+    observed = rolling.Observed([
+        flow("tcp-00", "tcp", steady),
+        # silent from the first failover to the second: lost after the first
+        flow("tcp-01", "tcp", [at for at in steady if not 10 <= at < 25]),
+        flow("udp-00", "udp", steady, ("203.0.113.10:40001", "203.0.113.10:1024")),
+        flow("udp-01", "udp", steady[:250], alive=False),  # dead at the end
+    ], started, failovers, 40.0)
+    assert observed.failure_moments() == [10.0, 20.0]
+    assert observed.lost_after(0) == ["tcp-01", "udp-00"]
+    assert observed.lost_after(1) == ["udp-00", "udp-01"]
+    assert observed.alive_counts() == [(1, 1), (2, 0)]
+
+
+def test_tables_agree_only_without_difference_stale_entry_or_mark():
+    agreeing = rolling.Failover("r1", "r2", 0.0, 3.0, differences={"r1": (0, 0)},
+                                stale_left={"r1": []}, marked_left={"r1": 0})
+    assert agreeing.tables_agree
+    for change in ({"differences": {"r1": (1, 0)}}, {"stale_left": {"r1": [0]}},
+                   {"marked_left": {"r1": 25}}):
+        assert not dataclasses.replace(agreeing, **change).tables_agree

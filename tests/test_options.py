@@ -17,7 +17,7 @@ REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
 def test_defaults(conf, state_path):
     assert conf.state_path == str(state_path)
     assert conf.conntrackd.binary == "conntrackd"
-    assert conf.conntrackd.sync_mode == "ftfw"
+    assert conf.conntrackd.sync_mode == "auto"
     assert conf.conntrackd.transport == "auto"
     assert conf.conntrackd.base_port == 3780
     assert conf.conntrackd.multicast_group == "225.0.0.50"

@@ -111,6 +111,27 @@ def test_multicast_config_for_several_peers(conf):
                    for line in multicast)
 
 
+def test_auto_sync_mode_is_ftfw_between_two_nodes_only(conf):
+    """FTFW drops the messages of a sender whose sequence is behind another's:
+    a router with several peers, or with peers learned by multicast, gets
+    NOTRACK, which drops nothing by sequence (render.sync_mode)."""
+    assert conf.conntrackd.sync_mode == "auto"
+
+    def mode(spec):
+        return next(name for name in parse_blocks(render_config(conf, spec)[0])["Sync"]
+                    if name.startswith("Mode "))
+
+    assert mode(make_spec()) == "Mode FTFW"
+    assert mode(make_spec(peers=["169.254.192.2", "169.254.192.3"])) == "Mode NOTRACK"
+    learned = RouterSpec.create("r1", "qrouter-r1", "ha-1a2b3c4d-5e", "169.254.192.1",
+                                [], 7, "169.254.0.7/24")
+    assert mode(learned) == "Mode NOTRACK"
+    three = make_spec(peers=["169.254.192.2", "169.254.192.3"])
+    assert render.sync_mode("auto", three) == "notrack"
+    assert render.sync_mode("ftfw", three) == "ftfw"  # what the operator asked for
+    assert render.sync_mode("notrack", make_spec()) == "notrack"
+
+
 def test_multicast_config_over_ipv6(conf):
     """conntrackd 1.4.7 joins an IPv6 group on Interface, read after
     IPv6_address; it ignores IPv6_interface (src/read_config_yy.y)."""

@@ -160,6 +160,28 @@ def test_lost_and_malformed_messages_are_reported_as_they_grow():
     assert kinds(results[3]) == set()  # counters went back: conntrackd restarted
 
 
+def test_lost_messages_are_not_counted_with_two_peers():
+    """With two peers conntrackd's one sequence of received numbers jumps at
+    every switch between the senders: thousands of "lost" messages at each
+    check, none lost. Malformed ones still count; with one peer lost ones do."""
+    other = "169.254.192.3"
+    peers = PEERS + (ipaddress.ip_address(other),)
+    memory = repair.Memory()
+    found = []
+    for at, lost, malformed in ((0, 0, 0), (3, 10005, 0), (6, 20016, 2)):
+        heard = {PEER: report(at),
+                 other: PeerReport(other, "backup", 100.0, 0, 0, 20000, at, at)}
+        assessment = repair.assess(observation(at, external=20000, lost=lost,
+                                               malformed=malformed),
+                                   heard, peers, memory, SETTINGS)
+        memory = assessment.memory
+        found.append(kinds(assessment))
+    assert found == [set(), set(), {"messages-malformed"}]
+    one = run_checks([observation(0), observation(3, lost=15)],
+                     [{PEER: report(0)}, {PEER: report(3)}])
+    assert "messages-lost" in kinds(one[1])
+
+
 def test_conntrackd_down_is_broken():
     result = run_checks([observation(0, alive=False)], [{PEER: report(0)}])[0]
     assert ("conntrackd-down", repair.BROKEN) in {

@@ -205,18 +205,19 @@ def start_routers(lab, workdir, with_snat_sync, settings):
 
 
 def start_keepalived_pair(lab, notify_commands, state_paths=None, advert_int=1):
-    """keepalived on both routers, each with its notify command if it has one
-    ({router name: command}), until r1 is primary and, given the nodes' snat-sync
-    state paths ({router name: path}), r1's primary and r2's backup transitions
-    have run."""
-    r1, r2 = lab.routers
+    """keepalived on every router (both of a pair), each with its notify command if
+    it has one ({router name: command}), until r1 is primary and, given the nodes'
+    snat-sync state paths ({router name: path}), r1's primary and the others'
+    backup transitions have run."""
+    r1, *backups = lab.routers
     for router in lab.routers:
         lab_module.start_keepalived(lab, router, notify_commands.get(router.name),
                                     advert_int)
     lab_module.wait_for_primary(lab, r1)
     if state_paths is not None:
         wait_for_role(state_paths[r1.name], lab.router_id, "primary")
-        wait_for_role(state_paths[r2.name], lab.router_id, "backup")
+        for backup in backups:
+            wait_for_role(state_paths[backup.name], lab.router_id, "backup")
 
 
 def load_idle_entries(lab, workdir, settings, with_snat_sync):

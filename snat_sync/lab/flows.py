@@ -27,7 +27,8 @@ errors that reach its socket (errors_received), and `icmp-error` sends one: a
 port unreachable quoting a datagram the router sent for a flow, as the server's
 kernel would send if that port closed.
 
-Both programs stop by themselves after --duration seconds.
+Both programs stop by themselves after --duration seconds, or earlier on SIGTERM
+or SIGINT (and report what they saw until then).
 """
 
 import argparse
@@ -387,6 +388,11 @@ class FlowClock:
         self.public_endpoints = []
         self.error = None
         self.errors_received = []
+        self.stop = None  # an asyncio.Event: set, the flow ends before its deadline
+
+    @property
+    def stopped(self):
+        return self.stop is not None and self.stop.is_set()
 
     def now(self):
         return time.monotonic() - self.started
@@ -439,8 +445,9 @@ def bound_socket(kind, spec, protocol=0):
 
 
 async def pace(clock, deadline, send):
-    """Call send(message) every 50-100 ms until the deadline or the flow fails."""
-    while clock.error is None and clock.now() < deadline:
+    """Call send(message) every 50-100 ms until the deadline, the client is stopped
+    or the flow fails."""
+    while clock.error is None and clock.now() < deadline and not clock.stopped:
         await send(encode_message(clock.spec.flow_id, clock.sent))
         clock.sent += 1
         await asyncio.sleep(random.uniform(*SEND_INTERVAL))
@@ -579,8 +586,15 @@ async def bounded(flow, clock, duration):
 
 
 async def run_flows(server_address, server_port, specs, duration):
+    """Run every flow for duration seconds, or until SIGTERM or SIGINT; the report."""
     started = time.monotonic()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
     clocks = [FlowClock(spec, started) for spec in specs]
+    for clock in clocks:
+        clock.stop = stop
     server = (server_address, server_port)
     runners = {"tcp": run_tcp_flow, "udp": run_udp_flow, "icmp": run_icmp_flow}
     await asyncio.gather(

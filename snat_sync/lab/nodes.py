@@ -14,6 +14,7 @@ Every daemon is started in its own session and kept in lab.processes, so
 whole process group (the daemon and the commands it runs) by that pid.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -97,13 +98,18 @@ def kill_daemon(node):
 
 
 def start_nodes(lab, workdir, configs, advert_int=1):
-    """Both routers added with their configs ({name: path}), each node's daemon
-    running, keepalived on both with the notify hook, r1 primary and r2 backup with
-    their transitions done. Returns {name: Node}."""
+    """Every router (both of a pair) added with its config ({name: path}), each
+    node's daemon running, keepalived on each with the notify hook, r1 primary and
+    the others backup with their transitions done. Returns {name: Node}."""
     workdir = pathlib.Path(workdir)
-    nodes = {router.name: add_node(lab, router, workdir / router.name,
-                                   configs[router.name])
-             for router in lab.routers}
+    # One `router add` per node at once: each is a Python start-up and a
+    # conntrackd start of its own (some seconds each on a loaded machine), and
+    # the nodes share nothing.
+    with concurrent.futures.ThreadPoolExecutor(len(lab.routers)) as pool:
+        added = list(pool.map(
+            lambda router: add_node(lab, router, workdir / router.name,
+                                    configs[router.name]), lab.routers))
+    nodes = {node.name: node for node in added}
     for node in nodes.values():
         start_daemon(lab, node)
     demo.start_keepalived_pair(
@@ -155,12 +161,16 @@ def crash_node(lab, node):
 
 
 def return_node(lab, node, flush=False, advert_int=1, remove_addresses=True,
-                daemon_first=True, timeout=15):
+                daemon_first=True, timeout=15, priority=None):
     """The node comes back: its table flushed first if flush (a reboot), the
     addresses a killed keepalived left behind removed (a restarted node has none;
     keepalived adds them when it becomes primary), switch ports up, the daemon and
     then keepalived started again. keepalived starts as BACKUP with nopreempt, so
     the peer stays primary.
+
+    priority: keepalived's priority from now on (a rolling restart of three nodes
+    returns each with the lowest, so that the next failover goes to a node not
+    restarted yet).
 
     daemon_first: keepalived starts only once the daemon has started conntrackd
     (and restored what its last recorded role needs), as on a node whose init
@@ -177,6 +187,8 @@ def return_node(lab, node, flush=False, advert_int=1, remove_addresses=True,
                     namespace=router.namespace, check=False)
     set_switch_ports(lab, router, "up")
     router.crashed = False
+    if priority is not None:
+        router.priority = priority
     start_daemon(lab, node)
     if daemon_first and not topology.wait_until(
             lambda: topology.named_processes_in_namespace(router.namespace,

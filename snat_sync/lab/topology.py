@@ -1,4 +1,5 @@
-"""A network-namespace lab: one client, two keepalived HA routers that SNAT, one server.
+"""A network-namespace lab: one client, two (or more) keepalived HA routers that SNAT,
+one server.
 
 Read `build_lab` top to bottom like a runbook. Everything lives in namespaces named
 `<prefix>-...`; the root namespace is never touched (no interface, bridge, address or
@@ -12,6 +13,11 @@ see each other.
                      qg-<tag>-ex   br-ext    VIP 203.0.113.10/24 on the primary only;
                                              SNAT to it for everything leaving qg
     <prefix>-server  eth0          br-ext    203.0.113.100/24
+
+`build_lab(..., nodes=3)` adds r3 (<prefix>-r3, HA address 169.254.192.3, the
+lowest priority), as a Neutron router on three L3 agents (max_l3_agents_per_router
+is 3 by default); each router's keepalived then lists both others as unicast
+peers, and snat-sync gets both as peer addresses (it syncs them by multicast).
 
 A `Variant` adds what else the router carries: a second internal subnet routed
 without SNAT (192.168.101.0/24, VIP .1), tenant IPv6 routed without NAT
@@ -46,7 +52,9 @@ CLIENT_ADDRESSES = tuple(f"192.168.100.{host}" for host in range(11, 19))
 GATEWAY_ADDRESS = "203.0.113.10"
 EXTERNAL_PREFIXLEN = 24
 SERVER_ADDRESS = "203.0.113.100"
-HA_ADDRESSES = ("169.254.192.1", "169.254.192.2")
+# r1, r2, r3 in that order; a lab of two routers has the first two.
+NODE_HA_ADDRESSES = ("169.254.192.1", "169.254.192.2", "169.254.192.3")
+HA_ADDRESSES = NODE_HA_ADDRESSES[:2]
 HA_PREFIXLEN = 18
 ROUTED_VIP = "192.168.101.1"
 ROUTED_NETWORK = "192.168.101.0/24"
@@ -57,8 +65,13 @@ CLIENT_ADDRESSES6 = tuple(f"2001:db8:100::{host}" for host in range(11, 19))
 GATEWAY_ADDRESS6 = "2001:db8:203::10"
 SERVER_ADDRESS6 = "2001:db8:203::100"
 PREFIXLEN6 = 64
-HA_ADDRESSES6 = ("fd00:ca5e::1", "fd00:ca5e::2")
+NODE_HA_ADDRESSES6 = ("fd00:ca5e::1", "fd00:ca5e::2", "fd00:ca5e::3")
+HA_ADDRESSES6 = NODE_HA_ADDRESSES6[:2]
 HA_PREFIXLEN6 = 64
+# keepalived priorities of r1, r2, r3: r1 wins the first election, r2 takes over
+# from it, r3 only when neither is there.
+NODE_PRIORITIES = (150, 100, 50)
+MAX_NODES = len(NODE_HA_ADDRESSES)
 BRIDGES = ("br-int", "br-ha", "br-ext")
 INTERFACE_NAME_MAX = 15  # IFNAMSIZ is 16 bytes including the terminating NUL.
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
@@ -80,6 +93,9 @@ class Leg:
 
 @dataclasses.dataclass
 class Router:
+    """One router node. peer_ha_address is the first (with two routers the only)
+    peer; peer_ha_addresses, all of them, defaults to just that one."""
+
     name: str
     namespace: str
     internal: Leg
@@ -95,6 +111,15 @@ class Router:
     preempt: bool = False
     keepalived_global_lines: tuple = ()
     keepalived_instance_lines: tuple = ()
+    peer_ha_addresses: tuple = ()
+
+    def __post_init__(self):
+        if not self.peer_ha_addresses:
+            self.peer_ha_addresses = (self.peer_ha_address,)
+        elif self.peer_ha_addresses[0] != self.peer_ha_address:
+            raise ValueError(f"{self.name}: peer_ha_addresses "
+                             f"{self.peer_ha_addresses} must start with "
+                             f"peer_ha_address {self.peer_ha_address}")
 
     @property
     def legs(self):
@@ -138,7 +163,7 @@ class Lab:
     switch_namespace: str
     client_namespace: str
     server_namespace: str
-    routers: tuple[Router, Router]
+    routers: tuple[Router, ...]  # r1, r2 (, r3)
     namespaces: list[str] = dataclasses.field(default_factory=list)
     processes: list[subprocess.Popen] = dataclasses.field(default_factory=list)
     variant: Variant = Variant()
@@ -258,23 +283,31 @@ def wait_until(predicate, timeout, interval=0.05):
 
 
 def lab_routers(prefix, tag, ha_addresses=HA_ADDRESSES):
-    """The lab's own two routers: namespaces <prefix>-r1/-r2, legs named by tag."""
-    return (
-        Router("r1", f"{prefix}-r1", *router_legs(tag, "r1"), *ha_addresses, 150),
-        Router("r2", f"{prefix}-r2", *router_legs(tag, "r2"), *reversed(ha_addresses),
-               100),
-    )
+    """The lab's own routers, one per HA address: r1, r2 (, r3) in namespaces
+    <prefix>-rN, legs named by tag, priorities NODE_PRIORITIES; each router's
+    peers are the others, in order."""
+    if not 2 <= len(ha_addresses) <= MAX_NODES:
+        raise ValueError(f"the lab has 2 to {MAX_NODES} routers, not "
+                         f"{len(ha_addresses)}")
+    routers = []
+    for index, (address, priority) in enumerate(zip(ha_addresses, NODE_PRIORITIES)):
+        name = f"r{index + 1}"
+        peers = tuple(peer for peer in ha_addresses if peer != address)
+        routers.append(Router(name, f"{prefix}-{name}", *router_legs(tag, name),
+                              address, peers[0], priority, peer_ha_addresses=peers))
+    return tuple(routers)
 
 
-def build_lab(workdir, prefix=None, vrid=1, variant=Variant(), routers=None):
+def build_lab(workdir, prefix=None, vrid=1, variant=Variant(), routers=None, nodes=2):
     """Build the whole topology; on any failure, tear down what was built and raise.
 
-    routers(prefix, tag) makes the two Router objects (their namespaces and device
-    names); by default the lab's own (lab_routers), on IPv6 HA addresses if the
-    variant asks for them.
+    routers(prefix, tag) makes the Router objects (their namespaces and device
+    names); by default the lab's own (lab_routers): `nodes` of them (2 or 3), on
+    IPv6 HA addresses if the variant asks for them.
     """
     prefix = prefix or new_prefix()
-    ha_addresses = HA_ADDRESSES6 if variant.ha_ipv6 else HA_ADDRESSES
+    ha_addresses = (NODE_HA_ADDRESSES6 if variant.ha_ipv6
+                    else NODE_HA_ADDRESSES)[:nodes]
     tag = prefix.rsplit("-", 1)[-1][:6]  # keeps interface names within 15 bytes
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -462,9 +495,9 @@ def apply_firewall(lab, router):
 
 def keepalived_config(lab, router, notify_command=None, advert_int=1):
     """keepalived.conf for one router: one VRRP instance on the HA leg, unicast to the
-    peer, the two VIPs on qr and qg.
+    peers, the two VIPs on qr and qg.
 
-    Both nodes start as BACKUP with nopreempt, as Neutron does; r1's higher priority
+    All nodes start as BACKUP with nopreempt, as Neutron does; r1's higher priority
     makes it win the first election, and a recovered node never takes the VIPs back.
     With router.preempt, a returning node of higher priority does take them back;
     router.keepalived_global_lines and keepalived_instance_lines go in as given.
@@ -485,7 +518,7 @@ def keepalived_config(lab, router, notify_command=None, advert_int=1):
         f"    advert_int {advert_int}",
         f"    unicast_src_ip {router.ha_address}",
         "    unicast_peer {",
-        f"        {router.peer_ha_address}",
+        *(f"        {peer}" for peer in router.peer_ha_addresses),
         "    }",
         "    virtual_ipaddress {",
         f"        {INTERNAL_VIP}/{INTERNAL_PREFIXLEN} dev {router.internal.device}",
@@ -679,7 +712,8 @@ def snat_sync_router_add(lab, router, state_path, *global_arguments):
         "--namespace", router.namespace,
         "--ha-interface", router.ha.device,
         "--local-address", router.ha_address,
-        "--peer-address", router.peer_ha_address,
+        *(argument for peer in router.peer_ha_addresses
+          for argument in ("--peer-address", peer)),
         "--vrid", lab.vrid,
         "--json",
     )
@@ -965,10 +999,11 @@ def teardown(lab):
 
 
 @contextlib.contextmanager
-def running_lab(workdir, prefix=None, vrid=1, variant=Variant(), routers=None):
+def running_lab(workdir, prefix=None, vrid=1, variant=Variant(), routers=None,
+                nodes=2):
     """build_lab as a context manager: the lab is torn down however the block ends."""
     lab = build_lab(workdir, prefix=prefix, vrid=vrid, variant=variant,
-                    routers=routers)
+                    routers=routers, nodes=nodes)
     try:
         yield lab
     finally:
