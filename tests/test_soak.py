@@ -99,6 +99,10 @@ def test_a_flow_is_lost_by_an_error_a_second_endpoint_or_silence():
     assert soak.lost_flows(client, server, since=30.0) == [
         "tcp-01", "udp-00", "udp-01", "udp-02", "udp-03"]
     assert soak.silent_flows(client, since=30.0) == ["udp-01", "udp-02"]
+    assert soak.loss_reasons(client, server, {"tcp-01", "udp-00", "udp-01", "udp-03"},
+                             since=30.0) == {
+        "tcp-01": "ConnectionResetError", "udp-00": "new public port",
+        "udp-01": "silent", "udp-03": "new public port"}
     assert soak.lost_flows({"flows": [client_flow("tcp-00", 50.0)]}, server,
                            since=30.0) == []
 
@@ -108,12 +112,27 @@ def test_entries_lost_against_what_the_primary_held():
     assert soak.entries_lost(1000, 1200) == 0  # churn that looks idle is not a gain
     assert soak.entries_lost(1000, 990) == 10
     assert soak.entries_lost(1000, None) == 1000  # no primary to read
+    # right after the fault, and once settled: the worst count
+    assert soak.entries_lost(1000, 1000, 400) == 600
+    assert soak.entries_lost(1000, 400, 1000) == 600
+    assert soak.entries_lost(1000, 1000, None) == 1000
+
+
+def test_a_lost_flow_is_told_with_when_it_went_silent():
+    client = {"started_at": 1000.0, "flows": [
+        client_flow("tcp-00", 50.0), client_flow("tcp-02", 197.5),
+        client_flow("udp-01", 196.0)]}
+    moments = soak.soak_moments(client, {"tcp-02", "udp-01"}, 1002.0)
+    assert moments == {"tcp-02": 195.5, "udp-01": 194.0}
+    reasons = {"tcp-02": "ConnectionResetError", "udp-01": "new public port"}
+    assert soak.describe_losses(moments, reasons) == (
+        "udp-01 new public port 194.0 s, tcp-02 ConnectionResetError 195.5 s")
 
 
 def outcome(kind="sighup", before="r1", after="r1", lost=(), held=100, in_sync=2.0,
             problems=()):
     return soak.Outcome(soak.Fault(kind, 30.0), 31.0, before, after, 32, tuple(lost),
-                        100, held, in_sync, tuple(problems))
+                        100, held, in_sync, tuple(problems), held)
 
 
 def test_the_last_line_counts_failovers_flows_once_and_entries():
@@ -135,10 +154,18 @@ def test_exit_status_zero_only_when_nothing_was_lost_and_all_settled():
     assert soak.exit_status([]) == 0
 
 
+def test_a_table_that_shrank_after_the_fault_is_shown_and_counted():
+    shrank = soak.Outcome(soak.Fault("partition", 50.0, seconds=7.3), 300.0, "r2",
+                          "r1", 32, (), 50000, 50000, 17.5, (), 4047)
+    assert soak.row(shrank)[5] == "50000 then 4047/50000"
+    assert shrank.entries_lost == 45953
+    assert soak.summary([shrank]) == (1, 1, 0, 45953)
+
+
 def test_a_row_says_what_the_fault_did():
     partition = soak.Outcome(soak.Fault("partition", 50.0, seconds=4.2), 52.0,
                              "r1", "r2", 32, ("tcp-00",), 100, 100, None,
-                             ("r2: degraded: resyncing",))
+                             ("r2: degraded: resyncing",), 100)
     assert soak.row(partition) == (
         "partition 4.2s", "primary", "52 s", "r1->r2", "31/32", "100/100", "no",
         "r2: degraded: resyncing")

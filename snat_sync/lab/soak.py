@@ -76,11 +76,22 @@ SUPPORTED_NODES = (2,)
 FAILOVER_BOUND = 15.0
 RETURN_AFTER = 3.0  # a crashed node comes back this long after the VIPs moved
 FLOW_BOUND = 25.0  # TCP retries 6.2 s and 12.6 s after a loss
+# The primary counts as settled once it has held the VIPs alone this long (VRRP's
+# detection time with advert_int 1 and a second): right after a partition heals
+# the VIPs may still be moving, and a table counted then is the loser's.
+STABLE_PRIMARY = 4.0
 IN_SYNC_BOUND = 90.0
 STRAY_SAMPLE_GAP = 4.0  # a process still there after this long is stray
 HOOK_BOUND = 120.0
 SYNC_BASE_PORT = 3780  # [conntrackd] base_port's default
 CHURN_PORT = 9001
+# Both routers answer on one MAC per port, as Neutron's do. When a partition makes
+# the backup primary for a moment, its gratuitous ARPs teach the switch that MAC
+# on the backup's ports; the primary, which never left MASTER, sends none, and
+# every flow stalls until the next VRRP change (seen in the soak: 40 s, all 32
+# flows). keepalived's garp_lower_prio_repeat makes the primary announce itself
+# again when it hears the lower-priority advert.
+KEEPALIVED_INSTANCE_LINES = ("    garp_lower_prio_repeat 1",)
 
 
 # --- the schedule (pure) --------------------------------------------------------------
@@ -173,6 +184,26 @@ def lost_flows(client, server, since):
     return sorted(lost)
 
 
+def loss_reasons(client, server, flow_ids, since):
+    """{flow id: why it counts lost}: its error, "new public port", or
+    "silent" (no reply since `since`, no error: a stall)."""
+    endpoints = {flow["flow_id"]: flow["public_endpoints"]
+                 for flow in server.get("flows", [])}
+    reasons = {}
+    for flow in client.get("flows", []):
+        flow_id = flow["flow_id"]
+        if flow_id not in flow_ids:
+            continue
+        if flow.get("error"):
+            reasons[flow_id] = flow["error"]
+        elif (len(endpoints.get(flow_id, ())) > 1
+              or len(flow.get("echoed_public_endpoints", ())) > 1):
+            reasons[flow_id] = "new public port"
+        else:
+            reasons[flow_id] = "silent"
+    return reasons
+
+
 def silent_flows(client, since):
     """Flows without an error that have not answered since `since`: still waited
     for."""
@@ -184,19 +215,40 @@ def silent_flows(client, since):
     return sorted(silent)
 
 
-def entries_lost(expected, held):
-    """Idle entries the primary lacks against what the primary held before."""
-    if held is None:
+def entries_lost(expected, *held):
+    """Idle entries the primary lacks against what the primary held before, at
+    the worst of the counts taken (None: no primary to count)."""
+    if not held or None in held:
         return expected
-    return max(0, expected - held)
+    return max(0, expected - min(held))
+
+
+def soak_moments(client, flow_ids, soak_started_at):
+    """{flow id: its last reply, in seconds since the soak started} for flow_ids:
+    when a lost flow went silent."""
+    moments = {}
+    for flow in client.get("flows", []):
+        if flow["flow_id"] in flow_ids and flow.get("last_reply_at") is not None:
+            moments[flow["flow_id"]] = round(
+                client["started_at"] + flow["last_reply_at"] - soak_started_at, 1)
+    return moments
+
+
+def describe_losses(moments, reasons):
+    """"tcp-02 ConnectionResetError 195.3 s, ..." (the flow's last reply, in
+    seconds since the soak started) in order of the moments."""
+    ordered = sorted(moments.items(), key=lambda item: (item[1], item[0]))
+    return ", ".join(f"{flow_id} {reasons.get(flow_id, '?')} {at:.1f} s"
+                     for flow_id, at in ordered)
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """What one fault did: started (seconds after the soak started), the primary
     before and after, the flows lost after it (all lost so far), the idle
-    entries expected and held by the primary after it, seconds until every node
-    was in-sync (None: not within the bound), and what else went wrong."""
+    entries expected, held by the primary right after the fault and once every
+    node was in-sync (or the bound passed), seconds until every node was
+    in-sync (None: not within the bound), and what else went wrong."""
 
     fault: Fault
     started: float
@@ -208,6 +260,7 @@ class Outcome:
     idle_held: int | None
     in_sync_seconds: float | None
     problems: tuple = ()
+    idle_settled: int | None = None
 
     @property
     def failover(self):
@@ -215,7 +268,7 @@ class Outcome:
 
     @property
     def entries_lost(self):
-        return entries_lost(self.idle_expected, self.idle_held)
+        return entries_lost(self.idle_expected, self.idle_held, self.idle_settled)
 
 
 ROW_HEADER = ("fault", "node", "at", "failover", "flows alive",
@@ -229,6 +282,9 @@ def row(outcome):
                 if outcome.failover else "no")
     alive = outcome.flows_total - len(outcome.flows_lost)
     held = "-" if outcome.idle_held is None else str(outcome.idle_held)
+    if outcome.idle_settled != outcome.idle_held:
+        held += " then " + ("-" if outcome.idle_settled is None
+                            else str(outcome.idle_settled))
     in_sync = ("no" if outcome.in_sync_seconds is None
                else f"{outcome.in_sync_seconds:.1f} s")
     return (kind, fault.node, f"{outcome.started:.0f} s", failover,
@@ -237,7 +293,7 @@ def row(outcome):
 
 
 # Fixed column widths: the rows are printed one at a time, as the faults end.
-ROW_WIDTHS = (24, 7, 6, 8, 11, 16, 13, 0)
+ROW_WIDTHS = (24, 7, 6, 8, 11, 22, 13, 0)
 
 
 def format_row(cells):
@@ -300,9 +356,8 @@ class Soak:
     started: float  # time.monotonic() at the first fault's countdown
     flow_count: int
     idle_expected: int
-
-    def node_of(self, router):
-        return self.nodes[router.name]
+    started_at: float = 0.0  # the same moment, time.time()
+    lost: set = dataclasses.field(default_factory=set)  # flows lost so far
 
     def primary(self):
         router = topology.primary(self.lab)
@@ -319,6 +374,8 @@ def start_soak(lab, workdir, settings, say):
     check_node_count(settings.nodes)
     configs = {router.name: nodes_module.write_config(workdir / f"{router.name}.conf")
                for router in lab.routers}
+    for router in lab.routers:
+        router.keepalived_instance_lines = KEEPALIVED_INSTANCE_LINES
     started = nodes_module.start_nodes(lab, workdir, configs, settings.advert_int)
     r1, r2 = lab.routers
     say(f"lab {lab.prefix}: r1 primary, r2 backup, a daemon on each")
@@ -339,7 +396,7 @@ def start_soak(lab, workdir, settings, say):
         raise topology.LabError(f"flows never answered: {still_silent(soak, 0.0)}")
     say(f"{2 * settings.flows} long-lived flows and {settings.churn_rate:.0f} new "
         "flows/s running")
-    soak.started = time.monotonic()
+    soak.started, soak.started_at = time.monotonic(), time.time()
     return soak
 
 
@@ -406,8 +463,23 @@ def one_primary(soak):
     return soak.primary()
 
 
+def settled_primary(soak):
+    """The node that has held the VIPs alone for STABLE_PRIMARY seconds, or None
+    if none did within FAILOVER_BOUND."""
+    deadline = time.monotonic() + FAILOVER_BOUND + STABLE_PRIMARY
+    holder, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now_holder = soak.primary()
+        if now_holder is not holder:
+            holder, since = now_holder, time.monotonic()
+        elif holder is not None and time.monotonic() - since >= STABLE_PRIMARY:
+            return holder
+        time.sleep(0.2)
+    return None
+
+
 def crash(soak, fault, keep_table):
-    old = soak.primary()
+    old = one_primary(soak)
     new, = soak.others(old)
     if keep_table:
         nodes_module.die_keeping_table(soak.lab, old)
@@ -419,7 +491,7 @@ def crash(soak, fault, keep_table):
 
 
 def switchover(soak, fault):
-    old = soak.primary()
+    old = one_primary(soak)
     new, = soak.others(old)
     topology.stop_process(old.router.keepalived)
     wait_for_vip(soak, new)
@@ -453,7 +525,7 @@ def ha_drop(node, action):
 
 
 def partition(soak, fault):
-    node = soak.primary()
+    node = one_primary(soak)
     ha_drop(node, "-I")
     try:
         time.sleep(fault.seconds)
@@ -535,7 +607,7 @@ def router_add_again(soak, fault):
 
 
 def target(soak, fault):
-    primary = soak.primary()
+    primary = one_primary(soak)
     if fault.node == "primary":
         return primary
     backup, = soak.others(primary)
@@ -653,20 +725,33 @@ def run_fault(soak, fault):
     except (topology.LabError, subprocess.SubprocessError, OSError) as error:
         problems.append(f"fault: {error}"[:300])
     ended = time.time()
-    after = soak.primary() or topology.wait_until(soak.primary, FAILOVER_BOUND)
+    after = settled_primary(soak)
     lost = wait_for_flows(soak, ended)
+    client, server = snapshots(soak)
+    reasons = loss_reasons(client, server, set(lost), client_moment(client, ended))
+    moments = soak_moments(client, set(lost), soak.started_at)
     held = topology.idle_entry_count(after.router) if after else None
     in_sync, statuses = wait_for_in_sync(soak)
     if in_sync is None:
         problems += [f"{name}: {status.get('verdict')}: {status.get('reason')}"[:300]
                      for name, status in statuses.items()
                      if status.get("verdict") != "in-sync"]
+    settled = settled_primary(soak)
+    held_settled = topology.idle_entry_count(settled.router) if settled else None
+    new_losses = set(lost) - soak.lost
+    if new_losses:
+        problems.append("lost (last reply): " + describe_losses(
+            {flow_id: moments[flow_id] for flow_id in new_losses
+             if flow_id in moments}, reasons))
+        soak.lost |= new_losses
     problems += leftovers(soak, statuses)
     outcome = Outcome(fault, started, before.name if before else None,
                       after.name if after else None, soak.flow_count, tuple(lost),
-                      soak.idle_expected, held, in_sync, tuple(problems))
-    if held is not None:
-        soak.idle_expected = min(soak.idle_expected, held)
+                      soak.idle_expected, held, in_sync, tuple(problems),
+                      held_settled)
+    counts = [count for count in (held, held_settled) if count is not None]
+    if counts:
+        soak.idle_expected = min(soak.idle_expected, *counts)
     return outcome
 
 
