@@ -21,9 +21,20 @@ LOG = logging.getLogger("snat_sync.daemon")
 def add(conf, spec, snat_sync_command, from_neutron):
     """manager.add_router, then restore the state if conntrackd was (re)started.
 
+    A conntrackd that ran until the add restarted it (its configuration changed,
+    on SIGHUP say) leaves the router's last recorded transition current: the node
+    did not go away, so a primary is restored as primary (resync from the kernel,
+    bulk-send). Otherwise a restored primary could forget its table while it
+    carries the traffic: the soak saw a SIGHUP on the primary, with
+    nf_conntrack_max changed meanwhile, restart conntrackd with the new HashLimit
+    and log "last recorded as primary, but that record is from before this daemon
+    started: not restoring it as primary".
+
     Jobs that start conntrackd return a true value; the main loop then looks up the
     new processes of all such routers in one pass over the process table.
     """
+    files = manager.router_files(conf, spec.router_id)
+    was_running = manager.daemon_for(conf, spec, files).process() is not None
     result = manager.add_router(conf, spec, snat_sync_command)
     files = result.rendered.files
     if from_neutron:
@@ -32,7 +43,7 @@ def add(conf, spec, snat_sync_command, from_neutron):
         daemon = manager.daemon_for(conf, spec, files)
         with failover.transition_lock(files.transition_lock,
                                       conf.failover.lock_timeout):
-            restore(conf, daemon, files, spec)
+            restore(conf, daemon, files, spec, record_is_current=was_running)
     return result.pid
 
 

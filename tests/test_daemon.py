@@ -206,6 +206,51 @@ def test_start_of_a_running_conntrackd_restores_nothing(conf, router_files,
     assert fake.calls == ["start"]
 
 
+class RestartingConntrackd(FakeConntrackd):
+    """A conntrackd that runs until the add under test restarts it, or not."""
+
+    def __init__(self, was_running):
+        super().__init__()
+        self.running = was_running
+
+    def process(self):
+        return object() if self.running else None
+
+
+def fake_add_router(conntrackd, router_files):
+    def add_router(conf, spec, command):
+        conntrackd.calls.append("add: stop, write, start")
+        conntrackd.running = True
+        return jobs_module.manager.AddResult(
+            rendered=type("Rendered", (), {"files": router_files})(),
+            changed_files=(router_files.conntrackd_config,), conntrackd_started=True,
+            pid=4242)
+    return add_router
+
+
+@pytest.mark.parametrize("was_running, expected", [
+    # restarted by the add (the configuration changed): the node is as recorded
+    (True, ["add: stop, write, start", "run as primary", ("-B",)]),
+    # not running before the add: maybe back from a crash, never as primary
+    (False, ["add: stop, write, start", "run as backup", ("-f", "internal")]),
+])
+def test_an_add_that_restarts_a_running_primary_restores_it_as_primary(
+        conf, router_files, monkeypatch, was_running, expected):
+    """Found by the soak: a SIGHUP on the primary re-rendered conntrackd.conf
+    (nf_conntrack_max had changed, so HashLimit had), the add restarted
+    conntrackd, and the restore forgot the primary's table ("not restoring it as
+    primary") while it carried the traffic."""
+    fake = RestartingConntrackd(was_running)
+    monkeypatch.setattr(jobs_module.manager, "daemon_for", lambda *a: fake)
+    monkeypatch.setattr(jobs_module.manager, "add_router",
+                        fake_add_router(fake, router_files))
+    statedir.write_json(router_files.last_transition, {"role": "primary"})
+
+    assert jobs_module.add(conf, make_spec("r1"), "snat-sync", False) == 4242
+
+    assert fake.calls == expected
+
+
 def test_a_router_removed_meanwhile_is_not_started_again(conf, router_files,
                                                          monkeypatch):
     fake = FakeConntrackd()

@@ -117,6 +117,7 @@ def test_short_run_over_loopback(tmp_path):
         sys.executable, "-m", "snat_sync.lab.flows", "server", "--address", "127.0.0.1",
         "--port", str(port), "--duration", "10", "--ready-file", str(ready),
         "--output", str(tmp_path / "server.json"),
+        "--snapshot", str(tmp_path / "server-snapshot.json"),
     ])
     try:
         for _ in range(100):
@@ -129,7 +130,7 @@ def test_short_run_over_loopback(tmp_path):
                 "--server", "127.0.0.1",
                 "--port", str(port), "--addresses", "127.0.0.11,127.0.0.12",
                 "--tcp-flows", "2", "--udp-flows", "2", "--base-port", str(base_port),
-                "--duration", "1.5",
+                "--duration", "1.5", "--snapshot", str(tmp_path / "snapshot.json"),
             ],
             capture_output=True, text=True, timeout=20, check=True,
         )
@@ -138,6 +139,17 @@ def test_short_run_over_loopback(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+    # The snapshots' last versions, written as each program ended, agree with the
+    # reports and carry no reply times.
+    snapshot = json.loads((tmp_path / "snapshot.json").read_text())
+    report = json.loads(client.stdout)
+    assert [flow["replies"] for flow in snapshot["flows"]] == [
+        flow["replies"] for flow in report["flows"]]
+    assert all(flow["replies"] > 5 and flow["error"] is None
+               and "reply_times" not in flow for flow in snapshot["flows"])
+    assert json.loads((tmp_path / "server-snapshot.json").read_text()) == json.loads(
+        (tmp_path / "server.json").read_text())
 
     results = flows.merge_reports(
         json.loads(client.stdout), json.loads((tmp_path / "server.json").read_text())

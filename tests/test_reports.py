@@ -1,7 +1,10 @@
 """Health reports between the nodes' daemons: only well-formed reports from peers."""
 
+import errno
 import ipaddress
 import json
+import os
+import socket
 
 import pytest
 from hypothesis import given
@@ -179,3 +182,39 @@ def test_no_more_learned_peers_are_kept_than_the_cap():
     current = reports.current_reports(many, (), 1041.0, 10.0)
     assert len(current) == reports.MAX_LEARNED_PEERS
     assert "169.254.193.40" in current and "169.254.193.1" not in current
+
+
+class RefusingSocket:
+    """A report socket whose every send fails with one errno."""
+
+    def __init__(self, number):
+        self.number = number
+        self.tried = []
+
+    def sendto(self, payload, destination):
+        self.tried.append(destination)
+        raise OSError(self.number, os.strerror(self.number))
+
+
+def refusing_channel(number):
+    channel = object.__new__(reports.ReportChannel)
+    channel.audience = reports.audience_for(
+        spec(["169.254.192.2", "169.254.192.3"]), HA_NETWORK, *GROUPS)
+    channel.family, channel.port = socket.AF_INET, 4781
+    channel.socket = RefusingSocket(number)
+    return channel
+
+
+def test_a_firewall_dropping_the_report_does_not_fail_the_check():
+    """Found by the soak: with the HA link cut by iptables in the namespace,
+    sendto fails with EPERM, and the whole health check of the partitioned node
+    failed ("health check failed: [Errno 1] Operation not permitted") for as
+    long as the partition lasted."""
+    channel = refusing_channel(errno.EPERM)
+    channel.send(b"report")
+    assert channel.socket.tried == [("169.254.192.2", 4781), ("169.254.192.3", 4781)]
+
+
+def test_a_broken_report_socket_still_fails_the_check():
+    with pytest.raises(OSError):
+        refusing_channel(errno.EBADF).send(b"report")

@@ -28,7 +28,11 @@ port unreachable quoting a datagram the router sent for a flow, as the server's
 kernel would send if that port closed.
 
 Both programs stop by themselves after --duration seconds, or earlier on SIGTERM
-or SIGINT (and report what they saw until then).
+or SIGINT (and report what they saw until then). With --snapshot FILE each also
+rewrites FILE every second with what it has seen so far (the client: per flow its
+error, replies and last reply; the server: per flow its public endpoints), so that
+a long run (the soak, lab/soak.py) can judge the flows after every fault without
+waiting for the end.
 """
 
 import argparse
@@ -335,9 +339,10 @@ def watch_echo_requests(loop, record):
     return sock
 
 
-async def serve(addresses, port, duration, ready_file, icmp=False):
+async def serve(addresses, port, duration, ready_file, icmp=False, snapshot=None):
     """Echo on every address for `duration` seconds, or until SIGTERM or SIGINT;
-    return the report. icmp: also record ping flows' echo requests."""
+    return the report. icmp: also record ping flows' echo requests; snapshot: a
+    file rewritten every second with the report so far."""
     record = ServerRecord()
     stop = asyncio.Event()
     connections = set()
@@ -357,10 +362,17 @@ async def serve(addresses, port, duration, ready_file, icmp=False):
     icmp_socket = watch_echo_requests(loop, record) if icmp else None
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
+    snapshots = None
+    if snapshot:
+        snapshots = asyncio.ensure_future(keep_snapshot(snapshot, record.report))
     if ready_file:
         pathlib.Path(ready_file).write_text("ready\n")
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stop.wait(), duration)
+    if snapshots is not None:
+        snapshots.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await snapshots
     if icmp_socket is not None:
         loop.remove_reader(icmp_socket.fileno())
         icmp_socket.close()
@@ -412,6 +424,18 @@ class FlowClock:
             flow_id, _ = payload.decode().split()
             if flow_id == self.spec.flow_id:
                 self.reply_times.append(self.now())
+
+    def snapshot(self):
+        """What a long run needs to judge the flow now: small, whatever its age."""
+        return {
+            "flow_id": self.spec.flow_id,
+            "protocol": self.spec.protocol,
+            "error": self.error,
+            "replies": len(self.reply_times),
+            "last_reply_at": round(self.reply_times[-1], 3) if self.reply_times
+            else None,
+            "echoed_public_endpoints": list(self.public_endpoints),
+        }
 
     def report(self, end):
         gap, gap_start = longest_gap(0.0, self.reply_times, end)
@@ -585,7 +609,37 @@ async def bounded(flow, clock, duration):
         clock.error = clock.error or "timeout"
 
 
-async def run_flows(server_address, server_port, specs, duration):
+SNAPSHOT_INTERVAL = 1.0
+
+
+def write_atomically(path, data):
+    """Write data as JSON to path through a temporary file: a reader never sees a
+    half-written snapshot."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data))
+    temporary.replace(path)
+
+
+async def keep_snapshot(path, take):
+    """Write take() to path every SNAPSHOT_INTERVAL until cancelled, then once more."""
+    try:
+        while True:
+            write_atomically(path, take())
+            await asyncio.sleep(SNAPSHOT_INTERVAL)
+    finally:
+        write_atomically(path, take())
+
+
+def client_snapshot(clocks, started):
+    return {
+        "started_at": time.time() - (time.monotonic() - started),
+        "now": round(time.monotonic() - started, 3),
+        "flows": [clock.snapshot() for clock in clocks],
+    }
+
+
+async def run_flows(server_address, server_port, specs, duration, snapshot=None):
     """Run every flow for duration seconds, or until SIGTERM or SIGINT; the report."""
     started = time.monotonic()
     stop = asyncio.Event()
@@ -597,6 +651,10 @@ async def run_flows(server_address, server_port, specs, duration):
         clock.stop = stop
     server = (server_address, server_port)
     runners = {"tcp": run_tcp_flow, "udp": run_udp_flow, "icmp": run_icmp_flow}
+    snapshots = None
+    if snapshot:
+        snapshots = asyncio.ensure_future(
+            keep_snapshot(snapshot, lambda: client_snapshot(clocks, started)))
     await asyncio.gather(
         *(
             bounded(runners[clock.spec.protocol](clock, server, duration), clock,
@@ -604,6 +662,10 @@ async def run_flows(server_address, server_port, specs, duration):
             for clock in clocks
         )
     )
+    if snapshots is not None:
+        snapshots.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await snapshots
     end = min(time.monotonic() - started, duration)
     return {
         "started_at": time.time() - (time.monotonic() - started),
@@ -639,6 +701,8 @@ def parse_arguments(argv):
     server.add_argument("--duration", type=float, required=True)
     server.add_argument("--ready-file", help="written once both sockets listen")
     server.add_argument("--output", help="JSON report file (default: stdout)")
+    server.add_argument("--snapshot", help="a file rewritten every second with the "
+                        "report so far")
     client = commands.add_parser("client", help="long-lived flows with a report")
     client.add_argument("--server", required=True)
     client.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -651,6 +715,8 @@ def parse_arguments(argv):
     client.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
     client.add_argument("--duration", type=float, required=True)
     client.add_argument("--output", help="JSON report file (default: stdout)")
+    client.add_argument("--snapshot", help="a file rewritten every second with each "
+                        "flow's error, replies and last reply so far")
     icmp_error = commands.add_parser(
         "icmp-error", help="send a port unreachable about a UDP datagram (IPv4)")
     icmp_error.add_argument("--quoted-source", required=True,
@@ -671,7 +737,7 @@ def main(argv=None):
     if arguments.command == "server":
         report = asyncio.run(serve(
             arguments.address.split(","), arguments.port, arguments.duration,
-            arguments.ready_file, arguments.icmp,
+            arguments.ready_file, arguments.icmp, arguments.snapshot,
         ))
     else:
         specs = plan_flows(
@@ -683,7 +749,8 @@ def main(argv=None):
             arguments.flow_prefix,
         )
         report = asyncio.run(
-            run_flows(arguments.server, arguments.port, specs, arguments.duration)
+            run_flows(arguments.server, arguments.port, specs, arguments.duration,
+                      arguments.snapshot)
         )
     write_report(report, arguments.output)
     return 0
