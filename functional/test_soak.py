@@ -8,7 +8,11 @@ SIGHUP): after each, every flow must be alive on its public port, the primary
 must hold every idle entry, both nodes must be in-sync within the soak's bound
 and nothing may be left over (snat_sync.lab.soak's checks).
 
-About 3 minutes on 2 loaded cores, so opt-in for now: SNAT_SYNC_SOAK=1.
+5 to 7 minutes on 2 loaded cores (the checks wait for in-sync, which the churn
+delays), so opt-in for now: SNAT_SYNC_SOAK=1. It does not pass yet: in its two
+runs a partition stalled every flow (fixed since: garp_lower_prio_repeat, see
+lab.soak), and faults did not settle to in-sync within 90 s (the churn's lag, and
+once a split-brain verdict on both nodes that outlived the 3.4 s partition).
 """
 
 import os
@@ -22,7 +26,7 @@ SETTINGS = soak.Settings(seed=14, minutes=2, idle_entries=20_000, kinds=KINDS,
                          spacing=(15.0, 25.0), copies=1, run_late_faults=True)
 
 if os.environ.get("SNAT_SYNC_SOAK", "") in ("", "0"):
-    pytest.skip("the soak takes about 3 minutes: set SNAT_SYNC_SOAK=1",
+    pytest.skip("the soak takes 5 to 7 minutes: set SNAT_SYNC_SOAK=1",
                 allow_module_level=True)
 
 
