@@ -106,6 +106,9 @@ FLUSH_CACHES = Step("flush-caches", arguments=("-f",),
 RESYNC_FROM_KERNEL = Step("resync-from-kernel", arguments=("-R",),
                           redundant_after_start=True)
 BULK_SEND = Step("bulk-send", arguments=("-B",))
+# The same read of the kernel's table, never skipped: what a bulk send after it
+# sends must include every entry, also those created while conntrackd restarted.
+RESYNC_BEFORE_BULK = Step("resync-from-kernel", arguments=("-R",))
 ENSURE_RUNNING = Step("ensure-running", action="start-daemon")
 RUN_AS_PRIMARY = Step("run-as-primary", action="run-as", arguments=(Role.PRIMARY,))
 RUN_AS_BACKUP = Step("run-as-backup", action="run-as", arguments=(Role.BACKUP,))
@@ -128,7 +131,8 @@ WARM = "warm"
 COLD = "cold"
 
 
-def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=False):
+def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=False,
+         other_backups=False):
     """The steps that take a router's conntrackd into role, in order.
 
     Warm standby (replicated entries live in the backups' kernel tables):
@@ -140,10 +144,16 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=Fals
              backup's request for the whole table. The data plane does not wait
              for it. If conntrackd already ran that configuration (with
              backup_reads_events both are the same), it reads the table again
-             (-R). Nothing is
-             sent on its own initiative: a node that becomes backup empties its
-             table and asks for it (at 1,000,000 entries a bulk send besides
-             would cross the HA network twice).
+             (-R). Nothing is sent on its own initiative: a node that becomes
+             backup empties its table and asks for it (at 1,000,000 entries a
+             bulk send besides would cross the HA network twice). But with
+             other_backups (a
+             router with more than one peer, or peers learned by multicast:
+             another backup may live on and will ask for nothing) the restart
+             into the primary's configuration leaves a gap: entries created
+             while no conntrackd read events reach those backups only when they
+             change. Then it reads the table again (-R, not skipped) and sends
+             all of it (-B).
     backup:  run conntrackd with the backup's configuration; forget the entries
              it held as its own (-f internal), or their ends would be sent to the
              primary and delete live entries there; empty the kernel table and ask
@@ -167,7 +177,7 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=Fals
     (its replica is about to be resynced; the daemon's health check lifts the
     demotion once it is complete), a primary first lifts its demotion.
     """
-    steps = _plan(role, standby_mode, resync_on_backup, guard)
+    steps = _plan(role, standby_mode, resync_on_backup, guard, other_backups)
     if demote and role is Role.PRIMARY:
         return (LIFT_DEMOTION, *steps)
     if demote and role is Role.BACKUP:
@@ -175,8 +185,10 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=Fals
     return steps
 
 
-def _plan(role, standby_mode, resync_on_backup, guard):
+def _plan(role, standby_mode, resync_on_backup, guard, other_backups):
     if standby_mode == WARM:
+        if role is Role.PRIMARY and other_backups:
+            return (RUN_AS_PRIMARY, RESYNC_BEFORE_BULK, BULK_SEND)
         if role is Role.PRIMARY:
             return (RUN_AS_PRIMARY, RESYNC_FROM_KERNEL)
         if role is Role.BACKUP:
@@ -308,8 +320,9 @@ class TransitionRecord:
 
 
 def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=(),
-                   skip_if_done=False):
-    """Run the plan for role against daemon under the router's transition lock.
+                   skip_if_done=False, other_backups=False):
+    """Run the plan for role against daemon under the router's transition lock
+    (other_backups: see plan).
 
     Returns the TransitionRecord. A superseded transition, or with skip_if_done one
     whose role the last transition already reached, runs nothing and leaves
@@ -352,7 +365,8 @@ def run_transition(router_id, role, daemon, files, options, arrived, hook_steps=
         steps = plan(role, options.failover.standby_mode,
                      options.failover.resync_on_backup,
                      options.failover.reset_window_guard,
-                     options.failover.demote_while_resyncing)
+                     options.failover.demote_while_resyncing,
+                     other_backups)
         for step in steps:
             if step.discards_replicated_entries and commit_failed:
                 step_record = StepRecord(step.name, time.time(), 0.0, False,

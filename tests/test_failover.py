@@ -922,6 +922,17 @@ def test_warm_plan_neither_commits_guards_nor_purges(role, expected):
                 "flush-caches"} & set(names(steps))
 
 
+def test_a_warm_primary_with_other_backups_reads_its_table_again_and_sends_it():
+    """Another backup lives on and asks for nothing: entries created while the
+    restart into the primary's configuration read no events must reach it."""
+    steps = failover.plan(Role.PRIMARY, failover.WARM, other_backups=True)
+    assert names(steps) == ["run-as-primary", "resync-from-kernel", "bulk-send"]
+    assert not steps[1].redundant_after_start  # a fresh start does not skip it
+    assert failover.plan(Role.PRIMARY, failover.WARM)[1].redundant_after_start
+    assert names(failover.plan(Role.BACKUP, failover.WARM, other_backups=True)) == \
+        names(failover.plan(Role.BACKUP, failover.WARM))
+
+
 def test_warm_backup_forgets_its_own_entries_before_it_empties_the_kernel():
     """Entries in conntrackd's own cache whose kernel copies the flush deletes would
     be reported to the primary as ended, and deleted there: forget them first."""
