@@ -30,6 +30,7 @@ import pytest
 from snat_sync.lab import demo
 from snat_sync.lab import flows
 from snat_sync.lab import nodes
+from snat_sync.lab.rolling import holds
 from snat_sync.lab import topology as lab_module
 
 IDLE_ENTRIES = 50_000
@@ -62,15 +63,6 @@ class Observed:
 def lost(observed):
     return [result.flow_id for result in observed.results
             if not (result.alive and result.same_public_endpoint)]
-
-
-def holds(router, entry):
-    """Whether router's kernel table has entry (an exact `conntrack -G`)."""
-    return lab_module.run(
-        ["conntrack", "-G", "-p", entry.protocol, "-s", entry.client_address,
-         "-d", entry.server_address, "--sport", str(entry.client_port),
-         "--dport", str(entry.server_port)], namespace=router.namespace,
-        check=False).returncode == 0
 
 
 def marked(router, mark=R1_MARK):

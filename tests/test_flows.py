@@ -5,6 +5,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 from hypothesis import given
 from hypothesis import strategies
@@ -108,22 +109,28 @@ def free_port(kind):
         return probe.getsockname()[1]
 
 
-def test_short_run_over_loopback(tmp_path):
-    """Server and client as the lab runs them, on loopback addresses (no root)."""
-    port = free_port(socket.SOCK_STREAM)
-    base_port = free_port(socket.SOCK_STREAM)
+def start_loopback_server(tmp_path, port, duration, *extra):
+    """The lab's flow server on 127.0.0.1:port, its report in server.json, once it
+    says it is ready."""
     ready = tmp_path / "ready"
     server = subprocess.Popen([
         sys.executable, "-m", "snat_sync.lab.flows", "server", "--address", "127.0.0.1",
-        "--port", str(port), "--duration", "10", "--ready-file", str(ready),
-        "--output", str(tmp_path / "server.json"),
-        "--snapshot", str(tmp_path / "server-snapshot.json"),
+        "--port", str(port), "--duration", str(duration), "--ready-file", str(ready),
+        "--output", str(tmp_path / "server.json"), *extra,
     ])
+    for _ in range(100):
+        if ready.exists():
+            break
+        time.sleep(0.05)
+    return server
+
+
+def test_short_run_over_loopback(tmp_path):
+    """Server and client as the lab runs them, on loopback addresses (no root)."""
+    port, base_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    server = start_loopback_server(tmp_path, port, 10,
+                                   "--snapshot", str(tmp_path / "server-snapshot.json"))
     try:
-        for _ in range(100):
-            if ready.exists():
-                break
-            subprocess.run(["sleep", "0.05"], check=True)
         client = subprocess.run(
             [
                 sys.executable, "-m", "snat_sync.lab.flows", "client",
@@ -167,19 +174,9 @@ def test_a_client_stopped_by_sigterm_reports_at_once(tmp_path):
     """The lab stops a client whose run length it cannot know in advance (a
     rolling restart) with SIGTERM: it ends long before --duration and its
     report holds the flows alive until then."""
-    port = free_port(socket.SOCK_STREAM)
-    base_port = free_port(socket.SOCK_STREAM)
-    ready = tmp_path / "ready"
-    server = subprocess.Popen([
-        sys.executable, "-m", "snat_sync.lab.flows", "server", "--address", "127.0.0.1",
-        "--port", str(port), "--duration", "60", "--ready-file", str(ready),
-        "--output", str(tmp_path / "server.json"),
-    ])
+    port, base_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    server = start_loopback_server(tmp_path, port, 60)
     try:
-        for _ in range(100):
-            if ready.exists():
-                break
-            subprocess.run(["sleep", "0.05"], check=True)
         client = subprocess.Popen([
             sys.executable, "-m", "snat_sync.lab.flows", "client",
             "--server", "127.0.0.1", "--port", str(port),

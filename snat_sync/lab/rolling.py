@@ -157,10 +157,11 @@ def sample_keys(router):
     return keys
 
 
-def node_config(workdir, name, repair, sync_mode="auto"):
+def node_config(workdir, name, repair, sync_mode="auto", extra=""):
     health = "[health]\ncheck_interval = 1\n" + ("" if repair else "repair = false\n")
-    return nodes.write_config(workdir / f"{name}.conf", resync_on_backup=repair,
-                              extra=health + f"[conntrackd]\nsync_mode = {sync_mode}\n")
+    return nodes.write_config(
+        workdir / f"{name}.conf", resync_on_backup=repair,
+        extra=health + f"[conntrackd]\nsync_mode = {sync_mode}\n" + extra)
 
 
 PROBES = iter(range(1, 250))
@@ -213,14 +214,14 @@ def stop_flows(lab, workdir, client, server):
     return results, client_report["started_at"]
 
 
-def started_nodes(stack, workdir, repair, idle_entries, sync_mode="auto"):
+def started_nodes(stack, workdir, repair, idle_entries, sync_mode="auto", extra=""):
     """A three-node lab with every daemon and keepalived running, the idle
     entries on r1 and replicated to r2 and r3. Returns (lab, {name: Router},
     {name: Node})."""
     workdir = pathlib.Path(workdir)
     lab = stack.enter_context(lab_module.running_lab(workdir / "lab", nodes=3))
     routers = {router.name: router for router in lab.routers}
-    configs = {name: node_config(workdir, name, repair, sync_mode)
+    configs = {name: node_config(workdir, name, repair, sync_mode, extra)
                for name in routers}
     started = nodes.start_nodes(lab, workdir, configs)
     loaded = lab_module.load_idle_entries(routers["r1"], idle_entries, workdir)
