@@ -336,7 +336,8 @@ failover_opts = [
         "its event buffer and sent the replica back to the primary (713,627 after "
         "90 s). True keeps one configuration for both roles (no restart at a "
         "transition); with 20% of the sync packets lost it let FTFW catch up "
-        "somewhat sooner (0.2-6.1 s against 1-17 s for 3,000 entries), because the "
+        "sooner (0.2-6.1 s for 3,000 entries; without, 1-17 s in 5 runs and 186 "
+        "still missing after 30 s in a sixth, left to the daemon's repair), because the "
         "backup's echo keeps its side of the channel busy; see BENCHMARKS.md.",
     ),
     cfg.BoolOpt(
