@@ -6,6 +6,7 @@ Nothing is added to the root namespace.
 """
 
 import contextlib
+import ctypes
 import json
 import os
 import pathlib
@@ -263,8 +264,6 @@ def open_count_in(namespace):
     file keeps reading the namespace it was opened in (checked here: such a file
     read from the root namespace gave the other namespace's count). Python 3.11
     has no os.setns, hence libc."""
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     own = os.open("/proc/self/ns/net", os.O_RDONLY)
     other = os.open(f"/run/netns/{namespace}", os.O_RDONLY)

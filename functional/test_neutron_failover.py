@@ -28,7 +28,6 @@ router one TCP flow of 16 lived on: picked up mid-stream, its public port kept).
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import shutil
@@ -158,9 +157,7 @@ def run_failover(workdir, distributed, with_snat_sync=True):
             lambda: (nodes[1].router_id, "primary") in receivers[1].received, 10)
         neutron_routers.stop_state_change_monitors(monitors)
         reported = [change for receiver in receivers for change in receiver.received]
-    client_report = json.loads((workdir / "client.json").read_text())
-    results = flows.merge_reports(client_report,
-                                  json.loads((workdir / "server.json").read_text()))
+    results, client_report = demo.read_flow_results(workdir)
     return FailoverRun(nodes, results, reported,
                        [config.read_text() for config in configs],
                        [list(map(str, monitor.args)) for monitor in monitors],

@@ -22,13 +22,11 @@ then be r1's, and flows must survive r1's crash.
 
 import contextlib
 import dataclasses
-import json
 import time
 
 import pytest
 
 from snat_sync.lab import demo
-from snat_sync.lab import flows
 from snat_sync.lab import nodes
 from snat_sync.lab.rolling import holds
 from snat_sync.lab import topology as lab_module
@@ -89,9 +87,7 @@ def wait_for_vip(lab, router, timeout=15):
 def finish_flows(lab, workdir, client, server):
     demo.wait_for_exit(client, workdir / "client.log", 90)
     demo.stop_server(server, workdir / "server.log")
-    client_report = json.loads((workdir / "client.json").read_text())
-    results = flows.merge_reports(client_report,
-                                  json.loads((workdir / "server.json").read_text()))
+    results, client_report = demo.read_flow_results(workdir)
     return results, client_report["started_at"]
 
 

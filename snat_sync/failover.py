@@ -108,7 +108,7 @@ RESYNC_FROM_KERNEL = Step("resync-from-kernel", arguments=("-R",),
 BULK_SEND = Step("bulk-send", arguments=("-B",))
 # The same read of the kernel's table, never skipped: what a bulk send after it
 # sends must include every entry, also those created while conntrackd restarted.
-RESYNC_BEFORE_BULK = Step("resync-from-kernel", arguments=("-R",))
+RESYNC_BEFORE_BULK = dataclasses.replace(RESYNC_FROM_KERNEL, redundant_after_start=False)
 ENSURE_RUNNING = Step("ensure-running", action="start-daemon")
 RUN_AS_PRIMARY = Step("run-as-primary", action="run-as", arguments=(Role.PRIMARY,))
 RUN_AS_BACKUP = Step("run-as-backup", action="run-as", arguments=(Role.BACKUP,))
@@ -147,13 +147,11 @@ def plan(role, standby_mode=WARM, resync_on_backup=True, guard=True, demote=Fals
              (-R). Nothing is sent on its own initiative: a node that becomes
              backup empties its table and asks for it (at 1,000,000 entries a
              bulk send besides would cross the HA network twice). But with
-             other_backups (a
-             router with more than one peer, or peers learned by multicast:
-             another backup may live on and will ask for nothing) the restart
-             into the primary's configuration leaves a gap: entries created
-             while no conntrackd read events reach those backups only when they
-             change. Then it reads the table again (-R, not skipped) and sends
-             all of it (-B).
+             other_backups (RouterSpec.has_one_peer false: another backup may
+             live on and will ask for nothing) the restart into the primary's
+             configuration leaves a gap: entries created while no conntrackd
+             read events reach those backups only when they change. Then it
+             reads the table again (-R, not skipped) and sends all of it (-B).
     backup:  run conntrackd with the backup's configuration; forget the entries
              it held as its own (-f internal), or their ends would be sent to the
              primary and delete live entries there; empty the kernel table and ask

@@ -332,7 +332,7 @@ def notify(conf, router_id, arguments, arrived=None, hook_steps=(), skip_if_done
         arrived if arrived is not None else time.time(),
         hook_steps,
         skip_if_done,
-        other_backups=len(spec.peer_addresses) != 1,
+        other_backups=not spec.has_one_peer,
     )
 
 

@@ -94,7 +94,7 @@ def sync_mode(configured, spec):
     """
     if configured != AUTO_SYNC_MODE:
         return configured
-    return "ftfw" if len(spec.peer_addresses) == 1 else "notrack"
+    return "ftfw" if spec.has_one_peer else "notrack"
 
 
 def conntrackd_settings(spec, conntrackd_options, facts, files, warm_standby=True,

@@ -116,6 +116,13 @@ class RouterSpec:
             primary_address=_primary_address(primary_address, local, peers),
         )
 
+    @property
+    def has_one_peer(self):
+        """One listed peer: the router's pair is all of it. With several, or with
+        peers learned by multicast (none listed: Neutron's routers, on up to
+        max_l3_agents_per_router nodes), another backup may hear the primary too."""
+        return len(self.peer_addresses) == 1
+
     def sync_channel(self, transport, base_port, multicast_group):
         """Pick the transport and port this router's conntrackd uses.
 

@@ -314,3 +314,14 @@ def test_multicast_over_ipv4_refuses_other_groups(group):
 def test_udp_over_ipv6_is_fine():
     spec = create(local_address="fd00:a::1", peer_addresses=["fd00:a::2"])
     assert spec.sync_channel("auto", 3780, "225.0.0.50").transport == "udp"
+
+
+def test_has_one_peer_only_with_exactly_one_listed_peer():
+    one = RouterSpec.create("r1", "qrouter-r1", "ha-1", "169.254.192.1",
+                            ["169.254.192.2"], 1)
+    two = RouterSpec.create("r1", "qrouter-r1", "ha-1", "169.254.192.1",
+                            ["169.254.192.2", "169.254.192.3"], 1)
+    learned = RouterSpec.create("r1", "qrouter-r1", "ha-1", "169.254.192.1", [], 1,
+                                primary_address="169.254.0.1/24")
+    assert one.has_one_peer
+    assert not two.has_one_peer and not learned.has_one_peer

@@ -100,6 +100,15 @@ class ScenarioResult:
                 if not flow.was_alive_at(self.failure_at, window)]
 
 
+def read_flow_results(workdir):
+    """(the flows' merged results, the client's report) from the reports the
+    lab's client and server wrote in workdir (client.json, server.json)."""
+    client_report = json.loads((workdir / "client.json").read_text())
+    results = flows.merge_reports(client_report,
+                                  json.loads((workdir / "server.json").read_text()))
+    return results, client_report
+
+
 def scenario_name(with_snat_sync):
     return "with snat-sync" if with_snat_sync else "keepalived only"
 
@@ -321,11 +330,7 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
                           timeout=15 + settings.idle_entries / 20_000)
             new_primary_status = lab_module.snat_sync_status(r2_state, lab.router_id)[0]
             new_primary_kernel_entries = lab_module.kernel_entry_count(lab.routers[1])
-    client_report = json.loads((workdir / "client.json").read_text())
-    results = flows.merge_reports(
-        client_report,
-        json.loads((workdir / "server.json").read_text()),
-    )
+    results, client_report = read_flow_results(workdir)
     return ScenarioResult(
         name=scenario_name(with_snat_sync),
         with_snat_sync=with_snat_sync,

@@ -25,14 +25,12 @@ bench/rolling_restart.py runs it at 200,000 idle entries.
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import pathlib
 import signal
 import subprocess
 import time
 
 from snat_sync.lab import demo
-from snat_sync.lab import flows
 from snat_sync.lab import nodes
 from snat_sync.lab import topology as lab_module
 
@@ -208,9 +206,7 @@ def stop_flows(lab, workdir, client, server):
     client.send_signal(signal.SIGTERM)
     demo.wait_for_exit(client, workdir / "client.log", 30)
     demo.stop_server(server, workdir / "server.log")
-    client_report = json.loads((workdir / "client.json").read_text())
-    results = flows.merge_reports(client_report,
-                                  json.loads((workdir / "server.json").read_text()))
+    results, client_report = demo.read_flow_results(workdir)
     return results, client_report["started_at"]
 
 
