@@ -68,12 +68,13 @@ def check(conf, spec, files, pid, peer_reports, state, channel):
     daemon = manager.daemon_for(conf, spec, files)
     last = statedir.read_json(files.last_transition)
     role = recorded_role(last)
-    observation = observe(conf, daemon, pid, role.value if role else "unknown")
+    observation = observe(conf, daemon, pid, role.value if role else "unknown",
+                          last.get("arrived") if role else None)
     peer_reports = reports_module.current_reports(
         peer_reports, spec.peer_addresses, observation.at, conf.health.peer_timeout)
     if channel is not None:
         channel.send(reports_module.encode_report(
-            spec.router_id, observation.role, last.get("arrived") if role else None,
+            spec.router_id, observation.role, observation.changed,
             observation.internal, observation.external, observation.kernel,
             time.time(), taken=observation.at, standby=observation.standby))
     assessment = repair.assess(observation, peer_reports,
@@ -253,7 +254,7 @@ def write_health(conf, files, observation, peer_reports, problems, recent_repair
     }, durable=False)
 
 
-def observe(conf, daemon, pid, role):
+def observe(conf, daemon, pid, role, changed=None):
     """The router's figures now: the kernel count from /proc (cheap, and there
     while conntrackd is busy), the caches and sync counters from conntrackd's
     control socket if it answers within STATS_TIMEOUT, else None."""
@@ -274,6 +275,7 @@ def observe(conf, daemon, pid, role):
         messages_lost=network.messages_lost if network else None,
         messages_malformed=network.messages_malformed if network else None,
         standby=conf.failover.standby_mode,
+        changed=changed,
     )
 
 

@@ -16,8 +16,10 @@ replica-short  This node is backup, and its replica (warm standby: its kernel
                count is moving. FTFW re-sends what it knows was lost, but never
                what the backup lost on its own side (a flushed or restarted
                cache): ask the primary for its whole table (conntrackd -n).
-split-brain    This node is primary and a peer reports primary too. Nothing is
-               repaired while both forward.
+split-brain    This node is primary and a peer reports primary too, in a report
+               that reached this node after it became primary (the last report of
+               a primary that died is not a split brain). Nothing is repaired
+               while both forward.
 peer-yielded   This node is primary and a peer reports a new transition into
                another role: it yielded after a split brain (the HA link may
                have been cut, so the split itself may never have been seen), or
@@ -61,6 +63,7 @@ class Observation:
     messages_lost: int | None
     messages_malformed: int | None
     standby: str = "cold"  # [failover] standby_mode: where the replica lives
+    changed: float | None = None  # when this node's last transition arrived
 
     @property
     def replica(self):
@@ -147,9 +150,10 @@ def assess(observation, reports, peer_addresses, memory, settings):
                  if report.role == Role.PRIMARY.value}
     known_changes = dict(memory.peer_changes)
     if observation.role == Role.PRIMARY.value:
-        if primaries:
+        rivals = _primaries_since(primaries, observation.changed)
+        if rivals:
             found.append(("split-brain", BROKEN,
-                          f"split brain: peer {', '.join(sorted(primaries))} is "
+                          f"split brain: peer {', '.join(sorted(rivals))} is "
                           "primary too"))
         yielded = sorted(
             address for address, report in fresh.items()
@@ -223,6 +227,19 @@ def _single_sender(peer_addresses):
     switch from one sender to the other looks like a gap (thousands of "lost"
     messages at every check, none of them lost)."""
     return len(peer_addresses) <= 1
+
+
+def _primaries_since(primaries, changed):
+    """The peers that said they were primary after this node became primary.
+
+    A primary that dies leaves its last report behind for up to peer_timeout; the
+    node that took over would otherwise call that a split brain. Both times are
+    this node's clock (when the report arrived, when the transition arrived).
+    """
+    if changed is None:
+        return primaries
+    return {address: report for address, report in primaries.items()
+            if report.received > changed}
 
 
 def _sendable(report):

@@ -15,10 +15,11 @@ SETTINGS = repair.Settings(repair=True, repair_after=2, repair_backoff=30.0,
 
 
 def observation(at, role="backup", internal=0, external=0, lost=0, malformed=0,
-                alive=True):
+                alive=True, changed=None):
     return repair.Observation(at=at, role=role, conntrackd_alive=alive,
                               internal=internal, external=external, kernel=5,
-                              messages_lost=lost, messages_malformed=malformed)
+                              messages_lost=lost, messages_malformed=malformed,
+                              changed=changed)
 
 
 def report(at, role="primary", internal=20000, external=0, changed=100.0):
@@ -130,6 +131,19 @@ def test_split_brain_is_broken_and_the_survivor_resyncs_once_the_peer_yields():
     assert results[2].repairs[0].steps == (failover.RESYNC_FROM_KERNEL,
                                            failover.BULK_SEND)
     assert results[3].repairs == ()  # nothing new happened on the peer
+
+
+def test_the_last_report_of_a_primary_that_died_is_no_split_brain():
+    """The old primary's last report stays fresh for peer_timeout after it died;
+    this node took over after it arrived. A report that arrives after the
+    takeover and still says primary is a split brain."""
+    last_words = report(1, role="primary", changed=50.0)
+    results = run_checks(
+        [observation(t, role="primary", internal=20000, changed=2.0)
+         for t in (3, 6, 9)],
+        [{PEER: last_words}, {PEER: last_words},
+         {PEER: report(8, role="primary", changed=50.0)}])
+    assert [kinds(result) for result in results] == [set(), set(), {"split-brain"}]
 
 
 def test_a_peer_that_yielded_unseen_is_still_resynced():
