@@ -1,11 +1,11 @@
 """Warm standby: a failover costs VRRP detection alone at any table size, and flows
 that have lived longer than every conntrack timeout of the backup survive it.
 
-The router namespaces run with a UDP stream timeout of 15 s and an established
-TCP timeout of 30 s, and the flows run 35 s before the failure: an entry the
+The router namespaces run with a UDP stream timeout of 10 s and an established
+TCP timeout of 16 s, and the flows run 20 s before the failure: an entry the
 primary reported once and never again would have run out on the backup. With the
 refreshes each live flow's entry is sent again every refresh_interval (4 s).
-About a minute a scenario.
+About 40 s a scenario.
 """
 
 import pytest
@@ -15,8 +15,9 @@ from snat_sync.lab import demo
 from functional.test_failover import (WARM_TAKEOVER, assert_alive_before_failure,
                                       warm_takeover_steps)
 
-SHORT_TIMEOUTS = (("net.netfilter.nf_conntrack_udp_timeout_stream", 15),
-                  ("net.netfilter.nf_conntrack_tcp_timeout_established", 30))
+SHORT_TIMEOUTS = (("net.netfilter.nf_conntrack_udp_timeout_stream", 10),
+                  ("net.netfilter.nf_conntrack_tcp_timeout_established", 16))
+FLOWS_AGE_AT_FAILURE = 20.0  # older than both timeouts
 IDLE_ENTRIES = 200_000
 # The flows send every 50-100 ms: a flow's longest gap is the silence of the
 # failover plus up to one sending interval and its reply.
@@ -27,7 +28,7 @@ def run(tmp_path, name, failure, idle_entries=0, config=""):
     config_file = tmp_path / f"{name}.conf"
     config_file.write_text(config)
     settings = demo.ScenarioSettings(
-        crash_after=35.0, run_after_crash=10.0, idle_entries=idle_entries,
+        crash_after=FLOWS_AGE_AT_FAILURE, run_after_crash=10.0, idle_entries=idle_entries,
         router_sysctls=SHORT_TIMEOUTS, failure=failure,
         snat_sync_arguments=("--config-file", str(config_file)))
     return demo.run_scenario(tmp_path / name, with_snat_sync=True, settings=settings)

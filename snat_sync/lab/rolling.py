@@ -235,7 +235,8 @@ def rolling_restart(workdir, repair=True, flush=False, idle_entries=5_000,
                     wait_timeout=WAIT_TIMEOUT, roll=ROLL):
     """Run the roll (module docstring) in a fresh lab under workdir; the
     Observed. repair False: resync_on_backup and [health] repair off. flush:
-    each node returns with an empty table. roll: (victim, successor, priority
+    each node returns with an empty table (True), its old one (False), or, one
+    per step of the roll, each as the tuple says. roll: (victim, successor, priority
     it returns with or None for the last victim, which does not return), ROLL
     unless a shorter one is given (SHORT_ROLL)."""
     workdir = pathlib.Path(workdir)
@@ -274,7 +275,8 @@ def rolling_restart(workdir, repair=True, flush=False, idle_entries=5_000,
             if priority is None:
                 break
             time.sleep(RETURN_AFTER)
-            nodes.return_node(lab, started[victim], flush=flush, priority=priority)
+            nodes.return_node(lab, started[victim], priority=priority,
+                              flush=flush[index] if isinstance(flush, tuple) else flush)
             failover.wait_seconds, failover.wait_status = wait_in_sync(
                 lab, started, wait_timeout)
             failover.probe_after_return = probe(lab, routers[successor])
