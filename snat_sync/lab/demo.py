@@ -351,6 +351,16 @@ def stop_server(server, log_path):
     wait_for_exit(server, log_path, timeout=10)
 
 
+def stop_flows(workdir, client, server):
+    """Stop the client (it reports what it saw until now), then the server; the
+    flows' results and the client's start time, on its clock."""
+    client.send_signal(signal.SIGTERM)
+    wait_for_exit(client, workdir / "client.log", 30)
+    stop_server(server, workdir / "server.log")
+    results, client_report = read_flow_results(workdir)
+    return results, client_report["started_at"]
+
+
 # --- presentation ---------------------------------------------------------------------
 
 

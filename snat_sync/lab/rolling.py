@@ -26,7 +26,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import pathlib
-import signal
 import subprocess
 import time
 
@@ -201,15 +200,6 @@ def wait_in_sync(lab, started, timeout):
     return round(time.monotonic() - began, 2), statuses
 
 
-def stop_flows(lab, workdir, client, server):
-    """Stop the client (it reports what it saw until now), then the server."""
-    client.send_signal(signal.SIGTERM)
-    demo.wait_for_exit(client, workdir / "client.log", 30)
-    demo.stop_server(server, workdir / "server.log")
-    results, client_report = demo.read_flow_results(workdir)
-    return results, client_report["started_at"]
-
-
 def started_nodes(stack, workdir, repair, idle_entries, sync_mode="auto", extra=""):
     """A three-node lab with every daemon and keepalived running, the idle
     entries on r1 and replicated to r2 and r3. Returns (lab, {name: Router},
@@ -292,7 +282,7 @@ def rolling_restart(workdir, repair=True, flush=False, idle_entries=5_000,
                     failover.differences[name] = (len(keys - primary_keys),
                                                   len(primary_keys - keys))
         time.sleep(RUN_AFTER_LAST_FAILOVER)
-        results, started_at = stop_flows(lab, workdir, client, server)
+        results, started_at = demo.stop_flows(workdir, client, server)
     return Observed(results, started_at, failovers,
                     round(time.monotonic() - began, 1))
 
