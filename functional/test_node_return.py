@@ -84,13 +84,6 @@ def wait_for_vip(lab, router, timeout=15):
         raise lab_module.LabError(f"{router.name} did not take the VIPs")
 
 
-def finish_flows(lab, workdir, client, server):
-    demo.wait_for_exit(client, workdir / "client.log", 90)
-    demo.stop_server(server, workdir / "server.log")
-    results, client_report = demo.read_flow_results(workdir)
-    return results, client_report["started_at"]
-
-
 def started_lab(stack, tmp_path, resync_on_backup, client_duration):
     """A lab with both nodes' daemons and keepalived, the idle entries on r1 and on
     r2, the flows running. Returns (lab, nodes, client, server)."""
@@ -111,7 +104,9 @@ def started_lab(stack, tmp_path, resync_on_backup, client_duration):
     return lab, started, client, server
 
 
-def rolling_restart(tmp_path, resync_on_backup, flush):
+def rolling_restart(tmp_path, resync_on_backup, flush, second_crash=True):
+    """The roll (module docstring); without second_crash it stops once r1's table
+    after the return has been looked at (what the negative control judges)."""
     duration = 4 + FAILOVER_ALLOWANCE + RETURN_AFTER + SECOND_CRASH_AFTER + 3 \
         + FAILOVER_ALLOWANCE + RUN_AFTER_LAST_FAILOVER
     timeline = []
@@ -155,14 +150,16 @@ def rolling_restart(tmp_path, resync_on_backup, flush):
         r1_marked = marked(r1)
         only_r1, only_r2 = sample_difference(r1, r2)
         assert lab_module.primary(lab) is r2, "r2 should have stayed primary"
-        nodes.crash_node(lab, started["r2"])
-        note("r2 crashed")
-        wait_for_vip(lab, r1)
-        note("r1 primary")
-        left = duration - (time.monotonic() - clock)
-        assert left >= RUN_AFTER_LAST_FAILOVER - 1, (
-            f"the flows end {left:.1f} s after the last failover: {timeline}")
-        results, started_at = finish_flows(lab, tmp_path, client, server)
+        if second_crash:
+            nodes.crash_node(lab, started["r2"])
+            note("r2 crashed")
+            wait_for_vip(lab, r1)
+            note("r1 primary")
+            left = duration - (time.monotonic() - clock)
+            assert left >= RUN_AFTER_LAST_FAILOVER - 1, (
+                f"the flows end {left:.1f} s after the last failover: {timeline}")
+            time.sleep(RUN_AFTER_LAST_FAILOVER)
+        results, started_at = demo.stop_flows(tmp_path, client, server)
     return Observed(results, failure_at - started_at, stale_on_r1, stale_on_r2,
                     r1_marked, complete_after, only_r1, only_r2, timeline)
 
@@ -183,7 +180,10 @@ def assert_alive_before_the_failure(observed):
 
 @pytest.mark.parametrize("repair", [True, False], ids=["repair-on", "repair-off"])
 def test_rolling_restart_with_the_old_table(tmp_path, repair):
-    observed = rolling_restart(tmp_path, resync_on_backup=repair, flush=False)
+    """Without the repair (the negative control) r1 keeps its old version after
+    the return, which is what the control looks at: it stops before r2's crash."""
+    observed = rolling_restart(tmp_path, resync_on_backup=repair, flush=False,
+                               second_crash=repair)
     report = describe(observed)
     print(report)
     assert_alive_before_the_failure(observed)
@@ -194,7 +194,7 @@ def test_rolling_restart_with_the_old_table(tmp_path, repair):
         assert not observed.only_r1 and not observed.only_r2, report
         assert observed.complete_after is not None, report
     else:
-        assert lost(observed) or observed.stale_on_r1 or observed.r1_marked, report
+        assert observed.stale_on_r1 or observed.r1_marked, report
 
 
 def test_rolling_restart_after_a_reboot_keeps_every_flow(tmp_path):
@@ -268,7 +268,8 @@ def test_partition_heal(tmp_path, repair):
         wait_for_vip(lab, other)
         left = duration - (time.monotonic() - clock)
         assert left >= RUN_AFTER_LAST_FAILOVER - 1, f"flows end {left:.1f} s after"
-        results, started_at = finish_flows(lab, tmp_path, client, server)
+        time.sleep(RUN_AFTER_LAST_FAILOVER)
+        results, started_at = demo.stop_flows(tmp_path, client, server)
     observed = Observed(results, failure_at - started_at, False, False, 0,
                         complete_after, only_r1, only_r2, [])
     report = (f"two primaries {both}; {survivor.name} survived the heal; "
