@@ -225,7 +225,7 @@ def ha_drop(router, action):
         "reaches the survivor (a primary's conntrackd injects nothing it "
         "receives), but 1-2 of 16 TCP flows are reset in about half the runs "
         "(4 of 9 on 2026-12-02), always flows whose public port was remapped "
-        "(source ports collide), reset during the split; every flow stalls "
+        "(source ports collide), silent from the split on; every flow stalls "
         "from the split until the survivor's crash; keepalived's "
         "garp_lower_prio_repeat on both nodes did not change it (1 of 3)"))),
     False], ids=["repair-on", "repair-off"])
