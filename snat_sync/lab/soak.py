@@ -807,14 +807,36 @@ def lingering(node):
     return pids
 
 
-def leftovers(soak, statuses, first):
+def statuses_after(soak, moment, timeout=STATUS_FRESH + STATUS_POLL):
+    """Every node's latest status reading once it was taken after `moment` (wall
+    clock); a node whose poller took none within timeout is left out."""
+    found = {}
+
+    def all_read():
+        for node in soak.nodes.values():
+            status = node_status(soak, node)
+            if status is not None and status["taken"] >= moment:
+                found[node.name] = status
+        return len(found) == len(soak.nodes)
+
+    topology.wait_until(all_read, timeout, STATUS_POLL / 2)
+    return found
+
+
+def leftovers(soak, first):
     """What is left over once every node settled: more or fewer conntrackd than
-    one, one the status does not name, its lock or socket missing, more or fewer
-    daemons than one, processes that linger in a router namespace (in `first`,
-    sampled STRAY_SAMPLE_GAP seconds before, and still there)."""
+    one, one the status does not name (a reading taken after the processes were
+    listed: the in-sync one may have seen a conntrackd that was still
+    daemonizing), its lock or socket missing, more or fewer daemons than one,
+    processes that linger in a router namespace (in `first`, sampled
+    STRAY_SAMPLE_GAP seconds before, and still there)."""
     problems = []
+    listed = time.time()
+    conntrackds = {node.name: [process.pid for process in conntrackd_processes(node)]
+                   for node in soak.nodes.values()}
+    statuses = statuses_after(soak, listed)
     for node in soak.nodes.values():
-        pids = [process.pid for process in conntrackd_processes(node)]
+        pids = conntrackds[node.name]
         status = statuses.get(node.name, {})
         if len(pids) != 1:
             problems.append(f"{node.name}: {len(pids)} conntrackd")
@@ -884,7 +906,7 @@ def run_fault(soak, fault):
             {flow_id: moments[flow_id] for flow_id in new_losses
              if flow_id in moments}, reasons))
         soak.lost |= new_losses
-    problems += leftovers(soak, statuses, first)
+    problems += leftovers(soak, first)
     outcome = Outcome(fault, started, before.name if before else None,
                       after.name if after else None, soak.flow_count, tuple(lost),
                       soak.idle_expected, held, in_sync, tuple(problems),
