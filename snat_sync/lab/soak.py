@@ -515,8 +515,11 @@ def wait_for_flows(soak, since_wall):
 def wait_for_vip_to_leave(soak, old):
     """Wait until another node alone holds the VIPs (with three nodes, whichever
     of the two the election makes primary)."""
-    if not topology.wait_until(lambda: soak.primary() not in (None, old),
-                               FAILOVER_BOUND):
+    def moved():
+        holder = soak.primary()
+        return holder is not None and holder is not old
+
+    if not topology.wait_until(moved, FAILOVER_BOUND):
         raise topology.LabError(f"no other node took the VIPs from {old.name}")
 
 
