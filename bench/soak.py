@@ -1,18 +1,22 @@
-"""Fault soak (issue 14): a router pair under load and a seeded schedule of faults.
+"""Fault soak (issue 14): a router under load and a seeded schedule of faults.
 
-One lab router pair (snat_sync.lab.topology), `snat-sync daemon` and keepalived
-on each node, idle SNAT entries on the primary, 16 TCP + 16 UDP long-lived flows
-with colliding source ports, and a churn of new UDP flows (default 2,000/s),
-the whole time. Every 20-40 s one fault of the catalogue in snat_sync/lab/soak.py
-(crash and return with and without the old table, switchover, kill -9 of
-conntrackd on either node and of a daemon, partition and heal, 20% sync loss for
-30 s, notify storm, SIGHUP, `router add` again), then the checks: flows alive on
-their public ports, the primary's table complete, every status in-sync within a
-bound, nothing left over. One row per fault, then
+One lab router (snat_sync.lab.topology) on two nodes or, with --nodes 3, on
+three (multicast sync), `snat-sync daemon` and keepalived on each node, idle SNAT
+entries on the primary, 16 TCP + 16 UDP long-lived flows with colliding source
+ports, and a churn of new UDP flows (default 2,000/s), the whole time. Every
+20-40 s one fault of the catalogue in snat_sync/lab/soak.py is due (crash and
+return with and without the old table, switchover, kill -9 of conntrackd on the
+primary or a backup and of a daemon, partition and heal, 20% sync loss for 30 s,
+notify storm, SIGHUP, `router add` again), then the checks: flows alive on their
+public ports, the new primary's table complete, every node's status in-sync
+within a bound, nothing left over. A fault starts when due or, when the checks
+of the one before take longer, right after them; none starts after the soak's
+minutes are over (those are listed as not run). One row per fault, then
 `N faults, M failovers, K flows lost, L entries lost`; exit status 1 if anything
 was lost or did not settle, 2 if the soak cannot run here.
 
     python3 bench/soak.py [--seed 1] [--minutes 10] [--idle 100000] [--churn 2000]
+                          [--nodes 2|3] [--keep-workdir]
 
 Root; everything it builds lives in namespaces `ssb-<hex>-...` and is removed
 however the run ends (an interrupt, an error, or the hard time limit: minutes
@@ -50,7 +54,7 @@ def parse_arguments(argv):
     parser.add_argument("--churn", type=float, default=2000.0,
                         help="new short flows a second")
     parser.add_argument("--nodes", type=int, default=2,
-                        help="nodes of the router (only 2 for now)")
+                        help="nodes of the router: 2, or 3 (multicast sync)")
     parser.add_argument("--kinds", default=",".join(soak.KINDS),
                         help="the fault kinds to draw from, comma-separated")
     parser.add_argument("--keep-workdir", action="store_true",

@@ -23,8 +23,13 @@ The replica and the table it copies (`replica`):
               external cache), read now, against the primary's table (the kernel
               count in its latest report, else its internal cache), which must
               have been taken within REPORT_FRESH_CHECKS check intervals
-    primary   its own kernel table, read now, against each peer's reported
-              replica (fresh reports only)
+    primary   its own table, against each peer's reported replica (fresh reports
+              only): the smaller of its table read now and its table when the
+              daemon wrote the report, which the peers' figures in it go with.
+              A table that grew since (a churn of new flows: 2,000 a second
+              after a failover) holds entries the peers' older figures cannot
+              show yet, not entries they lack; the verdict read it "resyncing"
+              at every check until the table was at rest again
 Short means by more than short_tolerance (1 % and 16 entries), as the repair
 counts it. The daemon's own "replica-short" problem is left to this rule: it
 was judged on the figures of the daemon's last check, these are newer.
@@ -115,6 +120,9 @@ class HealthReport:
     # The latest check that found the file still right (its mtime: the daemon
     # touches it instead of rewriting it when nothing but small moves changed).
     confirmed: float | None = None
+    # This node's own table when the file was written (kernel count, else
+    # internal cache): the moment the peers' figures in it go with.
+    table: int | None = None
 
     def age(self, now):
         return now - self.checked
@@ -322,8 +330,16 @@ def _backup_replica(facts, report, now):
     return Replica(own, table, missing, None)
 
 
+def primary_table(facts, report):
+    """The primary's table the peers' figures are compared with (see the
+    module's rules)."""
+    if facts.table is None or report is None or report.table is None:
+        return facts.table
+    return min(facts.table, report.table)
+
+
 def _primary_replica(facts, report, now):
-    table = facts.table
+    table = primary_table(facts, report)
     peers = [peer for peer in (report.peers if report else ())
              if peer.role != "primary"]
     if not peers:
@@ -359,7 +375,7 @@ def _in_sync_reason(facts, report, now):
         return (f"replica holds {found.replica_entries} of the primary's "
                 f"{found.primary_entries} entries")
     held = [f"peer {peer.address} holds {peer.replica(facts.standby_mode)} of "
-            f"{_figure(facts.table)} entries"
+            f"{_figure(primary_table(facts, report))} entries"
             for peer in report.peers if peer.role != "primary"]
     return "; ".join(held)
 
@@ -402,6 +418,7 @@ def parse_report(data, confirmed=None):
         check_interval=check_interval,
         confirmed=confirmed if confirmed is not None and math.isfinite(confirmed)
         else None,
+        table=_count(data.get("table")),
     )
 
 

@@ -394,6 +394,35 @@ def test_a_primary_takes_each_peers_replica_where_the_peer_keeps_it():
         IN_SYNC, "peer 169.254.192.2 holds 200000 of 200000 entries")
 
 
+def test_a_primary_whose_table_grew_since_its_report_compares_the_peers_with_it():
+    """Churn after a failover grows the primary's table by 2,000 entries a
+    second: the peer's figures, a check old, are compared with the table the
+    report was written with, not with entries they cannot show yet."""
+    grown = on_primary(("169.254.192.2", 0, 150000, {}), kernel=156000)
+    assert judge(grown).word == DEGRADED  # a report without its table: as before
+    at_report = dataclasses.replace(grown, report=dataclasses.replace(
+        grown.report, table=150100))
+    assert judge(at_report) == Verdict(
+        IN_SYNC, "peer 169.254.192.2 holds 150000 of 150100 entries")
+    assert health.replica(at_report, NOW).missing_entries == 100
+    # a peer short of the table at the report is short
+    short = dataclasses.replace(at_report, report=dataclasses.replace(
+        at_report.report, table=156000))
+    assert judge(short).reason.startswith(
+        "peer 169.254.192.2 resyncing, 150000 of 156000")
+    # a table that shrank since: today's, the smaller
+    shrank = dataclasses.replace(at_report, kernel_entries=149000)
+    assert judge(shrank) == Verdict(
+        IN_SYNC, "peer 169.254.192.2 holds 150000 of 149000 entries")
+
+
+def test_the_reports_table_is_a_count_or_nothing():
+    assert report(table=150100).table == 150100
+    for bad in (-1, True, "150100", 1.5, 2**60):
+        assert report(table=bad).table is None
+    assert report().table is None
+
+
 def test_a_primary_with_a_stale_peer_report_is_degraded():
     facts = on_primary(("169.254.192.2", 0, 200000, {"seen": NOW - 30}))
     assert judge(facts).reason == "peer 169.254.192.2's latest report is 30 s old"

@@ -96,6 +96,8 @@ def test_health_json_is_rewritten_while_the_figures_move_and_confirmed_at_rest(
     assert data["check_interval"] == conf.health.check_interval
     report = health.parse_report(data, confirmed=files.health.stat().st_mtime)
     assert report.check_interval == conf.health.check_interval
+    # the table the peers' figures in it go with
+    assert data["table"] == 300000 and report.table == 300000
 
 
 def test_a_peer_whose_report_goes_stale_rewrites_health_json(conf, spec, router,

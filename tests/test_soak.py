@@ -68,12 +68,58 @@ def test_each_kind_hits_the_node_it_names():
     assert either == {"primary", "backup"}
 
 
-def test_only_two_nodes_for_now():
+def test_two_or_three_nodes():
     assert soak.check_node_count(2) == 2
-    with pytest.raises(ValueError, match="three-node lab"):
-        soak.check_node_count(3)
-    with pytest.raises(ValueError, match="--nodes 1"):
+    assert soak.check_node_count(3) == 3
+    with pytest.raises(ValueError, match="--nodes 1: .* 2 or 3 nodes only"):
         soak.check_node_count(1)
+    with pytest.raises(ValueError, match="--nodes 4"):
+        soak.check_node_count(4)
+
+
+def test_a_backup_fault_picks_its_backup_from_its_seed():
+    assert soak.pick_backup(["r2"], 7) == "r2"
+    assert soak.pick_backup(["r3", "r2"], 0) == "r2"
+    assert soak.pick_backup(["r3", "r2"], 1) == "r3"
+    picked = {soak.pick_backup(["r1", "r3"], fault.seed)
+              for fault in soak.draw_schedule(7, 10)}
+    assert picked == {"r1", "r3"}
+
+
+def test_a_primary_settles_once_it_held_the_vips_long_enough():
+    run = soak.follow_holder(None, "r2", 10.0)
+    assert run == ("r2", 10.0)
+    assert soak.follow_holder(run, "r2", 12.0) == ("r2", 10.0)
+    assert soak.settled_holder(run, 13.9, stable=4.0) is None
+    assert soak.settled_holder(run, 14.0, stable=4.0) == "r2"
+    # the VIPs moved (or two nodes held them): the run starts again
+    moved = soak.follow_holder(soak.follow_holder(run, None, 12.5), "r2", 13.0)
+    assert moved == ("r2", 13.0)
+    assert soak.settled_holder(moved, 16.0, stable=4.0) is None
+    assert soak.settled_holder(("r1", 0.0), 16.0, stable=4.0) == "r1"
+    assert soak.settled_holder((None, 0.0), 16.0, stable=4.0) is None
+    assert soak.settled_holder(None, 16.0) is None
+
+
+def reading(verdict="in-sync", taken=105.0):
+    return {"verdict": verdict, "taken": taken}
+
+
+def test_in_sync_takes_every_node_in_sync_in_one_fresh_moment():
+    names = ["r1", "r2", "r3"]
+    readings = {name: reading() for name in names}
+    assert soak.verdicts_in_sync(readings, names, since=100.0, now=106.0)
+    # one node not in sync, or not read yet
+    assert not soak.verdicts_in_sync({**readings, "r3": reading("degraded")},
+                                     names, since=100.0, now=106.0)
+    assert not soak.verdicts_in_sync({"r1": reading(), "r2": reading()}, names,
+                                     since=100.0, now=106.0)
+    # a reading from before the fault ended says nothing about after it
+    assert not soak.verdicts_in_sync({**readings, "r2": reading(taken=99.0)},
+                                     names, since=100.0, now=106.0)
+    # a poller that stopped reading: its last verdict is not the node's now
+    assert not soak.verdicts_in_sync({**readings, "r2": reading(taken=103.9)},
+                                     names, since=100.0, now=106.0, fresh=2.0)
 
 
 def client_flow(flow_id, last, error=None, echoed=("203.0.113.10:40001",)):

@@ -1,12 +1,17 @@
-"""The fault soak (issue 14): one router pair under load, a seeded schedule of faults,
-and after each fault the checks that say whether anything was lost.
+"""The fault soak (issue 14): one router under load on two or three nodes, a seeded
+schedule of faults, and after each fault the checks that say whether anything was
+lost.
 
-The load, the whole time: both nodes run `snat-sync daemon` and keepalived, the
+The load, the whole time: every node runs `snat-sync daemon` and keepalived, the
 primary holds idle SNAT entries (lab.load_idle_entries), long-lived TCP and UDP
 flows whose source ports collide run through it (lab.flows, with snapshots), and
-a churn of short new UDP flows (lab.churn) keeps its table changing.
+a churn of short new UDP flows (lab.churn) keeps its table changing. Three nodes
+(r1, r2, r3: priorities 150, 100, 50) sync by multicast, as [conntrackd]
+sync_mode = auto has it for a router with several peers.
 
-The faults (KINDS), one every 20-40 s:
+The faults (KINDS), due every 20-40 s (SPACING: between the moments two faults
+are due; a fault starts when it is due or, if the one before is still being
+checked, as soon as that one's checks are done):
     crash-keep-table        the primary's node dies, its namespace and table stay;
                             it returns with that old table
     crash-flushed           the primary's node dies and returns after a reboot
@@ -14,30 +19,38 @@ The faults (KINDS), one every 20-40 s:
     switchover              the primary's keepalived stops (priority-0 advert) and
                             starts again: the planned move of the VIPs
     kill-conntrackd-primary kill -9 of conntrackd on the primary
-    kill-conntrackd-backup  kill -9 of conntrackd on the backup
+    kill-conntrackd-backup  kill -9 of conntrackd on a backup
     kill-daemon             kill -9 of a node's daemon (its process group), started
                             again
     partition               the primary's HA link drops everything for 1-10 s
-    sync-loss               20% of the sync packets dropped on both nodes for 30 s
-    notify-storm            the backup's notify hook fired 20 times, MASTER and
+    sync-loss               20% of the sync packets dropped on every node for 30 s
+    notify-storm            a backup's notify hook fired 20 times, MASTER and
                             BACKUP in a seeded order, ending BACKUP, as a flapping
                             keepalived fires it
     sighup                  SIGHUP to a node's daemon (`systemctl reload`)
     router-add-again        `router add` again on a node with the same arguments
+On three nodes, "a backup" is one of the two, drawn from the fault's seed
+(pick_backup), and whichever node the election makes primary takes over.
 
 After each fault (checks): every long-lived flow has answered since the fault
-ended, without an error and from its one public endpoint; the primary's table
-holds every idle entry the primary held before; every node's `status` verdict is
-back to in-sync within IN_SYNC_BOUND; and then nothing is left over: one
-conntrackd per router namespace (the one status names, its lock file and control
-socket present), one daemon per node, no other process lingering in a router
-namespace.
+ended, without an error and from its one public endpoint; the settled primary's
+table holds every idle entry the primary held before, right after the fault and
+again once every node is in-sync; every node's `status` verdict is in-sync, all
+of them in one moment, within IN_SYNC_BOUND of the fault's end; and then nothing
+is left over: one conntrackd per router namespace (the one status names, its
+lock file and control socket present), one daemon per node, no other process
+lingering in a router namespace. The checks that wait (for a settled primary,
+the flows, the verdicts) wait at once, not one after the other (run_fault);
+each node's verdict is read every STATUS_POLL seconds by one long-running
+`status` poller per node (lab.status_poll) rather than one command per reading.
 
 Decisions are pure and unit-tested (tests/test_soak.py): draw_schedule, the
-judging of flows and tables, the rows and the last line. Effects are the thin
-functions below them; bench/soak.py is the command line.
+judging of flows and tables, when a primary has settled and when every verdict
+is in-sync, the rows and the last line. Effects are the thin functions below
+them; bench/soak.py is the command line.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -48,6 +61,7 @@ import random
 import shlex
 import signal
 import subprocess
+import threading
 import time
 
 import psutil
@@ -64,13 +78,13 @@ KINDS = (
 # always hit the node NODE_OF names.
 EITHER_NODE = ("kill-daemon", "sighup", "router-add-again")
 NODE_OF = {"kill-conntrackd-backup": "backup", "notify-storm": "backup",
-           "sync-loss": "both"}
+           "sync-loss": "all"}
 SPACING = (20.0, 40.0)
 PARTITION_SECONDS = (1.0, 10.0)
 SYNC_LOSS_SECONDS = 30.0
 SYNC_LOSS_PROBABILITY = 0.2
 STORM_HOOKS = 20
-SUPPORTED_NODES = (2,)
+SUPPORTED_NODES = (2, 3)
 
 # Bounds of the checks, in seconds.
 FAILOVER_BOUND = 15.0
@@ -82,6 +96,9 @@ FLOW_BOUND = 25.0  # TCP retries 6.2 s and 12.6 s after a loss
 STABLE_PRIMARY = 4.0
 IN_SYNC_BOUND = 90.0
 STRAY_SAMPLE_GAP = 4.0  # a process still there after this long is stray
+PRIMARY_SAMPLE = 0.2  # seconds between the samples of who holds the VIPs
+STATUS_POLL = 0.5  # seconds between the status readings of each node
+STATUS_FRESH = 2.0  # a reading older than this is not a node's verdict now
 HOOK_BOUND = 120.0
 SYNC_BASE_PORT = 3780  # [conntrackd] base_port's default
 CHURN_PORT = 9001
@@ -100,7 +117,7 @@ KEEPALIVED_INSTANCE_LINES = ("    garp_lower_prio_repeat 1",)
 @dataclasses.dataclass(frozen=True)
 class Fault:
     """One fault of the schedule: its kind, when it is due (seconds after the soak
-    started), which node it hits ("primary", "backup" or "both") and, for a
+    started), which node it hits ("primary", "backup" or "all") and, for a
     partition or a sync loss, for how long."""
 
     kind: str
@@ -111,14 +128,21 @@ class Fault:
 
 
 def check_node_count(count):
-    """The soak runs on a router pair; refuse other node counts clearly."""
+    """The soak runs on a router pair or on a router of three nodes (the lab's
+    and Neutron's max_l3_agents_per_router); refuse other node counts clearly."""
     if count not in SUPPORTED_NODES:
         raise ValueError(
             f"--nodes {count}: the soak runs on "
-            f"{' or '.join(map(str, SUPPORTED_NODES))} nodes only; a three-node "
-            "router needs the three-node lab, which is not part of snat_sync.lab "
-            "yet")
+            f"{' or '.join(map(str, SUPPORTED_NODES))} nodes only (the lab's "
+            "router has two or three)")
     return count
+
+
+def pick_backup(backups, seed):
+    """The backup a fault hits among the backups' names (two of them on three
+    nodes): drawn from the fault's seed, reproducibly."""
+    ordered = sorted(backups)
+    return ordered[seed % len(ordered)]
 
 
 def draw_fault(kind, at, chooser):
@@ -240,6 +264,35 @@ def describe_losses(moments, reasons):
     ordered = sorted(moments.items(), key=lambda item: (item[1], item[0]))
     return ", ".join(f"{flow_id} {reasons.get(flow_id, '?')} {at:.1f} s"
                      for flow_id, at in ordered)
+
+
+def follow_holder(run, holder, now):
+    """The run of one VIP holder, (holder, since), after a sample at `now` that
+    found `holder` (None: nobody, or more than one node)."""
+    if run is None or run[0] != holder:
+        return (holder, now)
+    return run
+
+
+def settled_holder(run, now, stable=STABLE_PRIMARY):
+    """The holder of the run if it has held the VIPs for `stable` seconds."""
+    if run is None or run[0] is None or now - run[1] < stable:
+        return None
+    return run[0]
+
+
+def verdicts_in_sync(readings, names, since, now, fresh=STATUS_FRESH):
+    """Whether the latest status reading of every node in names says in-sync,
+    each taken after `since` (the fault's end) and at most `fresh` seconds ago
+    (so that the readings are about one moment, and a stuck poller's last
+    verdict does not count). readings: {name: {"taken": epoch, "verdict": ...}}."""
+    for name in names:
+        reading = readings.get(name)
+        if (reading is None or reading.get("verdict") != "in-sync"
+                or not since <= reading["taken"] <= now
+                or now - reading["taken"] > fresh):
+            return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,8 +421,9 @@ class Soak:
 
 
 def start_soak(lab, workdir, settings, say):
-    """Both nodes up with their daemons, the idle entries on r1 and replicated,
-    the flows, their server and the churn running. Returns the Soak."""
+    """Every node up with its daemon and a status poller, the idle entries on r1
+    and replicated to the backups, the flows, their server and the churn
+    running. Returns the Soak."""
     workdir = pathlib.Path(workdir)
     check_node_count(settings.nodes)
     configs = {router.name: nodes_module.write_config(workdir / f"{router.name}.conf")
@@ -377,12 +431,18 @@ def start_soak(lab, workdir, settings, say):
     for router in lab.routers:
         router.keepalived_instance_lines = KEEPALIVED_INSTANCE_LINES
     started = nodes_module.start_nodes(lab, workdir, configs, settings.advert_int)
-    r1, r2 = lab.routers
-    say(f"lab {lab.prefix}: r1 primary, r2 backup, a daemon on each")
+    for node in started.values():
+        start_status_poller(lab, workdir, node)
+    r1, *backups = lab.routers
+    names = ", ".join(backup.name for backup in backups)
+    say(f"lab {lab.prefix}: r1 primary, {names} backup, a daemon on each")
     loaded = topology.load_idle_entries(r1, settings.idle_entries, workdir)
-    if not topology.wait_until(lambda: topology.idle_entry_count(r2) >= loaded, 120, 1):
-        raise topology.LabError(f"r2 does not hold the {loaded} idle entries of r1")
-    say(f"{loaded} idle entries on r1, replicated to r2")
+    for backup in backups:
+        if not topology.wait_until(
+                lambda: topology.idle_entry_count(backup) >= loaded, 120, 1):
+            raise topology.LabError(
+                f"{backup.name} does not hold the {loaded} idle entries of r1")
+    say(f"{loaded} idle entries on r1, replicated to {names}")
     duration = settings.minutes * 60 + 600  # outlives the soak; stopped by pid
     topology.run(["iptables", "-A", "INPUT", "-p", "udp", "--dport", str(CHURN_PORT),
                   "-j", "DROP"], namespace=lab.server_namespace)
@@ -452,9 +512,15 @@ def wait_for_flows(soak, since_wall):
 # --- the faults (effects) -------------------------------------------------------------
 
 
-def wait_for_vip(soak, node):
-    if not topology.wait_until(lambda: soak.primary() is node, FAILOVER_BOUND):
-        raise topology.LabError(f"{node.name} did not take the VIPs")
+def wait_for_vip_to_leave(soak, old):
+    """Wait until another node alone holds the VIPs (with three nodes, whichever
+    of the two the election makes primary)."""
+    def moved():
+        holder = soak.primary()
+        return holder is not None and holder is not old
+
+    if not topology.wait_until(moved, FAILOVER_BOUND):
+        raise topology.LabError(f"no other node took the VIPs from {old.name}")
 
 
 def one_primary(soak):
@@ -463,38 +529,64 @@ def one_primary(soak):
     return soak.primary()
 
 
-def settled_primary(soak):
-    """The node that has held the VIPs alone for STABLE_PRIMARY seconds, or None
-    if none did within FAILOVER_BOUND."""
-    deadline = time.monotonic() + FAILOVER_BOUND + STABLE_PRIMARY
-    holder, since = None, time.monotonic()
-    while time.monotonic() < deadline:
-        now_holder = soak.primary()
-        if now_holder is not holder:
-            holder, since = now_holder, time.monotonic()
-        elif holder is not None and time.monotonic() - since >= STABLE_PRIMARY:
-            return holder
-        time.sleep(0.2)
-    return None
+class PrimaryWatch:
+    """Who holds the VIPs, sampled every PRIMARY_SAMPLE seconds in a thread from
+    the fault's end until the checks are done: the run of the current holder
+    (follow_holder) tells at any moment whether a primary has settled, so the
+    checks after the fault wait for it at the same time as for the flows and the
+    verdicts, not one after the other."""
+
+    def __init__(self, soak):
+        self.soak = soak
+        self.run = None  # (holder's name or None, since: time.monotonic())
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.follow, daemon=True)
+
+    def __enter__(self):
+        self.sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stopped.set()
+        self.thread.join()
+
+    def sample(self):
+        holder = self.soak.primary()
+        now = time.monotonic()
+        with self.lock:
+            self.run = follow_holder(self.run, holder.name if holder else None, now)
+
+    def follow(self):
+        while not self.stopped.wait(PRIMARY_SAMPLE):
+            self.sample()
+
+    def settled(self, timeout=FAILOVER_BOUND + STABLE_PRIMARY):
+        """The node that has held the VIPs alone for STABLE_PRIMARY seconds, or
+        None if none did within timeout."""
+        def holder():
+            with self.lock:
+                name = settled_holder(self.run, time.monotonic())
+            return self.soak.nodes[name] if name else None
+        return topology.wait_until(holder, timeout, PRIMARY_SAMPLE)
 
 
 def crash(soak, fault, keep_table):
     old = one_primary(soak)
-    new, = soak.others(old)
     if keep_table:
         nodes_module.die_keeping_table(soak.lab, old)
     else:
         nodes_module.crash_node(soak.lab, old)
-    wait_for_vip(soak, new)
+    wait_for_vip_to_leave(soak, old)
     time.sleep(RETURN_AFTER)
     nodes_module.return_node(soak.lab, old, flush=not keep_table)
 
 
 def switchover(soak, fault):
     old = one_primary(soak)
-    new, = soak.others(old)
     topology.stop_process(old.router.keepalived)
-    wait_for_vip(soak, new)
+    wait_for_vip_to_leave(soak, old)
     topology.start_keepalived(soak.lab, old.router, old.notify_command)
 
 
@@ -610,8 +702,8 @@ def target(soak, fault):
     primary = one_primary(soak)
     if fault.node == "primary":
         return primary
-    backup, = soak.others(primary)
-    return backup
+    return soak.nodes[pick_backup([node.name for node in soak.others(primary)],
+                                  fault.seed)]
 
 
 EFFECTS = {
@@ -632,36 +724,68 @@ EFFECTS = {
 # --- the checks (effects) -------------------------------------------------------------
 
 
+def status_path(soak, node):
+    return soak.workdir / f"status-{node.name}.json"
+
+
+def start_status_poller(lab, workdir, node):
+    """`snat-sync status ROUTER --json` for node, run every STATUS_POLL seconds
+    in one process (lab.status_poll), its latest reading in the workdir; kept in
+    lab.processes."""
+    command = topology.snat_sync_argv(node.state_path, *node.global_arguments,
+                                      "status", lab.router_id, "--json")
+    program = topology.python_module("snat_sync")
+    argv = topology.python_module(
+        "snat_sync.lab.status_poll", "--output", workdir / f"status-{node.name}.json",
+        "--interval", STATUS_POLL, "--", *command[len(program):])
+    with open(workdir / f"status-poll-{node.name}.log", "ab") as log:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=topology.package_environment(), start_new_session=True)
+    lab.processes.append(process)
+    return process
+
+
 def node_status(soak, node):
-    result = topology.snat_sync(node.state_path, *node.global_arguments, "status",
-                                soak.lab.router_id, "--json", check=False)
-    with contextlib.suppress(ValueError, IndexError):
-        return json.loads(result.stdout)[0]
-    return {"verdict": "unreadable", "reason": result.stderr.strip()[-300:]}
+    """The node's latest status reading: its router's status with "taken" (the
+    reading's wall-clock time); verdict "unreadable" when the command said
+    nothing readable, None when there is no reading yet."""
+    found = read_json(status_path(soak, node))
+    if "taken" not in found:
+        return None
+    with contextlib.suppress(TypeError, IndexError, KeyError):
+        return {**found["status"][0], "taken": found["taken"]}
+    return {"taken": found["taken"], "verdict": "unreadable",
+            "reason": f"exit {found.get('exit')}: {found.get('stderr', '')}"[-300:]}
 
 
-def wait_for_in_sync(soak):
-    """Seconds until every node's status said in-sync (None: not within the
-    bound), and the last status of each node. Every verdict that is not in-sync
-    goes to status-trace.jsonl in the workdir, for the diagnosis."""
-    began = time.monotonic()
-    last = {}
+def wait_for_in_sync(soak, since):
+    """Seconds from `since` (the fault's end, wall clock) until every node's
+    status said in-sync (verdicts_in_sync; None: not within IN_SYNC_BOUND), and
+    the last status of each node. Every verdict that is not in-sync goes to
+    status-trace.jsonl in the workdir, once per reading, for the diagnosis."""
+    last, traced = {}, {}
+    names = list(soak.nodes)
 
     def all_in_sync():
-        last.update({node.name: node_status(soak, node)
-                     for node in soak.nodes.values()})
+        for node in soak.nodes.values():
+            status = node_status(soak, node)
+            if status is not None:
+                last[node.name] = status
         with open(soak.workdir / "status-trace.jsonl", "a") as trace:
             for name, status in last.items():
-                if status.get("verdict") != "in-sync":
+                if (status.get("verdict") != "in-sync"
+                        and traced.get(name) != status["taken"]):
+                    traced[name] = status["taken"]
                     trace.write(json.dumps({
-                        "at": round(time.monotonic() - soak.started, 1),
+                        "at": round(status["taken"] - soak.started_at, 1),
                         "node": name, "verdict": status.get("verdict"),
                         "reason": status.get("reason"),
                         "problems": status.get("problems")}) + "\n")
-        return all(status.get("verdict") == "in-sync" for status in last.values())
+        return verdicts_in_sync(last, names, since, time.time())
 
-    if topology.wait_until(all_in_sync, IN_SYNC_BOUND, 1.0):
-        return round(time.monotonic() - began, 1), last
+    if topology.wait_until(all_in_sync, IN_SYNC_BOUND, STATUS_POLL / 2):
+        return round(time.time() - since, 1), last
     return None, last
 
 
@@ -686,15 +810,36 @@ def lingering(node):
     return pids
 
 
-def leftovers(soak, statuses):
+def statuses_after(soak, moment, timeout=STATUS_FRESH + STATUS_POLL):
+    """Every node's latest status reading once it was taken after `moment` (wall
+    clock); a node whose poller took none within timeout is left out."""
+    found = {}
+
+    def all_read():
+        for node in soak.nodes.values():
+            status = node_status(soak, node)
+            if status is not None and status["taken"] >= moment:
+                found[node.name] = status
+        return len(found) == len(soak.nodes)
+
+    topology.wait_until(all_read, timeout, STATUS_POLL / 2)
+    return found
+
+
+def leftovers(soak, first):
     """What is left over once every node settled: more or fewer conntrackd than
-    one, one the status does not name, its lock or socket missing, more or fewer
-    daemons than one, processes that linger in a router namespace."""
+    one, one the status does not name (a reading taken after the processes were
+    listed: the in-sync one may have seen a conntrackd that was still
+    daemonizing), its lock or socket missing, more or fewer daemons than one,
+    processes that linger in a router namespace (in `first`, sampled
+    STRAY_SAMPLE_GAP seconds before, and still there)."""
     problems = []
-    first = {node.name: lingering(node) for node in soak.nodes.values()}
-    time.sleep(STRAY_SAMPLE_GAP)
+    listed = time.time()
+    conntrackds = {node.name: [process.pid for process in conntrackd_processes(node)]
+                   for node in soak.nodes.values()}
+    statuses = statuses_after(soak, listed)
     for node in soak.nodes.values():
-        pids = [process.pid for process in conntrackd_processes(node)]
+        pids = conntrackds[node.name]
         status = statuses.get(node.name, {})
         if len(pids) != 1:
             problems.append(f"{node.name}: {len(pids)} conntrackd")
@@ -715,8 +860,20 @@ def leftovers(soak, statuses):
     return problems
 
 
+def settled_table(watch):
+    """The settled primary and the idle entries it holds (None, None: none
+    settled)."""
+    primary = watch.settled()
+    return primary, topology.idle_entry_count(primary.router) if primary else None
+
+
 def run_fault(soak, fault):
-    """Apply one fault, then check; the Outcome."""
+    """Apply one fault, then check; the Outcome.
+
+    The checks that wait run at once, from the fault's end: a settled primary
+    and its table, the flows, every node's verdict. Once all three are done,
+    the first sample of what lingers, the table counted again on a primary
+    settled by then, and the second sample STRAY_SAMPLE_GAP after the first."""
     started = round(time.monotonic() - soak.started, 1)
     before = soak.primary()
     problems = []
@@ -725,26 +882,34 @@ def run_fault(soak, fault):
     except (topology.LabError, subprocess.SubprocessError, OSError) as error:
         problems.append(f"fault: {error}"[:300])
     ended = time.time()
-    after = settled_primary(soak)
-    lost = wait_for_flows(soak, ended)
+    with (PrimaryWatch(soak) as watch,
+          concurrent.futures.ThreadPoolExecutor(3) as pool):
+        table = pool.submit(settled_table, watch)
+        flows = pool.submit(wait_for_flows, soak, ended)
+        verdicts = pool.submit(wait_for_in_sync, soak, ended)
+        after, held = table.result()
+        lost = flows.result()
+        in_sync, statuses = verdicts.result()
+        first = {node.name: lingering(node) for node in soak.nodes.values()}
+        sampled = time.monotonic()
+        settled, held_settled = settled_table(watch)
+        time.sleep(max(0.0, sampled + STRAY_SAMPLE_GAP - time.monotonic()))
     client, server = snapshots(soak)
     reasons = loss_reasons(client, server, set(lost), client_moment(client, ended))
     moments = soak_moments(client, set(lost), soak.started_at)
-    held = topology.idle_entry_count(after.router) if after else None
-    in_sync, statuses = wait_for_in_sync(soak)
     if in_sync is None:
         problems += [f"{name}: {status.get('verdict')}: {status.get('reason')}"[:300]
                      for name, status in statuses.items()
                      if status.get("verdict") != "in-sync"]
-    settled = settled_primary(soak)
-    held_settled = topology.idle_entry_count(settled.router) if settled else None
+        problems += [f"{name}: no status reading" for name in soak.nodes
+                     if name not in statuses]
     new_losses = set(lost) - soak.lost
     if new_losses:
         problems.append("lost (last reply): " + describe_losses(
             {flow_id: moments[flow_id] for flow_id in new_losses
              if flow_id in moments}, reasons))
         soak.lost |= new_losses
-    problems += leftovers(soak, statuses)
+    problems += leftovers(soak, first)
     outcome = Outcome(fault, started, before.name if before else None,
                       after.name if after else None, soak.flow_count, tuple(lost),
                       soak.idle_expected, held, in_sync, tuple(problems),
@@ -779,7 +944,7 @@ def run_soak(workdir, settings, progress=print, prefix=None):
                              settings.spacing, settings.copies)
     progress(f"seed {settings.seed}: {len(schedule)} faults in "
              f"{settings.minutes:g} minutes")
-    with topology.running_lab(workdir, prefix=prefix) as lab:
+    with topology.running_lab(workdir, prefix=prefix, nodes=settings.nodes) as lab:
         soak = start_soak(lab, workdir, settings, progress)
         progress(format_row(ROW_HEADER))
         outcomes, skipped = run_schedule(
