@@ -89,7 +89,7 @@ class ReportedPeer:
     @property
     def table(self):
         """The peer's own table: its kernel count, else its internal cache."""
-        return self.kernel if self.kernel is not None else self.internal
+        return table_count(self.kernel, self.internal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +184,7 @@ class Facts:
     @property
     def table(self):
         """This node's own table, as a primary holds it."""
-        return (self.kernel_entries if self.kernel_entries is not None
-                else self.internal_cache)
+        return table_count(self.kernel_entries, self.internal_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +213,11 @@ def replica_count(standby_mode, kernel, external):
     """Where a backup keeps its replica: warm standby in its kernel table,
     cold in conntrackd's external cache."""
     return kernel if standby_mode == "warm" else external
+
+
+def table_count(kernel, internal):
+    """A node's own table: its kernel count, else conntrackd's internal cache."""
+    return kernel if kernel is not None else internal
 
 
 def short_tolerance(primary_count, percent):

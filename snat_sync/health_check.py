@@ -244,8 +244,7 @@ def write_health(conf, files, observation, peer_reports, problems, recent_repair
         "role": observation.role,
         "standby": observation.standby,
         # this node's table as the peers' figures below go with it
-        "table": (observation.kernel if observation.kernel is not None
-                  else observation.internal),
+        "table": observation.table,
         "peers": [{"address": report.address, "role": report.role,
                    "seen": report.received, "internal": report.internal,
                    "external": report.external, "kernel": report.kernel,

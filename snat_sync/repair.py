@@ -38,7 +38,7 @@ import dataclasses
 from snat_sync import failover
 from snat_sync.roles import Role
 from snat_sync.health import (BROKEN, DEGRADED, SHORT_TOLERANCE_MINIMUM, Problem,
-                              replica_count, short_tolerance)
+                              replica_count, short_tolerance, table_count)
 
 __all__ = ["SHORT_TOLERANCE_MINIMUM", "short_tolerance", "assess"]
 
@@ -68,6 +68,10 @@ class Observation:
     @property
     def replica(self):
         return replica_count(self.standby, self.kernel, self.external)
+
+    @property
+    def table(self):
+        return table_count(self.kernel, self.internal)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -230,6 +230,7 @@ def rolling_restart(workdir, repair=True, flush=False, idle_entries=5_000,
     it returns with or None for the last victim, which does not return), ROLL
     unless a shorter one is given (SHORT_ROLL)."""
     workdir = pathlib.Path(workdir)
+    flushed = flush if isinstance(flush, tuple) else (flush,) * len(roll)
     began = time.monotonic()
     failovers = []
     with contextlib.ExitStack() as stack:
@@ -265,8 +266,8 @@ def rolling_restart(workdir, repair=True, flush=False, idle_entries=5_000,
             if priority is None:
                 break
             time.sleep(RETURN_AFTER)
-            nodes.return_node(lab, started[victim], priority=priority,
-                              flush=flush[index] if isinstance(flush, tuple) else flush)
+            nodes.return_node(lab, started[victim], flush=flushed[index],
+                              priority=priority)
             failover.wait_seconds, failover.wait_status = wait_in_sync(
                 lab, started, wait_timeout)
             failover.probe_after_return = probe(lab, routers[successor])

@@ -724,8 +724,9 @@ EFFECTS = {
 # --- the checks (effects) -------------------------------------------------------------
 
 
-def status_path(soak, node):
-    return soak.workdir / f"status-{node.name}.json"
+def status_path(workdir, node):
+    """Where node's status poller keeps its latest reading."""
+    return workdir / f"status-{node.name}.json"
 
 
 def start_status_poller(lab, workdir, node):
@@ -736,7 +737,7 @@ def start_status_poller(lab, workdir, node):
                                       "status", lab.router_id, "--json")
     program = topology.python_module("snat_sync")
     argv = topology.python_module(
-        "snat_sync.lab.status_poll", "--output", workdir / f"status-{node.name}.json",
+        "snat_sync.lab.status_poll", "--output", status_path(workdir, node),
         "--interval", STATUS_POLL, "--", *command[len(program):])
     with open(workdir / f"status-poll-{node.name}.log", "ab") as log:
         process = subprocess.Popen(
@@ -750,7 +751,7 @@ def node_status(soak, node):
     """The node's latest status reading: its router's status with "taken" (the
     reading's wall-clock time); verdict "unreadable" when the command said
     nothing readable, None when there is no reading yet."""
-    found = read_json(status_path(soak, node))
+    found = read_json(status_path(soak.workdir, node))
     if "taken" not in found:
         return None
     with contextlib.suppress(TypeError, IndexError, KeyError):
