@@ -16,6 +16,12 @@ replica-short  This node is backup, and its replica (warm standby: its kernel
                count is moving. FTFW re-sends what it knows was lost, but never
                what the backup lost on its own side (a flushed or restarted
                cache): ask the primary for its whole table (conntrackd -n).
+               The primary's figures are from up to a check ago: the replica
+               they are compared with is the larger of the replica now and at
+               this node's last check before the primary counted, so a table
+               shrinking on both nodes (a churn gap passing) does not read
+               short; a flushed replica reads short from the primary's next
+               report on. The verdict (health.py) keeps the replica read now.
 split-brain    This node is primary and a peer reports primary too, in a report
                that reached this node after it became primary (the last report of
                a primary that died is not a split brain). Nothing is repaired
@@ -109,6 +115,7 @@ class Memory:
     primary_count: int | None = None  # the primary's count at the last check
     peer_changes: tuple = ()  # (peer address, its report's "changed")
     last_repairs: tuple = ()  # (repair name, time)
+    replicas: tuple = ()  # (time, replica) of this node's recent checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +184,13 @@ def assess(observation, reports, peer_addresses, memory, settings):
     counted = {address: count for address, count in counted.items()
                if count is not None}
     held = observation.replica
+    replicas = _recent_replicas(memory.replicas, observation, settings)
     if observation.role == Role.BACKUP.value and held is not None and counted:
         address, primary_count = max(counted.items(), key=lambda item: item[1])
         tolerance = short_tolerance(primary_count, settings.short_tolerance_percent)
-        if primary_count - held > tolerance:
+        counted_at = primaries[address].received - primaries[address].figures_age
+        compared = max(held, _replica_before(replicas, counted_at) or 0)
+        if primary_count - compared > tolerance:
             found.append(("replica-short", DEGRADED,
                           f"replica holds {held} of the primary "
                           f"{address}'s {primary_count} entries"))
@@ -221,8 +231,26 @@ def assess(observation, reports, peer_addresses, memory, settings):
             primary_count=primary_count,
             peer_changes=tuple(sorted(peer_changes.items())),
             last_repairs=tuple(sorted(last_repairs.items())),
+            replicas=replicas,
         ),
     )
+
+
+def _recent_replicas(replicas, observation, settings):
+    """This node's replica at its checks within a peer_timeout and a half: a
+    fresh primary report's figures are no older than that."""
+    recent = tuple((at, count) for at, count in replicas
+                   if observation.at - at <= 1.5 * settings.peer_timeout)
+    if observation.replica is None:
+        return recent
+    return recent + ((observation.at, observation.replica),)
+
+
+def _replica_before(replicas, moment):
+    """This node's replica at its last check at or before moment; None if no
+    check is that old."""
+    before = [(at, count) for at, count in replicas if at <= moment]
+    return max(before)[1] if before else None
 
 
 def _single_sender(peer_addresses):

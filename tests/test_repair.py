@@ -82,6 +82,41 @@ def test_the_repair_is_repeated_after_the_backoff():
                                                            True]
 
 
+def primary_counted(at, count, figures_age):
+    """The primary's report reaching this node at `at`, its figures taken
+    figures_age seconds before."""
+    return {PEER: PeerReport(PEER, "primary", 100.0, count, 0, count, at, at,
+                             taken=at - figures_age)}
+
+
+def test_a_table_that_shrank_on_both_nodes_is_not_read_short():
+    """Regression (soak): the backup's replica, read now, was compared with the
+    primary's figures from seconds ago; when the table shrank on both nodes (a
+    churn gap passing) the backup asked for a full resync every backoff."""
+    times = (0, 3, 6, 9, 12)
+    table = {t: 100000 if t < 5 else 97000 for t in range(-10, 13)}
+    results = run_checks([observation(t, external=table[t] - 10) for t in times],
+                         [primary_counted(t, table[t - 5], figures_age=5)
+                          for t in times])
+    assert [result.problems for result in results] == [()] * len(times)
+    assert all(not result.repairs for result in results)
+
+
+def test_a_flushed_replica_is_read_short_from_the_primary_s_next_report_on():
+    times = (0, 3, 6, 9, 12)
+    replica = {0: 100000, 3: 100000, 6: 0, 9: 0, 12: 0}
+    results = run_checks([observation(t, external=replica[t]) for t in times],
+                         [primary_counted(t, 100000, figures_age=1) for t in times])
+    # At 6 the primary's figures are from 5, before this node's check at 6 saw
+    # the flush; from 9 on they are from after it.
+    assert ["replica-short" in kinds(result) for result in results] == [
+        False, False, False, True, True]
+    assert [bool(result.repairs) for result in results] == [
+        False, False, False, False, True]
+    assert "replica holds 0 of the primary 169.254.192.2's 100000" in next(
+        p.message for p in results[3].problems if p.kind == "replica-short")
+
+
 def test_with_repair_off_the_fault_is_reported_but_not_repaired():
     settings = repair.Settings(False, 2, 30.0, 1.0, 10.0)
     results = run_checks([observation(t) for t in (0, 3, 6)],
