@@ -1,11 +1,13 @@
 """Warm standby: a failover costs VRRP detection alone at any table size, and flows
 that have lived longer than every conntrack timeout of the backup survive it.
 
-The router namespaces run with a UDP stream timeout of 10 s and an established
-TCP timeout of 16 s, and the flows run 20 s before the failure: an entry the
+The router namespaces run with a UDP stream timeout of 8 s and an established
+TCP timeout of 10 s, and the flows run 12 s before the failure: an entry the
 primary reported once and never again would have run out on the backup. With the
-refreshes each live flow's entry is sent again every refresh_interval (4 s).
-About 40 s a scenario.
+refreshes each live flow's entry is sent again every refresh_interval (4 s), well
+inside both timeouts. After the failure the flows run 8 s: TCP's retries after a
+crash's 3-3.5 s of silence come 3.0 and 6.2 s after the first loss. About 30 s a
+scenario.
 """
 
 import pytest
@@ -15,9 +17,10 @@ from snat_sync.lab import demo
 from functional.test_failover import (WARM_TAKEOVER, assert_alive_before_failure,
                                       warm_takeover_steps)
 
-SHORT_TIMEOUTS = (("net.netfilter.nf_conntrack_udp_timeout_stream", 10),
-                  ("net.netfilter.nf_conntrack_tcp_timeout_established", 16))
-FLOWS_AGE_AT_FAILURE = 20.0  # older than both timeouts
+SHORT_TIMEOUTS = (("net.netfilter.nf_conntrack_udp_timeout_stream", 8),
+                  ("net.netfilter.nf_conntrack_tcp_timeout_established", 10))
+FLOWS_AGE_AT_FAILURE = 12.0  # older than both timeouts
+RUN_AFTER_FAILURE = 8.0
 IDLE_ENTRIES = 200_000
 # The flows send every 50-100 ms: a flow's longest gap is the silence of the
 # failover plus up to one sending interval and its reply.
@@ -28,7 +31,7 @@ def run(tmp_path, name, failure, idle_entries=0, config=""):
     config_file = tmp_path / f"{name}.conf"
     config_file.write_text(config)
     settings = demo.ScenarioSettings(
-        crash_after=FLOWS_AGE_AT_FAILURE, run_after_crash=10.0, idle_entries=idle_entries,
+        crash_after=FLOWS_AGE_AT_FAILURE, run_after_crash=RUN_AFTER_FAILURE, idle_entries=idle_entries,
         router_sysctls=SHORT_TIMEOUTS, failure=failure,
         snat_sync_arguments=("--config-file", str(config_file)))
     return demo.run_scenario(tmp_path / name, with_snat_sync=True, settings=settings)
