@@ -8,8 +8,9 @@ Rolling restart: r1's node stops dead keeping its namespace and kernel table
 (nodes.die_keeping_table); just before, while its conntrackd is frozen, r1 gets an
 entry nobody replicates (STALE) and a sample of idle entries gets a mark r2 never
 hears of (their "r1 version"). r2 takes over; 2 s after the VIP moved r1 returns
-(ports up, daemon, then keepalived: BACKUP, nopreempt, r2 stays primary); 10 s later
-r2's node crashes and r1 takes over again. With the repair (the default) r1's table
+(ports up, daemon, then keepalived: BACKUP, nopreempt, r2 stays primary); 2 s after
+r1's table is complete (at most 10 s after the return) r2's node crashes and r1
+takes over again. With the repair (the default) r1's table
 after the return holds exactly r2's entries; with `resync_on_backup = false` (the
 negative control) STALE and the r1 version survive the return.
 
@@ -40,7 +41,8 @@ STALE = lab_module.SnatEntry("tcp", "10.99.0.1", 1234, 50123,
 SAMPLE_CLIENT = "10.200.0.5"
 R1_MARK = 42
 RETURN_AFTER = 2.0  # seconds after the VIP moved to r2
-SECOND_CRASH_AFTER = 10.0  # seconds after r1 returned
+SECOND_CRASH_AFTER = 10.0  # seconds after r1 returned, at the latest
+SETTLED_FOR = 2.0  # seconds r1's table stays complete before r2 crashes
 RUN_AFTER_LAST_FAILOVER = 10.0  # TCP's retry 6.2 s after the loss, then a reply
 FAILOVER_ALLOWANCE = 4.5
 
@@ -145,6 +147,9 @@ def rolling_restart(tmp_path, resync_on_backup, flush, second_crash=True):
                     and lab_module.kernel_entry_count(r1) >= expected - 2):
                 complete_after = round(time.monotonic() - returned, 2)
                 note("r1's table complete")
+            if (complete_after is not None
+                    and time.monotonic() - returned >= complete_after + SETTLED_FOR):
+                break
             time.sleep(0.2)
         stale_on_r1, stale_on_r2 = holds(r1, STALE), holds(r2, STALE)
         r1_marked = marked(r1)
