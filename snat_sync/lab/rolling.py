@@ -2,7 +2,7 @@
 
 The lab's r1, r2 and r3 each run `snat-sync daemon` with its own state path and
 config (health checks every second), keepalived (unicast to both others,
-nopreempt, priorities 150/100/50) notifies it, r1 holds the idle entries and 16
+nopreempt, priorities ROLL_PRIORITIES) notifies it, r1 holds the idle entries and 16
 TCP + 16 UDP flows run through it. The roll (`rolling_restart`): the primary
 stops dead keeping its namespace and kernel table (nodes.die_keeping_table);
 just before, while its processes are frozen, it gets an entry nobody replicates
@@ -38,9 +38,14 @@ SAMPLE_CLIENT = "10.200.0.5"  # its idle entries get a mark on the dying node al
 DYING_MARK = 42
 # (victim, who takes over, the victim's priority when it returns); the last
 # failover's victim does not return.
-ROLL = (("r1", "r2", 25), ("r2", "r3", 10), ("r3", "r1", 5), ("r1", "r2", None))
-# One return and the failover after it: r3 (50) takes over from r2, not r1 (25).
-SHORT_ROLL = (("r1", "r2", 25), ("r2", "r3", None))
+ROLL = (("r1", "r2", 100), ("r2", "r3", 50), ("r3", "r1", 1), ("r1", "r2", None))
+# One return and the failover after it: r3 (150) takes over from r2, not r1 (100).
+SHORT_ROLL = (("r1", "r2", 100), ("r2", "r3", None))
+# keepalived's priorities at the start. Of the backups that stop hearing the
+# primary, the one of higher priority takes over first: after three adverts and
+# a skew of (256 - priority) / 256 s. 50 apart is 0.2 s, a race a loaded machine
+# does not lose; at 10 against 5 (0.02 s) the lower one won once in CI's time.
+ROLL_PRIORITIES = {"r1": 250, "r2": 200, "r3": 150}
 RETURN_AFTER = 1.0  # seconds after the VIP moved
 # The next failure comes no sooner than this after the last one: a TCP flow's
 # retransmission after a 3-4 s failover goes out 6.2 s after the loss began
@@ -207,6 +212,8 @@ def started_nodes(stack, workdir, repair, idle_entries, sync_mode="auto", extra=
     workdir = pathlib.Path(workdir)
     lab = stack.enter_context(lab_module.running_lab(workdir / "lab", nodes=3))
     routers = {router.name: router for router in lab.routers}
+    for name, router in routers.items():
+        router.priority = ROLL_PRIORITIES[name]
     configs = {name: node_config(workdir, name, repair, sync_mode, extra)
                for name in routers}
     started = nodes.start_nodes(lab, workdir, configs)
