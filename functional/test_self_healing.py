@@ -130,6 +130,7 @@ def test_a_backup_whose_replica_lost_entries_asks_for_the_whole_table(
         if repair:
             assert mended, log
             took = time.monotonic() - flushed
+            print(f"replica mended {took:.1f} s after the flush")
             assert took < REPAIR_WINDOW
             done = [entry for entry in repairs(state_paths["r2"], lab.router_id)
                     if entry["repair"] == "request-resync"]
