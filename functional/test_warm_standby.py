@@ -10,9 +10,14 @@ crash's 3-3.5 s of silence come 3.0 and 6.2 s after the first loss. About 30 s a
 scenario.
 """
 
+import re
+import time
+
 import pytest
 
 from snat_sync.lab import demo
+from snat_sync.lab import nodes
+from snat_sync.lab import topology as lab_module
 
 from functional.test_failover import (WARM_TAKEOVER, assert_alive_before_failure,
                                       warm_takeover_steps)
@@ -94,3 +99,118 @@ def test_without_refreshes_old_flows_lose_their_backup_entries(tmp_path, config)
     assert_alive_before_failure(result)
     assert lost(result), report
     print(report)
+
+
+# -- a flow that sends every other tick ---------------------------------------------
+# Regression: the refresh used to flip one bit of the mark every tick, so a packet an
+# even number of ticks after the flow's last one changed nothing and was never
+# reported: a keepalive every 2 ticks kept its entry on the primary while the
+# backup's copy ran out. Here: 2-s ticks, a datagram (and its echo) every 4 s in the
+# middle of an even tick, UDP timeouts of 6 s; the datagram at 4 s makes the entry
+# assured (a reported change), those at 8, 12 and 16 s change nothing but the mark.
+SPARSE_TICK = 2
+SPARSE_PERIOD = 4
+SPARSE_PACKETS = 5
+SPARSE_TIMEOUTS = ("net.netfilter.nf_conntrack_udp_timeout=6",
+                   "net.netfilter.nf_conntrack_udp_timeout_stream=6")
+SPARSE_CLIENT = ("192.168.100.11", 40404)
+SPARSE_SERVER_PORT = 9404
+ECHO_SERVER = f"""
+import socket
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", {SPARSE_SERVER_PORT}))
+while True:
+    data, peer = sock.recvfrom(64)
+    sock.sendto(data, peer)
+"""
+# Sends at seconds of the day 1 (mod 4): mid-way into an even 2-s tick.
+SPARSE_CLIENT_SCRIPT = f"""
+import socket, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind({SPARSE_CLIENT!r})
+sock.settimeout(1.0)
+now = time.time()
+start = now - now % {SPARSE_PERIOD} + {SPARSE_PERIOD} + 1
+for number in range({SPARSE_PACKETS}):
+    time.sleep(max(0.0, start + number * {SPARSE_PERIOD} - time.time()))
+    sock.sendto(b"ping", ("{{server}}", {SPARSE_SERVER_PORT}))
+    try:
+        sock.recvfrom(64)
+        print(number, "echoed", flush=True)
+    except socket.timeout:
+        print(number, "lost", flush=True)
+"""
+# The refresh as it was: one bit flipped every tick (bit 8, as the counter's first).
+ONE_BIT_REFRESH = """table inet snat_sync_refresh {
+	chain prerouting {
+		type filter hook prerouting priority filter; policy accept;
+		meta hour & "00:00:02" == "00:00:00" ct mark set ct mark & 0xfffffeff
+		meta hour & "00:00:02" != "00:00:00" ct mark set ct mark | 0x00000100
+	}
+}
+"""
+
+
+def sparse_entry(router):
+    """The sparse flow's entry in router's table: its reply tuple's port, or None."""
+    result = lab_module.run(
+        ["conntrack", "-L", "-p", "udp", "-s", SPARSE_CLIENT[0], "--sport",
+         str(SPARSE_CLIENT[1]), "--dport", str(SPARSE_SERVER_PORT)],
+        namespace=router.namespace, check=False)
+    ports = re.findall(r"dport=(\d+)", result.stdout)
+    return ports[1] if len(ports) > 1 else None
+
+
+def run_sparse_flow(tmp_path, one_bit_refresh):
+    """(samples of (seconds, r1's entry, r2's entry), the client's log)."""
+    samples = []
+    with lab_module.running_lab(tmp_path / "lab") as lab:
+        configs = {router.name: nodes.write_config(
+            tmp_path / f"{router.name}.conf",
+            extra=f"[failover]\nrefresh_interval = {SPARSE_TICK}\n")
+            for router in lab.routers}
+        for router in lab.routers:
+            lab_module.sysctl(router.namespace, *SPARSE_TIMEOUTS)
+        nodes.start_nodes(lab, tmp_path, configs)
+        r1, r2 = lab.routers
+        if one_bit_refresh:
+            rules = tmp_path / "one-bit.nft"
+            rules.write_text("delete table inet snat_sync_refresh\n" + ONE_BIT_REFRESH)
+            lab_module.run(["nft", "-f", str(rules)], namespace=r1.namespace)
+        lab_module.start_process(lab, lab.server_namespace,
+                                 ["python3", "-c", ECHO_SERVER], tmp_path / "echo.log")
+        client = lab_module.start_process(
+            lab, lab.client_namespace,
+            ["python3", "-c", SPARSE_CLIENT_SCRIPT.replace(
+                "{server}", lab_module.SERVER_ADDRESS)],
+            tmp_path / "sparse.log")
+        began = time.monotonic()
+        while client.poll() is None and time.monotonic() - began < 40:
+            samples.append((round(time.monotonic() - began, 1), sparse_entry(r1),
+                            sparse_entry(r2)))
+            time.sleep(0.25)
+    return samples, (tmp_path / "sparse.log").read_text()
+
+
+def missing_on_the_backup(samples):
+    """Samples where the primary held the flow's entry and the backup did not
+    (its first second aside: the replication's own lag)."""
+    first = next((at for at, primary, _ in samples if primary), None)
+    return [(at, primary, backup) for at, primary, backup in samples
+            if primary and first is not None and at > first + 1.0
+            and backup != primary]
+
+
+@pytest.mark.parametrize("one_bit_refresh", [False, True],
+                         ids=["counter", "one-bit-control"])
+def test_a_flow_that_sends_every_other_tick_keeps_its_backup_entry(tmp_path,
+                                                                   one_bit_refresh):
+    samples, log = run_sparse_flow(tmp_path, one_bit_refresh)
+    print(log, samples)
+    assert log.count("echoed") == SPARSE_PACKETS, log
+    assert any(primary for _, primary, _ in samples), samples
+    missing = missing_on_the_backup(samples)
+    if one_bit_refresh:
+        assert missing, f"the one-bit refresh kept the backup's entry: {samples}"
+    else:
+        assert not missing, missing

@@ -302,10 +302,11 @@ failover_opts = [
         default=4,
         choices=[0, 1, 2, 4, 8, 16, 32, 64],
         help="warm standby: seconds between refreshes of a live flow's entry on "
-        "the backups. The first packet of each flow after every such tick flips "
-        "a bit of its connection mark (an nftables rule in the router's "
-        "namespace), so conntrack reports the entry and conntrackd sends it with "
-        "its fresh timeout; idle entries cost nothing. Keep it well below the "
+        "the backups. The first packet of each flow in every new such tick "
+        "changes its connection mark (nftables rules in the router's namespace "
+        "copy the tick's number into 8 bits of it), so conntrack reports the "
+        "entry and conntrackd sends it with its fresh timeout; idle entries cost "
+        "nothing. Keep it well below the "
         "shortest conntrack timeout of a live flow (UDP: "
         "nf_conntrack_udp_timeout, 30 s). 0 turns refreshes off: then a flow "
         "whose state no longer changes loses its backup entry once the timeout "
@@ -314,12 +315,13 @@ failover_opts = [
     ),
     cfg.IntOpt(
         "refresh_mark_bit",
-        default=15,
+        default=8,
         min=0,
-        max=31,
-        help="warm standby: the bit of the connection mark (ct mark) the refresh "
-        "flips. Choose a bit nothing else in the router namespaces uses; "
-        "Neutron's address scopes use the upper 16 bits.",
+        max=24,
+        help="warm standby: the lowest of the 8 bits of the connection mark (ct "
+        "mark) that hold the refresh's tick number (bits 8-15 by default). "
+        "Choose bits nothing else in the router namespaces uses; Neutron's "
+        "address scopes use the upper 16 bits.",
     ),
     cfg.BoolOpt(
         "backup_reads_events",

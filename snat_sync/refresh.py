@@ -5,14 +5,15 @@ table with the timeout the entry had when the primary last reported it. The
 primary's conntrack reports an entry only when its state or status changes, so an
 assured UDP stream or an established TCP connection is reported once and then no
 more, while every packet renews its timer on the primary. The rendered ruleset
-(templates/refresh.nft.j2) makes the first packet of each flow after every tick of
-[failover] refresh_interval flip one bit of the flow's connection mark; conntrack
-reports the change with the freshly renewed timeout, and conntrackd sends it on.
+(templates/refresh.nft.j2) copies the number of the [failover] refresh_interval
+tick (modulo 256, render.REFRESH_COUNTER_BITS) into the flow's connection mark, so
+the first packet of each flow in a new tick changes it; conntrack reports the
+change with the freshly renewed timeout, and conntrackd sends it on.
 Like pfsync's updates, the cost follows the flows that carry traffic, not the size
 of the table.
 
 The table stays on every node of the router: a backup forwards nothing, so it
-flips nothing until it becomes primary.
+marks nothing until it becomes primary.
 """
 
 from snat_sync import nftables

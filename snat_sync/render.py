@@ -216,9 +216,32 @@ def render_guard(spec, table):
             _render("guard-lift.nft.j2", context))
 
 
+# The refresh counter's width in bits of the connection mark: the tick number
+# modulo 256. A packet goes unreported only within its tick or exactly 256 ticks
+# after the flow's packet before (17 minutes at the default 4 s, longer than any
+# UDP or ICMP timeout); one bit missed every packet an even number of ticks
+# after the last (a keepalive every 8 s).
+REFRESH_COUNTER_BITS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshBit:
+    """One bit of the refresh counter: the bit of `meta hour` (a time of day) it
+    copies into the connection mark."""
+
+    tick: str  # "HH:MM:SS", a power of two times the interval
+    mark: int
+    cleared_mask: int
+
+
 @dataclasses.dataclass(frozen=True)
 class RefreshSettings:
-    """The warm standby's refreshes of one router; interval 0 means none."""
+    """The warm standby's refreshes of one router; interval 0 means none.
+
+    The rules copy the tick number (seconds since midnight / interval) modulo
+    2 ** REFRESH_COUNTER_BITS into the bits of the connection mark from mark_bit
+    up, so the first packet of a flow in any later tick changes the mark.
+    """
 
     interval: int
     mark_bit: int
@@ -228,10 +251,19 @@ class RefreshSettings:
         return self.interval > 0
 
     @property
-    def tick(self):
-        """The interval as a time of day: the bit of `meta hour` that ticks."""
-        minutes, seconds = divmod(self.interval, 60)
-        return f"00:{minutes:02d}:{seconds:02d}"
+    def counter(self):
+        """The counter's bits, the one that changes every tick first."""
+        return tuple(
+            RefreshBit(_time_of_day(self.interval << index),
+                       1 << (self.mark_bit + index),
+                       0xFFFFFFFF ^ (1 << (self.mark_bit + index)))
+            for index in range(REFRESH_COUNTER_BITS))
+
+
+def _time_of_day(seconds):
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours:02d}:{minutes:02d}:{seconds:02d}"
 
 
 def refresh_settings(failover_options):
@@ -244,12 +276,11 @@ def refresh_settings(failover_options):
 
 def render_refresh(spec, table, settings):
     """The ruleset that adds (or, with refreshes off, removes) the refresh table."""
-    mark = 1 << settings.mark_bit
     return _render("refresh.nft.j2", {
         "router_id": spec.router_id, "ha_interface": spec.ha_interface,
         "table": table, "enabled": settings.enabled, "interval": settings.interval,
-        "tick": settings.tick, "mark_bit": settings.mark_bit, "mark": mark,
-        "cleared_mask": 0xFFFFFFFF ^ mark,
+        "counter": settings.counter, "mark_bit": settings.mark_bit,
+        "last_bit": settings.mark_bit + REFRESH_COUNTER_BITS - 1,
     })
 
 

@@ -123,7 +123,7 @@ def test_generate_for_warm_standby_injects_refreshes_and_commits_nothing(conf, s
     assert "DisableExternalCache On" in rendered.backup_conntrackd_config
     assert "DisableExternalCache Off" in rendered.conntrackd_config  # the primary's
     assert rendered.refresh_rules == render.render_refresh(
-        spec, manager.refresh.TABLE, render.RefreshSettings(4, 15))
+        spec, manager.refresh.TABLE, render.RefreshSettings(4, 8))
     assert "ct mark set" in rendered.refresh_rules
     assert " -c " not in rendered.notify_hook and "nft" not in rendered.notify_hook
 

@@ -738,26 +738,54 @@ def test_the_old_inject_option_is_refused_by_name(make_conf, write_config):
         make_conf(write_config("[conntrackd]\ninject_replicated_entries = true\n"))
 
 
-@pytest.mark.parametrize("interval, tick", [(1, "00:00:01"), (4, "00:00:04"),
-                                            (32, "00:00:32"), (64, "00:01:04")])
-def test_refresh_ticks_on_the_bit_of_the_time_of_day(interval, tick):
+@pytest.mark.parametrize("interval, first_tick, last_tick", [
+    (1, "00:00:01", "00:02:08"), (4, "00:00:04", "00:08:32"),
+    (64, "00:01:04", "02:16:32")])
+def test_refresh_copies_the_tick_number_into_eight_bits_of_the_mark(
+        interval, first_tick, last_tick):
     text = render.render_refresh(make_spec(), "snat_sync_refresh",
-                                 render.RefreshSettings(interval, 15))
+                                 render.RefreshSettings(interval, 8))
     rules = [line.strip() for line in text.splitlines() if "meta hour" in line]
-    assert rules == [
-        f'meta hour & "{tick}" == "00:00:00" ct mark set ct mark & 0xffff7fff',
-        f'meta hour & "{tick}" != "00:00:00" ct mark set ct mark | 0x00008000',
+    assert len(rules) == 2 * render.REFRESH_COUNTER_BITS
+    assert rules[:2] == [
+        f'meta hour & "{first_tick}" == "00:00:00" ct mark set ct mark & 0xfffffeff',
+        f'meta hour & "{first_tick}" != "00:00:00" ct mark set ct mark | 0x00000100',
+    ]
+    assert rules[-2:] == [
+        f'meta hour & "{last_tick}" == "00:00:00" ct mark set ct mark & 0xffff7fff',
+        f'meta hour & "{last_tick}" != "00:00:00" ct mark set ct mark | 0x00008000',
     ]
     assert 'iifname { "lo", "ha-1a2b3c4d-5e" } accept' in text
     assert text.index("delete table inet snat_sync_refresh") < text.index(
         "table inet snat_sync_refresh {")
 
 
-@pytest.mark.parametrize("bit, mark, cleared", [(0, "0x00000001", "0xfffffffe"),
-                                                (31, "0x80000000", "0x7fffffff")])
-def test_refresh_flips_the_configured_mark_bit_only(bit, mark, cleared):
+def test_the_refresh_counter_changes_in_every_tick_of_its_cycle():
+    """Regression: one flipped bit let every packet an even number of ticks after
+    the last one through unreported (a keepalive every 8 s at 4-s ticks)."""
+    settings = render.RefreshSettings(4, 8)
+
+    def mark(seconds_of_day):
+        value = 0
+        for bit in settings.counter:
+            hours, minutes, seconds = map(int, bit.tick.split(":"))
+            if seconds_of_day & (hours * 3600 + minutes * 60 + seconds):
+                value |= bit.mark
+        return value
+
+    start = 7 * 3600 + 3
+    marks = [mark(start + 4 * ticks) for ticks in range(257)]
+    assert len(set(marks[:256])) == 256 and marks[256] == marks[0]
+
+
+@pytest.mark.parametrize("bit, first, last", [(0, "0x00000001", "0x00000080"),
+                                              (24, "0x01000000", "0x80000000")])
+def test_refresh_uses_the_eight_bits_from_the_configured_one(bit, first, last):
     text = render.render_refresh(make_spec(), "t", render.RefreshSettings(8, bit))
-    assert f"ct mark | {mark}" in text and f"ct mark & {cleared}" in text
+    marks = {int(word, 16) for line in text.splitlines() if "ct mark |" in line
+             for word in [line.split("|")[1].strip()]}
+    assert marks == {1 << (bit + index) for index in range(8)}
+    assert f"ct mark | {first}" in text and f"ct mark | {last}" in text
 
 
 def test_refresh_off_or_cold_standby_only_removes_the_table(make_conf, write_config):
