@@ -18,7 +18,11 @@ Partition: r1 (primary) stops hearing and being heard on its HA leg for 5 s with
 every process alive (iptables drops; a switch port down would be carrier loss,
 and keepalived would go FAULT and give the VIPs up): r2 takes over, two primaries
 for a moment; the heal leaves r1 primary (priority 150 over 100); r2's table must
-then be r1's, and flows must survive r1's crash.
+then be r1's, and flows must survive r1's crash. r2 carried the flows for a few
+seconds, so r1's own entries are behind them when the flows come back to it (when
+r1 hears r2's advert first it answers with gratuitous ARPs): only liberal TCP
+tracking ([failover] liberal_tcp_tracking, snat_sync.tcp_tracking) keeps their
+segments valid, and NATed.
 """
 
 import contextlib
@@ -224,16 +228,7 @@ def ha_drop(router, action):
                         "-j", "DROP"], namespace=router.namespace)
 
 
-@pytest.mark.parametrize("repair", [
-    pytest.param(True, marks=pytest.mark.xfail(strict=False, reason=(
-        "known defect, half fixed: the loser's partition-time work no longer "
-        "reaches the survivor (a primary's conntrackd injects nothing it "
-        "receives), but 1-2 of 16 TCP flows are reset in about half the runs "
-        "(4 of 9 on 2026-12-02), always flows whose public port was remapped "
-        "(source ports collide), silent from the split on; every flow stalls "
-        "from the split until the survivor's crash; keepalived's "
-        "garp_lower_prio_repeat on both nodes did not change it (1 of 3)"))),
-    False], ids=["repair-on", "repair-off"])
+@pytest.mark.parametrize("repair", [True, False], ids=["repair-on", "repair-off"])
 def test_partition_heal(tmp_path, repair):
     duration = 4 + PARTITION + AFTER_HEAL + 2 + FAILOVER_ALLOWANCE \
         + RUN_AFTER_LAST_FAILOVER

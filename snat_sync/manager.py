@@ -26,6 +26,7 @@ from snat_sync import namespace
 from snat_sync import refresh
 from snat_sync import render
 from snat_sync import statedir
+from snat_sync import tcp_tracking
 from snat_sync.errors import InvalidInput, SnatSyncError
 from snat_sync.roles import Role
 from snat_sync.router import RouterSpec, check_router_id
@@ -213,12 +214,14 @@ def add_router(conf, spec, snat_sync_command):
                                and last.get("role") == "primary"
                                else demotion.DEMOTED)
             started = daemon.start(conf.conntrackd.scheduler)
-            # The namespace's nftables tables follow the files: a repeat with the
-            # same arguments (the daemon re-adds every router at start and on
-            # SIGHUP) runs no nft at all. A namespace created anew also needs its
-            # conntrackd started, so it gets its tables again.
+            # The namespace's nftables tables and sysctls follow the files: a
+            # repeat with the same arguments (the daemon re-adds every router at
+            # start and on SIGHUP) runs no nft or sysctl at all. A namespace
+            # created anew also needs its conntrackd started, so it gets them
+            # again.
             if changed or started:
                 refresh.apply(spec.namespace, files)
+                tcp_tracking.apply(spec.namespace, tcp_tracking.settings(conf.failover))
         if (changed or started) and not _uses_guard(conf):
             _lift_guard_if_up(spec, files)
     except BaseException:

@@ -351,6 +351,17 @@ failover_opts = [
         "keepalived raising the addresses and the end of the commit are answered "
         "with TCP resets or get a fresh SNAT mapping.",
     ),
+    cfg.BoolOpt(
+        "liberal_tcp_tracking",
+        default=True,
+        help="Set nf_conntrack_tcp_be_liberal to 1 in each router's namespace "
+        "(when the router is added, and again when its namespace is new): "
+        "conntrack then marks only out-of-window TCP resets invalid. After a "
+        "partition of the HA link the node that stayed primary gets the flows "
+        "back with entries from before the split; without it their segments "
+        "are invalid, leave without NAT, and the gateway address answers the "
+        "server with resets. False leaves the kernel's setting alone.",
+    ),
     cfg.IntOpt(
         "lock_timeout",
         default=120,

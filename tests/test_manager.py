@@ -15,6 +15,7 @@ from snat_sync import conntrackd
 from snat_sync import manager
 from snat_sync import render
 from snat_sync import statedir
+from snat_sync import tcp_tracking
 from snat_sync.conntrackd import ConntrackdError
 from snat_sync.errors import InvalidInput, SnatSyncError
 from snat_sync.guard import GuardError
@@ -23,6 +24,8 @@ from snat_sync.router import NamespaceFacts, RouterSpec
 
 FACTS = NamespaceFacts(ipaddress.ip_network("169.254.192.0/18"), 262144)
 COMMAND = ["/usr/bin/python3", "-m", "snat_sync", "--state-path", "/state"]
+
+LIBERAL = {tcp_tracking.BE_LIBERAL: "1"}
 
 
 def mode(path):
@@ -49,6 +52,8 @@ class FakeSystem:
                             self.calls.append(("apply-refresh", namespace)))
         monkeypatch.setattr(manager.refresh, "remove", lambda namespace:
                             self.calls.append(("remove-refresh", namespace)))
+        monkeypatch.setattr(manager.tcp_tracking, "apply", lambda namespace, sysctls:
+                            self.calls.append(("sysctl", namespace, sysctls)))
         monkeypatch.setattr(manager.conntrackd, "foreign_daemons",
                             lambda namespace, config: self.foreign)
         monkeypatch.setattr(manager.conntrackd, "daemons_with_config",
@@ -176,7 +181,8 @@ def test_add_writes_the_files_and_starts_conntrackd(cold_conf, spec, system):
                                     files.refresh_rules, files.notify_hook)
     assert result.conntrackd_started is True
     assert system.calls == [("start", "qrouter-r1", "other"),
-                            ("apply-refresh", "qrouter-r1")]
+                            ("apply-refresh", "qrouter-r1"),
+                            ("sysctl", "qrouter-r1", LIBERAL)]
 
 
 def test_warm_backups_read_conntrack_events_only_when_told_to(
@@ -263,9 +269,11 @@ def test_add_with_other_arguments_restarts_with_the_new_config(cold_conf, spec, 
     result = manager.add_router(conf, moved, COMMAND)
     assert system.calls == [("start", "qrouter-r1", "other"),
                             ("apply-refresh", "qrouter-r1"),
+                            ("sysctl", "qrouter-r1", LIBERAL),
                             ("stop", "qrouter-r1"),
                             ("start", "qrouter-r1-new", "other"),
-                            ("apply-refresh", "qrouter-r1-new")]
+                            ("apply-refresh", "qrouter-r1-new"),
+                            ("sysctl", "qrouter-r1-new", LIBERAL)]
     assert "Port 3789" in result.rendered.files.conntrackd_config.read_text()
 
 
@@ -293,7 +301,7 @@ def test_a_failed_reconcile_restores_the_previous_router(cold_conf, spec, system
     assert mode(files.notify_hook) == 0o700
     assert mode(files.guard_raise) == mode(files.guard_lift) == 0o600
     # stop the old daemon, fail to start the new one, try the old one again
-    assert system.calls[2:] == [("stop", "qrouter-r1"),
+    assert system.calls[3:] == [("stop", "qrouter-r1"),
                                 ("start", "qrouter-r1", "other"),
                                 ("start", "qrouter-r1", "other")]
 
@@ -353,6 +361,7 @@ def test_add_with_warm_standby_loads_the_refreshes_and_lifts_a_guard_left_up(
     files = result.rendered.files
     assert system.calls == [("start", "qrouter-r1", "other"),
                             ("apply-refresh", "qrouter-r1"),
+                            ("sysctl", "qrouter-r1", LIBERAL),
                             ("lift-guard", "qrouter-r1", files.guard_lift)]
     assert "ct mark set" in files.refresh_rules.read_text()
 
