@@ -117,6 +117,30 @@ def test_a_flushed_replica_is_read_short_from_the_primary_s_next_report_on():
         p.message for p in results[3].problems if p.kind == "replica-short")
 
 
+def test_a_warm_replica_is_compared_with_the_primary_s_kernel_table():
+    """Regression (soak): under churn the primary's internal cache ran about 2,000
+    entries ahead of its kernel table, and a warm replica (a kernel table) read
+    short against it at every check."""
+    def warm(at, kernel):
+        return repair.Observation(at=at, role="backup", conntrackd_alive=True,
+                                  internal=0, external=0, kernel=kernel,
+                                  messages_lost=0, messages_malformed=0,
+                                  standby="warm")
+
+    def primary(at, kernel):
+        return {PEER: PeerReport(PEER, "primary", 100.0, 102000, 0, kernel, at, at)}
+
+    times = (0, 3, 6)
+    in_step = run_checks([warm(t, 99950) for t in times],
+                         [primary(t, 100000) for t in times])
+    assert all(not result.problems and not result.repairs for result in in_step)
+    short = run_checks([warm(t, 90000) for t in times],
+                       [primary(t, 100000) for t in times])
+    assert "replica holds 90000 of the primary 169.254.192.2's 100000" in next(
+        p.message for p in short[0].problems if p.kind == "replica-short")
+    assert [bool(result.repairs) for result in short] == [False, True, False]
+
+
 def test_with_repair_off_the_fault_is_reported_but_not_repaired():
     settings = repair.Settings(False, 2, 30.0, 1.0, 10.0)
     results = run_checks([observation(t) for t in (0, 3, 6)],
