@@ -105,14 +105,14 @@ def test_without_refreshes_old_flows_lose_their_backup_entries(tmp_path, config)
 # Regression: the refresh used to flip one bit of the mark every tick, so a packet an
 # even number of ticks after the flow's last one changed nothing and was never
 # reported: a keepalive every 2 ticks kept its entry on the primary while the
-# backup's copy ran out. Here: 2-s ticks, a datagram (and its echo) every 4 s in the
-# middle of an even tick, UDP timeouts of 6 s; the datagram at 4 s makes the entry
-# assured (a reported change), those at 8, 12 and 16 s change nothing but the mark.
-SPARSE_TICK = 2
-SPARSE_PERIOD = 4
-SPARSE_PACKETS = 5
-SPARSE_TIMEOUTS = ("net.netfilter.nf_conntrack_udp_timeout=6",
-                   "net.netfilter.nf_conntrack_udp_timeout_stream=6")
+# backup's copy ran out. Here: 1-s ticks, a datagram (and its echo) every 2 s in the
+# middle of an even tick, UDP timeouts of 4 s; the datagram at 2 or 4 s makes the
+# entry assured (a reported change), the later ones change nothing but the mark.
+SPARSE_TICK = 1
+SPARSE_PERIOD = 2
+SPARSE_PACKETS = 7
+SPARSE_TIMEOUTS = ("net.netfilter.nf_conntrack_udp_timeout=4",
+                   "net.netfilter.nf_conntrack_udp_timeout_stream=4")
 SPARSE_CLIENT = ("192.168.100.11", 40404)
 SPARSE_SERVER_PORT = 9404
 ECHO_SERVER = f"""
@@ -123,14 +123,14 @@ while True:
     data, peer = sock.recvfrom(64)
     sock.sendto(data, peer)
 """
-# Sends at seconds of the day 1 (mod 4): mid-way into an even 2-s tick.
+# Sends at seconds of the day 0.5 (mod 2): mid-way into an even 1-s tick.
 SPARSE_CLIENT_SCRIPT = f"""
 import socket, time
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind({SPARSE_CLIENT!r})
 sock.settimeout(1.0)
 now = time.time()
-start = now - now % {SPARSE_PERIOD} + {SPARSE_PERIOD} + 1
+start = now - now % {SPARSE_PERIOD} + {SPARSE_PERIOD} + 0.5
 for number in range({SPARSE_PACKETS}):
     time.sleep(max(0.0, start + number * {SPARSE_PERIOD} - time.time()))
     sock.sendto(b"ping", ("{{server}}", {SPARSE_SERVER_PORT}))
@@ -144,8 +144,8 @@ for number in range({SPARSE_PACKETS}):
 ONE_BIT_REFRESH = """table inet snat_sync_refresh {
 	chain prerouting {
 		type filter hook prerouting priority filter; policy accept;
-		meta hour & "00:00:02" == "00:00:00" ct mark set ct mark & 0xfffffeff
-		meta hour & "00:00:02" != "00:00:00" ct mark set ct mark | 0x00000100
+		meta hour & "00:00:01" == "00:00:00" ct mark set ct mark & 0xfffffeff
+		meta hour & "00:00:01" != "00:00:00" ct mark set ct mark | 0x00000100
 	}
 }
 """
