@@ -20,8 +20,8 @@ class ConnectionTableError(SnatSyncError):
 
 def flush_commands(namespace):
     """conntrack -F in the namespace, for each address family."""
-    enter = ["nsenter", f"--net={netns.namespace_path(namespace)}"]
-    return [[*enter, "conntrack", "-F", "-f", family] for family in FAMILIES]
+    return [netns.command_inside(namespace, "conntrack", "-F", "-f", family)
+            for family in FAMILIES]
 
 
 def flush(namespace, timeout):

@@ -21,6 +21,12 @@ def namespace_path(namespace):
     return NETNS_RUN_DIR / namespace
 
 
+def command_inside(namespace, *argv):
+    """argv run inside the router's network namespace (nsenter is cheaper than
+    ip netns exec)."""
+    return ["nsenter", f"--net={namespace_path(namespace)}", *map(str, argv)]
+
+
 def namespace_inode(namespace):
     """The inode that identifies the namespace; None if it does not exist."""
     try:

@@ -19,8 +19,8 @@ class NftablesError(SnatSyncError):
 
 
 def nft_command(namespace, *arguments):
-    """nft inside the router's namespace (nsenter is cheaper than ip netns exec)."""
-    return ["nsenter", f"--net={netns.namespace_path(namespace)}", "nft", *arguments]
+    """nft inside the router's namespace."""
+    return netns.command_inside(namespace, "nft", *arguments)
 
 
 def run_nft(namespace, *arguments):

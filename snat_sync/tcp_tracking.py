@@ -45,8 +45,9 @@ def apply(namespace, sysctls):
     """Write sysctls ({name: value}) in the router's namespace."""
     if not sysctls:
         return
-    command = ["nsenter", f"--net={netns.namespace_path(namespace)}", "sysctl", "-q",
-               "-w", *(f"{name}={value}" for name, value in sysctls.items())]
+    command = netns.command_inside(
+        namespace, "sysctl", "-q", "-w",
+        *(f"{name}={value}" for name, value in sysctls.items()))
     try:
         result = subprocess.run(command, capture_output=True, text=True,
                                 timeout=TIMEOUT, env=ENVIRONMENT)
