@@ -4,7 +4,7 @@ is complete ([failover] demote_while_resyncing), and does take it back after.
 keepalived here preempts (not Neutron's nopreempt): r1 has priority 150, r2 100,
 so r1 takes the addresses back as soon as it runs again. Each node runs its
 daemon (checks every 0.5 s) and keepalived with the track_file lines `router
-add` printed (weight -100). r1 is loaded with 100,000 idle entries and r2's
+add` printed (weight -100). r1 is loaded with 50,000 idle entries and r2's
 replica follows; then r1 dies keeping its namespace and table, r2 takes over,
 and r1 returns (daemon, then keepalived). As backup in warm standby r1 empties
 its table and asks r2 for all of it; to keep the resync incomplete for a window
@@ -28,7 +28,7 @@ from snat_sync.lab import demo
 from snat_sync.lab import nodes as nodes_module
 from snat_sync.lab import topology as lab_module
 
-ENTRIES = 100_000
+ENTRIES = 50_000
 HOLD = 8.0  # seconds the resync is held back after r1's return
 SYNC_BASE_PORT = 3780  # [conntrackd] base_port's default
 WEIGHT = -100

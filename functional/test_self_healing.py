@@ -24,7 +24,7 @@ from snat_sync.lab import topology as lab_module
 from functional.test_daemon import running_daemon
 
 ENTRIES = 2000
-REPAIR_WINDOW = 12  # seconds: a check a second, two checks in a row, the resync
+REPAIR_WINDOW = 9  # seconds: a check a second, two checks in a row, the resync (2.7 s)
 
 
 def write_config(path, repair, resync_on_backup=True, standby_mode="warm"):
