@@ -6,7 +6,6 @@ partition, its own flows as the former primary, with their TCP window data) can
 stand in for the primary's version or outlive it.
 """
 
-import subprocess
 
 from snat_sync import namespace as netns
 from snat_sync.errors import SnatSyncError
@@ -26,15 +25,8 @@ def flush_commands(namespace):
 
 def flush(namespace, timeout):
     for command in flush_commands(namespace):
-        try:
-            result = subprocess.run(command, capture_output=True, text=True,
-                                    timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ConnectionTableError(
-                f"{' '.join(command[2:])} did not finish within {timeout} s in "
-                f"namespace {namespace}") from None
-        except OSError as error:
-            raise ConnectionTableError(f"cannot run conntrack: {error}") from None
+        result = netns.run_inside(namespace, command[2:], timeout,
+                                  ConnectionTableError)
         if result.returncode != 0:
             raise ConnectionTableError(
                 f"{' '.join(command[2:])} failed in namespace {namespace}: "

@@ -1,6 +1,7 @@
-"""Facts read from a router's network namespace (netlink, /proc): the thin edge.
+"""Facts read from a router's network namespace (netlink, /proc): the thin edge,
+and how the other edges run a command inside it (command_inside, run_inside).
 
-Nothing here changes the namespace.
+Nothing here changes the namespace by itself.
 """
 
 import dataclasses
@@ -25,6 +26,20 @@ def command_inside(namespace, *argv):
     """argv run inside the router's network namespace (nsenter is cheaper than
     ip netns exec)."""
     return ["nsenter", f"--net={namespace_path(namespace)}", *map(str, argv)]
+
+
+def run_inside(namespace, argv, timeout, error, env=None):
+    """Run argv inside the namespace; the CompletedProcess (check returncode
+    yourself). error(message), an exception class, if it cannot be run or does
+    not finish within timeout seconds."""
+    try:
+        return subprocess.run(command_inside(namespace, *argv), capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise error(f"{' '.join(map(str, argv))} did not finish within {timeout} s "
+                    f"in namespace {namespace}") from None
+    except OSError as failure:
+        raise error(f"cannot run {argv[0]}: {failure}") from None
 
 
 def namespace_inode(namespace):

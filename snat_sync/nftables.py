@@ -5,7 +5,6 @@ in rules (`meta hour`) in its local time zone; it runs in UTC here, so a rendere
 time is the kernel's, which counts in UTC.
 """
 
-import subprocess
 
 from snat_sync import namespace as netns
 from snat_sync.errors import SnatSyncError
@@ -25,14 +24,8 @@ def nft_command(namespace, *arguments):
 
 def run_nft(namespace, *arguments):
     """Run nft in the namespace; the CompletedProcess (check returncode yourself)."""
-    try:
-        return subprocess.run(nft_command(namespace, *arguments), capture_output=True,
-                              text=True, timeout=TIMEOUT, env=ENVIRONMENT)
-    except subprocess.TimeoutExpired:
-        raise NftablesError(f"nft {' '.join(arguments)} did not finish within "
-                            f"{TIMEOUT} s") from None
-    except OSError as error:
-        raise NftablesError(f"cannot run nft: {error}") from None
+    return netns.run_inside(namespace, ("nft", *arguments), TIMEOUT, NftablesError,
+                            ENVIRONMENT)
 
 
 def load_ruleset(namespace, ruleset):

@@ -231,7 +231,10 @@ class RefreshBit:
 
     tick: str  # "HH:MM:SS", a power of two times the interval
     mark: int
-    cleared_mask: int
+
+    @property
+    def cleared_mask(self):
+        return 0xFFFFFFFF ^ self.mark
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,11 +256,9 @@ class RefreshSettings:
     @property
     def counter(self):
         """The counter's bits, the one that changes every tick first."""
-        return tuple(
-            RefreshBit(_time_of_day(self.interval << index),
-                       1 << (self.mark_bit + index),
-                       0xFFFFFFFF ^ (1 << (self.mark_bit + index)))
-            for index in range(REFRESH_COUNTER_BITS))
+        return tuple(RefreshBit(_time_of_day(self.interval << index),
+                                1 << (self.mark_bit + index))
+                     for index in range(REFRESH_COUNTER_BITS))
 
 
 def _time_of_day(seconds):

@@ -19,7 +19,6 @@ only out-of-window RSTs invalid.
 setting is per network namespace).
 """
 
-import subprocess
 
 from snat_sync import namespace as netns
 from snat_sync.errors import SnatSyncError
@@ -45,17 +44,10 @@ def apply(namespace, sysctls):
     """Write sysctls ({name: value}) in the router's namespace."""
     if not sysctls:
         return
-    command = netns.command_inside(
-        namespace, "sysctl", "-q", "-w",
-        *(f"{name}={value}" for name, value in sysctls.items()))
-    try:
-        result = subprocess.run(command, capture_output=True, text=True,
-                                timeout=TIMEOUT, env=ENVIRONMENT)
-    except subprocess.TimeoutExpired:
-        raise TcpTrackingError(f"sysctl did not finish within {TIMEOUT} s in "
-                               f"namespace {namespace}") from None
-    except OSError as error:
-        raise TcpTrackingError(f"cannot run sysctl: {error}") from None
+    command = ("sysctl", "-q", "-w",
+               *(f"{name}={value}" for name, value in sysctls.items()))
+    result = netns.run_inside(namespace, command, TIMEOUT, TcpTrackingError,
+                              ENVIRONMENT)
     if result.returncode != 0:
         raise TcpTrackingError(f"sysctl failed in namespace {namespace}: "
                                f"{(result.stderr or result.stdout).strip()}")

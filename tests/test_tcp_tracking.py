@@ -24,7 +24,7 @@ def test_apply_runs_sysctl_inside_the_namespace(monkeypatch):
         commands.append(command)
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(tcp_tracking.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)
     tcp_tracking.apply("qrouter-r1", {tcp_tracking.BE_LIBERAL: "1"})
     tcp_tracking.apply("qrouter-r1", {})
     assert commands == [["nsenter", "--net=/run/netns/qrouter-r1", "sysctl", "-q",
@@ -32,7 +32,7 @@ def test_apply_runs_sysctl_inside_the_namespace(monkeypatch):
 
 
 def test_a_failed_sysctl_says_where(monkeypatch):
-    monkeypatch.setattr(tcp_tracking.subprocess, "run", lambda command, **_:
+    monkeypatch.setattr(subprocess, "run", lambda command, **_:
                         subprocess.CompletedProcess(command, 255, "",
                                                     "permission denied\n"))
     with pytest.raises(tcp_tracking.TcpTrackingError,
