@@ -18,11 +18,13 @@ Partition: r1 (primary) stops hearing and being heard on its HA leg for 5 s with
 every process alive (iptables drops; a switch port down would be carrier loss,
 and keepalived would go FAULT and give the VIPs up): r2 takes over, two primaries
 for a moment; the heal leaves r1 primary (priority 150 over 100); r2's table must
-then be r1's, and flows must survive r1's crash. r2 carried the flows for a few
-seconds, so r1's own entries are behind them when the flows come back to it (when
-r1 hears r2's advert first it answers with gratuitous ARPs): only liberal TCP
-tracking ([failover] liberal_tcp_tracking, snat_sync.tcp_tracking) keeps their
-segments valid, and NATed.
+then be r1's, and flows must survive r1's crash. The heal lets r1's adverts out
+first, so r2 yields before r1 hears it: keepalived on r1 sends no gratuitous ARP,
+and the switch keeps sending the shared MACs to r2 until r1's daemon sees r2's
+report and announces its addresses (snat_sync.announce). r2 carried the flows for a
+few seconds, so r1's own entries are behind them when the flows come back to it:
+only liberal TCP tracking ([failover] liberal_tcp_tracking, snat_sync.tcp_tracking)
+keeps their segments valid, and NATed.
 """
 
 import contextlib
@@ -90,11 +92,13 @@ def wait_for_vip(lab, router, timeout=15):
         raise lab_module.LabError(f"{router.name} did not take the VIPs")
 
 
-def started_lab(stack, tmp_path, resync_on_backup, client_duration):
-    """A lab with both nodes' daemons and keepalived, the idle entries on r1 and on
-    r2, the flows running. Returns (lab, nodes, client, server)."""
+def started_lab(stack, tmp_path, resync_on_backup, client_duration, extra=""):
+    """A lab with both nodes' daemons and keepalived (extra: more of their
+    configuration), the idle entries on r1 and on r2, the flows running. Returns
+    (lab, nodes, client, server)."""
     lab = stack.enter_context(lab_module.running_lab(tmp_path / "lab"))
-    configs = {name: nodes.write_config(tmp_path / f"{name}.conf", resync_on_backup)
+    configs = {name: nodes.write_config(tmp_path / f"{name}.conf", resync_on_backup,
+                                        extra)
                for name in ("r1", "r2")}
     started = nodes.start_nodes(lab, tmp_path, configs)
     r1, r2 = lab.routers
@@ -222,10 +226,22 @@ PARTITION = 5.0
 AFTER_HEAL = 8.0
 
 
-def ha_drop(router, action):
-    for chain, direction in (("INPUT", "-i"), ("OUTPUT", "-o")):
+HA_CHAINS = (("INPUT", "-i"), ("OUTPUT", "-o"))
+BACK_WITHIN = 5.0  # seconds after the heal the UDP flows reply again
+
+
+def ha_drop(router, action, chains=HA_CHAINS):
+    for chain, direction in chains:
         lab_module.run(["iptables", action, chain, direction, router.ha.device,
                         "-j", "DROP"], namespace=router.namespace)
+
+
+def back_after_heal(results, healed_at):
+    """Seconds from the heal until each UDP flow's first reply after it (None if
+    none came), on the flows' clock."""
+    return {result.flow_id: min((at - healed_at for at in result.reply_times
+                                 if at > healed_at), default=None)
+            for result in results if result.protocol == "udp"}
 
 
 @pytest.mark.parametrize("repair", [True, False], ids=["repair-on", "repair-off"])
@@ -235,7 +251,12 @@ def test_partition_heal(tmp_path, repair):
     only_r2_entry = lab_module.SnatEntry("tcp", "10.99.0.2", 1234, 50124,
                                          server_address="198.18.0.2")
     with contextlib.ExitStack() as stack:
-        lab, started, client, server = started_lab(stack, tmp_path, repair, duration)
+        # The control turns the daemon's repairs off too: the survivor's resync,
+        # and its gratuitous ARPs (snat_sync.announce).
+        health = "[health]\ncheck_interval = 1\n" + (
+            "" if repair else "repair = false\n")
+        lab, started, client, server = started_lab(stack, tmp_path, repair, duration,
+                                                   health)
         r1, r2 = lab.routers
         clock = time.monotonic()
         time.sleep(4)
@@ -251,8 +272,14 @@ def test_partition_heal(tmp_path, repair):
                             "-m", str(R1_MARK)],
                        namespace=r2.namespace, check=False)
         time.sleep(max(0.0, PARTITION - (time.monotonic() - cut)))
-        ha_drop(r1, "-D")
+        # r2 hears r1 first and yields at once, unheard: r1 never hears an advert
+        # of lower priority, so keepalived sends no gratuitous ARP, and the switch
+        # still sends the routers' shared MACs to r2.
+        ha_drop(r1, "-D", chains=[("OUTPUT", "-o")])
+        assert lab_module.wait_until(lambda: not lab_module.has_vip(r2), 5)
+        ha_drop(r1, "-D", chains=[("INPUT", "-i")])
         healed = time.monotonic()
+        healed_at = time.time()
         assert lab_module.wait_until(lambda: lab_module.primary(lab) is not None, 10)
         survivor = lab_module.primary(lab)
         other = r2 if survivor is r1 else r1
@@ -275,15 +302,24 @@ def test_partition_heal(tmp_path, repair):
         results, started_at = demo.stop_flows(tmp_path, client, server)
     observed = Observed(results, failure_at - started_at, False, False, 0,
                         complete_after, only_r1, only_r2, [])
+    back = back_after_heal(results, healed_at - started_at)
+    silent = sorted(flow for flow, after in back.items()
+                    if after is None or after > BACK_WITHIN)
+    longest = max((after for after in back.values() if after is not None),
+                  default=None)
     report = (f"two primaries {both}; {survivor.name} survived the heal; "
+              f"UDP back after the heal in at most {longest} s, silent for over "
+              f"{BACK_WITHIN} s: {silent}; "
               f"{other.name} complete after {complete_after} s; r2-only entry on "
               f"r1/r2 {entry_on}; marked r1/r2 {marks}; lost {lost(observed)}; "
               f"only r1 {sorted(only_r1)[:3]}, only r2 {sorted(only_r2)[:3]}")
     print(report)
     assert_alive_before_the_failure(observed)
     assert both, "no split brain: r1 gave the VIPs up"
+    assert survivor is r1, report
     if repair:
         assert not lost(observed), report
+        assert not silent, report  # r1 announced its addresses
         assert not only_r1 and not only_r2, report
         # The nodes agree. On whose version depends on a race: FTFW may resend
         # r2's partition-time messages to the survivor when the link heals,
@@ -291,6 +327,8 @@ def test_partition_heal(tmp_path, repair):
         # in the others r2's work was gone from both).
         assert entry_on[0] == entry_on[1] and marks[0] == marks[1], report
     else:
+        # Without the repairs nothing tells the switch where the MACs are now.
+        assert silent, report
         # Without the flush and resync r2's partition-time work stays: on r2
         # alone, or carried into the survivor's table by FTFW's resends after the
         # heal (the nodes then agree, but on the version of the node that lost).

@@ -189,7 +189,7 @@ def test_the_survivor_of_a_split_brain_resends_its_table(lab, state_paths, tmp_p
             assert mended, log
             assert survivor_repairs and survivor_repairs[-1]["outcome"] == "done"
             assert [step["name"] for step in survivor_repairs[-1]["steps"]] == [
-                "resync-from-kernel", "bulk-send"]
+                "announce-addresses", "resync-from-kernel", "bulk-send"]
         else:
             assert not mended, "r2's replica was complete again with repair off"
             assert survivor_repairs == []

@@ -18,6 +18,7 @@ import os
 import re
 import time
 
+from snat_sync import announce
 from snat_sync import connection_table
 from snat_sync import conntrackd as conntrackd_module
 from snat_sync import demotion
@@ -82,8 +83,9 @@ class Step:
 
     action is "control" (a conntrackd request with arguments), "start-daemon",
     "run-as" (conntrackd with the configuration for a role, arguments (role,)),
-    "raise-guard", "lift-guard", "flush-kernel-table" or "write-demotion" (the
-    demotion track file, arguments (value,)).
+    "raise-guard", "lift-guard", "flush-kernel-table", "write-demotion" (the
+    demotion track file, arguments (value,)) or "announce-addresses" (gratuitous
+    ARPs for the namespace's IPv4 addresses).
     """
 
     name: str
@@ -118,6 +120,7 @@ REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
 FORGET_OWN_ENTRIES = Step("forget-own-entries", arguments=("-f", "internal"),
                           repeated_after_hook_failure=True)
 FLUSH_KERNEL_TABLE = Step("flush-kernel-table", action="flush-kernel-table")
+ANNOUNCE_ADDRESSES = Step("announce-addresses", action="announce-addresses")
 DEMOTE = Step("demote", action="write-demotion", arguments=(demotion.DEMOTED,))
 LIFT_DEMOTION = Step("lift-demotion", action="write-demotion",
                      arguments=(demotion.NOT_DEMOTED,))
@@ -470,6 +473,8 @@ def run_step(step, daemon, options):
         elif step.action == "flush-kernel-table":
             connection_table.flush(daemon.namespace,
                                    options.conntrackd.control_timeout)
+        elif step.action == "announce-addresses":
+            announce.announce_addresses(daemon.namespace)
         elif step.action == "write-demotion":
             try:
                 demotion.write(daemon.files.demotion, step.arguments[0])

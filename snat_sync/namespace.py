@@ -12,7 +12,7 @@ import re
 import subprocess
 
 from snat_sync import roles
-from snat_sync.errors import InvalidInput
+from snat_sync.errors import InvalidInput, SnatSyncError
 from snat_sync.router import NamespaceFacts
 
 NETNS_RUN_DIR = pathlib.Path("/run/netns")
@@ -112,6 +112,31 @@ def ha_link(spec):
             f"(it has {', '.join(str(iface) for iface in interfaces) or 'none'})",
         )
     return HaLink(indexes[0], ha_network)
+
+
+ADDRESS_SCOPES = {0: "global", 200: "site", 253: "link", 254: "host"}
+
+
+def addresses(namespace):
+    """Every address in the namespace: [(device, address, scope)], scope "global",
+    "link", "host" or the number. SnatSyncError if the namespace is missing or
+    netlink cannot be read."""
+    from pyroute2 import IPRoute
+
+    if namespace_inode(namespace) is None:
+        raise SnatSyncError(f"no network namespace {namespace} in {NETNS_RUN_DIR}")
+    try:
+        with IPRoute(netns=namespace, flags=0) as ipr:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME")
+                     for link in ipr.get_links()}
+            messages = ipr.get_addr()
+    except Exception as failure:  # pyroute2 raises a variety of errors
+        raise SnatSyncError(f"cannot read the addresses in namespace {namespace}: "
+                            f"{failure}") from None
+    return [(names.get(message["index"], str(message["index"])),
+             message.get_attr("IFA_ADDRESS"),
+             ADDRESS_SCOPES.get(message["scope"], str(message["scope"])))
+            for message in messages]
 
 
 def nf_conntrack_max(namespace):

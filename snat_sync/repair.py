@@ -32,7 +32,9 @@ peer-yielded   This node is primary and a peer reports a new transition into
                it came back. As primary the peer flushed its caches, and its
                own resync request may be off or lost: the survivor, this node,
                resyncs its cache from the kernel and sends the whole table, so
-               the peer's replica is complete again.
+               the peer's replica is complete again. First it announces its
+               addresses (gratuitous ARPs): a peer that yielded without being
+               heard left the switches forwarding to it (announce.py).
 Reported only: a peer whose daemon is silent, sync messages lost (for a node
 with one peer: see _single_sender) or malformed since the last check (FTFW asks
 again for lost ones), conntrackd not running
@@ -52,7 +54,8 @@ REQUEST_RESYNC = "request-resync"
 SURVIVOR_RESYNC = "survivor-resync"
 REPAIR_STEPS = {
     REQUEST_RESYNC: (failover.REQUEST_RESYNC,),
-    SURVIVOR_RESYNC: (failover.RESYNC_FROM_KERNEL, failover.BULK_SEND),
+    SURVIVOR_RESYNC: (failover.ANNOUNCE_ADDRESSES, failover.RESYNC_FROM_KERNEL,
+                      failover.BULK_SEND),
 }
 
 
@@ -174,8 +177,8 @@ def assess(observation, reports, peer_addresses, memory, settings):
             repairs.append(Repair(
                 SURVIVOR_RESYNC,
                 f"peer {', '.join(yielded)} left the primary role or came back "
-                "while this node is primary: resync from the kernel and send the "
-                "whole table"))
+                "while this node is primary: announce this node's addresses, resync "
+                "from the kernel and send the whole table"))
     peer_changes = {**known_changes,
                     **{address: report.changed for address, report in fresh.items()}}
 

@@ -18,7 +18,7 @@ LAB = "snat_sync.lab"
 # import: each other and the shared vocabulary, never a decision module.
 EDGES = {f"snat_sync.{name}" for name in (
     "namespace", "conntrackd", "guard", "statedir", "watcher", "reports", "nftables",
-    "refresh", "connection_table", "tcp_tracking")}
+    "refresh", "connection_table", "tcp_tracking", "announce")}
 VOCABULARY = {f"snat_sync.{name}" for name in ("errors", "roles", "router")}
 
 

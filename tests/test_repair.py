@@ -187,7 +187,8 @@ def test_split_brain_is_broken_and_the_survivor_resyncs_once_the_peer_yields():
     assert next(iter(results[1].problems)).severity == repair.BROKEN
     assert results[1].repairs == ()  # not while both forward
     assert [each.name for each in results[2].repairs] == [repair.SURVIVOR_RESYNC]
-    assert results[2].repairs[0].steps == (failover.RESYNC_FROM_KERNEL,
+    assert results[2].repairs[0].steps == (failover.ANNOUNCE_ADDRESSES,
+                                           failover.RESYNC_FROM_KERNEL,
                                            failover.BULK_SEND)
     assert results[3].repairs == ()  # nothing new happened on the peer
 
