@@ -8,8 +8,15 @@ that CI cannot go green having run none of them.
 Every test builds its own lab under a fresh namespace prefix and keeps its
 snat-sync state under its own tmp_path, and the lab is torn down (processes killed
 by pid, namespaces deleted) however the test ends.
+
+Labs do not see each other, so the tests run two at a time (pytest-xdist, `-n 2`),
+except those marked `alone`: they time a failover against a bound a tenth of a
+second wide, and another lab's load on two cores would decide the result. A shared
+lock is held by every other functional test, an exclusive one by an `alone` test.
 """
 
+import contextlib
+import fcntl
 import os
 import pathlib
 
@@ -28,6 +35,11 @@ def functional_required():
 
 def is_functional(item):
     return FUNCTIONAL_DIRECTORY in pathlib.Path(item.path).resolve().parents
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "alone: runs while no other functional test does (a timing bound)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -79,3 +91,40 @@ def add_router(lab, state_paths):
         return lab_module.snat_sync_router_add(lab, router, state_paths[router.name])
 
     return add
+
+
+@contextlib.contextmanager
+def flocked(path, mode):
+    with open(path, "a") as lock_file:
+        fcntl.flock(lock_file, mode)
+        yield
+
+
+@contextlib.contextmanager
+def alone_or_shared(item):
+    """An `alone` test holds the run's lock exclusively, every other functional test
+    shares it. A waiting `alone` test first takes the turnstile, which every test
+    passes through before the lock, so the other worker cannot keep the lock shared
+    from one test to the next while it waits. One process runs one test at a time:
+    only xdist's workers (each with its own base directory under the run's) lock."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None or not is_functional(item):
+        yield
+        return
+    run_directory = pathlib.Path(item.config.option.basetemp).parent
+    turnstile, lock = run_directory / "turnstile.lock", run_directory / "alone.lock"
+    if item.get_closest_marker("alone"):
+        with flocked(turnstile, fcntl.LOCK_EX), flocked(lock, fcntl.LOCK_EX):
+            yield
+        return
+    with flocked(turnstile, fcntl.LOCK_SH):
+        pass
+    with flocked(lock, fcntl.LOCK_SH):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The lock covers the whole item, setup and teardown too: a module's scenario
+    (a module-scoped fixture) runs in its first test's setup."""
+    with alone_or_shared(item):
+        yield

@@ -70,6 +70,7 @@ def assert_loads_nothing(result):
     assert result.new_primary_kernel_entries >= result.idle_entries_loaded
 
 
+@pytest.mark.alone
 def test_planned_switchover_at_200k_entries_costs_what_an_empty_table_does(tmp_path):
     empty = run(tmp_path, "e", "switchover")
     full = run(tmp_path, "f", "switchover", IDLE_ENTRIES)
@@ -83,6 +84,7 @@ def test_planned_switchover_at_200k_entries_costs_what_an_empty_table_does(tmp_p
     print(report)
 
 
+@pytest.mark.alone
 def test_crash_at_200k_entries_costs_vrrp_detection_alone(tmp_path):
     result = run(tmp_path, "c", "crash", IDLE_ENTRIES)
     report = describe(result)
