@@ -27,8 +27,13 @@ Configurations (each measured in the same run, same feed):
                 log file, HA network ignored (no buffer sizes, HashSize, HashLimit,
                 Scheduler: so netlink buffer = rmem_default, SCHED_RR 99)
 
+With --pin each node gets a core of its own, as two machines would: the backup's
+conntrackd on CPU 1, the primary's conntrackd, the feeder and the poller on CPU 0.
+Unpinned, the backup's kernel insertions (warm standby) compete with the feeder's
+and the primary's for the same two cores.
+
     python3 bench/replication_lag.py [--rates 2000,20000,50000,100000,150000] [--seconds 3]
-        [--configurations snat-sync,snat-sync-cold,defaults]
+        [--configurations snat-sync,snat-sync-cold,defaults] [--pin]
 """
 
 import argparse
@@ -124,7 +129,18 @@ def interesting_lines(text):
                          re.I) and not re.search(r":\s+0(\s|$)|\s0/\s*0$", line)]
 
 
-def one_run(configuration, rate, seconds):
+def pin_conntrackd(namespace, cpu):
+    for process in common.lab_module.named_processes_in_namespace(namespace, "conntrackd"):
+        for thread in process.threads():
+            os.sched_setaffinity(thread.id, {cpu})
+
+
+def on_primary_core():
+    """Runs in a feeder before exec: the primary node's processes share CPU 0."""
+    os.sched_setaffinity(0, {0})
+
+
+def one_run(configuration, rate, seconds, pin=False):
     entries = min(MAX_ENTRIES, int(rate * seconds))
     per_batch = max(1, round(rate * BATCH_PERIOD))
     batches = max(1, entries // per_batch)
@@ -145,6 +161,13 @@ def one_run(configuration, rate, seconds):
                                           0.001, seconds + 60,
                                           replica_namespace=r2 if warm else None)
 
+        feeder_affinity = None
+        if pin:
+            pin_conntrackd(r1, 0)
+            pin_conntrackd(r2, 1)
+            os.sched_setaffinity(poller.pid, {0})
+            feeder_affinity = on_primary_core
+
         def replica_count():
             if warm:
                 return common.conntrack_count(r2)
@@ -161,7 +184,8 @@ def one_run(configuration, rate, seconds):
             written.append(time.time())
             feeders.append(subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{r1}", "conntrack", "-R", str(path)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=feeder_affinity))
             feeders = [each for each in feeders if each.poll() is None]
         for each in feeders:
             each.wait(timeout=60)
@@ -217,7 +241,7 @@ def one_run(configuration, rate, seconds):
     in_kernel = primary_kernel - kernel_base
     on_backup = last - replica_base
     return {
-        "configuration": configuration, "rate": rate, "entries": entries,
+        "configuration": configuration + (" (pinned)" if pin else ""), "rate": rate, "entries": entries,
         "batches": batches, "per_batch": per_batch, "loadavg": load,
         "achieved_rate": entries / max(1e-9, fed_until - written[0]),
         "kernel_lag_p50": common.percentile(kernel_lags, 0.5),
@@ -244,16 +268,22 @@ def _read(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", default="2000,20000,50000,100000,150000")
-    parser.add_argument("--configurations", default="snat-sync,snat-sync-cold,defaults")
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--json")
+    parser.add_argument("--rates", default="2000,20000,50000,100000,150000",
+                        help="new entries per second to feed, comma-separated")
+    parser.add_argument("--configurations", default="snat-sync,snat-sync-cold,defaults",
+                        help="which configurations to measure at each rate")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="how long each feed lasts")
+    parser.add_argument("--pin", action="store_true",
+                        help="a core per node: the backup's conntrackd on CPU 1, "
+                             "everything else on CPU 0")
+    parser.add_argument("--json", help="write the results to this file")
     arguments = parser.parse_args()
     print(common.uptime_line(), flush=True)
     results = []
     for rate in (int(each) for each in arguments.rates.split(",")):
         for configuration in arguments.configurations.split(","):
-            result = one_run(configuration, rate, arguments.seconds)
+            result = one_run(configuration, rate, arguments.seconds, arguments.pin)
             results.append(result)
             print(json.dumps(result), flush=True)
     print(common.uptime_line())
