@@ -40,6 +40,7 @@ class Conntrackd:
     control_timeout: int
     start_timeout: int
     stop_timeout: int
+    table_timeout: int
 
     def command(self, *arguments):
         return [self.binary, "-C", str(self.files.conntrackd_config), *arguments]
@@ -72,12 +73,13 @@ class Conntrackd:
                 ["ip", "netns", "exec", self.namespace, *self.command("-d")],
                 capture_output=True,
                 text=True,
-                timeout=self.start_timeout,
+                # It reads the kernel's whole table before it forks.
+                timeout=self.table_timeout,
             )
         except subprocess.TimeoutExpired:
             raise ConntrackdError(
                 f"conntrackd for {self.files.directory.name} did not daemonise within "
-                f"{self.start_timeout} s"
+                f"{self.table_timeout} s (table_timeout)"
             ) from None
         if result.returncode != 0:
             raise ConntrackdError(

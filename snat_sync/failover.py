@@ -91,7 +91,9 @@ class Step:
     name: str
     action: str = "control"
     arguments: tuple = ()
-    uses_commit_timeout: bool = False
+    # Which [conntrackd] option bounds a control request: the commit and the
+    # requests that walk the whole table take longer as it grows.
+    timeout_option: str = "control_timeout"
     discards_replicated_entries: bool = False
     # Run again here if the notify hook ran it and it failed (conntrackd was not
     # running yet, say): only for a step that is safe to repeat.
@@ -101,13 +103,13 @@ class Step:
     redundant_after_start: bool = False
 
 
-COMMIT = Step("commit", arguments=("-c",), uses_commit_timeout=True)
+COMMIT = Step("commit", arguments=("-c",), timeout_option="commit_timeout")
 LIFT_GUARD = Step("lift-guard", action="lift-guard")
 FLUSH_CACHES = Step("flush-caches", arguments=("-f",),
                     discards_replicated_entries=True)
 RESYNC_FROM_KERNEL = Step("resync-from-kernel", arguments=("-R",),
-                          redundant_after_start=True)
-BULK_SEND = Step("bulk-send", arguments=("-B",))
+                          timeout_option="table_timeout", redundant_after_start=True)
+BULK_SEND = Step("bulk-send", arguments=("-B",), timeout_option="table_timeout")
 # The same read of the kernel's table, never skipped: what a bulk send after it
 # sends must include every entry, also those created while conntrackd restarted.
 RESYNC_BEFORE_BULK = dataclasses.replace(RESYNC_FROM_KERNEL, redundant_after_start=False)
@@ -119,7 +121,8 @@ SHORTEN_TIMERS = Step("shorten-timers", arguments=("-t",))
 REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
 FORGET_OWN_ENTRIES = Step("forget-own-entries", arguments=("-f", "internal"),
                           repeated_after_hook_failure=True)
-FLUSH_KERNEL_TABLE = Step("flush-kernel-table", action="flush-kernel-table")
+FLUSH_KERNEL_TABLE = Step("flush-kernel-table", action="flush-kernel-table",
+                          timeout_option="table_timeout")
 ANNOUNCE_ADDRESSES = Step("announce-addresses", action="announce-addresses")
 DEMOTE = Step("demote", action="write-demotion", arguments=(demotion.DEMOTED,))
 LIFT_DEMOTION = Step("lift-demotion", action="write-demotion",
@@ -472,7 +475,7 @@ def run_step(step, daemon, options):
             guard.lift_guard(daemon.namespace, daemon.files)
         elif step.action == "flush-kernel-table":
             connection_table.flush(daemon.namespace,
-                                   options.conntrackd.control_timeout)
+                                   getattr(options.conntrackd, step.timeout_option))
         elif step.action == "announce-addresses":
             announce.announce_addresses(daemon.namespace)
         elif step.action == "write-demotion":
@@ -482,9 +485,8 @@ def run_step(step, daemon, options):
                 raise SnatSyncError(f"cannot write {daemon.files.demotion}: "
                                     f"{failure.strerror}") from None
         else:
-            timeout = (options.conntrackd.commit_timeout if step.uses_commit_timeout
-                       else options.conntrackd.control_timeout)
-            daemon.control(*step.arguments, timeout=timeout)
+            daemon.control(*step.arguments,
+                           timeout=getattr(options.conntrackd, step.timeout_option))
     except SnatSyncError as failure:
         error = str(failure)
     return StepRecord(step.name, started, _ms(time.monotonic() - clock),

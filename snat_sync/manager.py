@@ -112,6 +112,7 @@ def daemon_for(conf, spec, files):
         control_timeout=options.control_timeout,
         start_timeout=options.start_timeout,
         stop_timeout=options.stop_timeout,
+        table_timeout=options.table_timeout,
     )
 
 

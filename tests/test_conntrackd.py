@@ -265,7 +265,7 @@ def test_parse_last_commit_of_a_commit_still_running_or_truncated():
 def daemon(router_files):
     return Conntrackd(binary="/usr/sbin/conntrackd", namespace="qrouter-r1",
                       files=router_files, control_timeout=10, start_timeout=2,
-                      stop_timeout=0.05)
+                      stop_timeout=0.05, table_timeout=30)
 
 
 def cmd(daemon, *arguments):
@@ -336,7 +336,8 @@ def test_a_missing_binary_is_a_conntrackd_error(router_files, tmp_path):
     recorded as a failed step), not escape as FileNotFoundError."""
     daemon = Conntrackd(binary=str(tmp_path / "no-such-conntrackd"),
                         namespace="qrouter-r1", files=router_files,
-                        control_timeout=1, start_timeout=1, stop_timeout=1)
+                        control_timeout=1, start_timeout=1, stop_timeout=1,
+                        table_timeout=1)
     with pytest.raises(ConntrackdError, match="no-such-conntrackd"):
         daemon.control("-c")
 
@@ -598,7 +599,8 @@ def test_start_that_never_daemonises(daemon, fp, monkeypatch):
     monkeypatch.setattr(conntrackd, "find_daemon", lambda *_: None)
     fp.register(["ip", "netns", "exec", "qrouter-r1", *cmd(daemon, "-d")],
                 callback=raise_timeout)
-    with pytest.raises(ConntrackdError, match="did not daemonise within 2 s"):
+    with pytest.raises(ConntrackdError,
+                       match=r"did not daemonise within 30 s \(table_timeout\)"):
         daemon.start()
 
 

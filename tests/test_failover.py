@@ -132,8 +132,9 @@ def test_plan_primary():
         "control", "lift-guard", "control", "control", "control"]
     assert [step.arguments for step in steps] == [("-c",), (), ("-f",), ("-R",),
                                                   ("-B",)]
-    assert [step.uses_commit_timeout for step in steps] == [
-        True, False, False, False, False]
+    assert [step.timeout_option for step in steps] == [
+        "commit_timeout", "control_timeout", "control_timeout", "table_timeout",
+        "table_timeout"]
     assert cold_plan(Role.PRIMARY, resync_on_backup=False) == steps
 
 
@@ -155,7 +156,7 @@ def test_plan_backup():
     assert [step.action for step in steps] == [
         "start-daemon", "raise-guard", "control", "control"]
     assert [step.arguments for step in steps[2:]] == [("-t",), ("-n",)]
-    assert not any(step.uses_commit_timeout for step in steps)
+    assert {step.timeout_option for step in steps} == {"control_timeout"}
 
 
 def test_plan_backup_without_resync():
@@ -377,6 +378,7 @@ def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=Tru
                                        history_size=200,
                                        demote_while_resyncing=demote_while_resyncing),
         conntrackd=types.SimpleNamespace(commit_timeout=60, control_timeout=10,
+                                         table_timeout=60,
                                          scheduler="other"),
     )
 
@@ -418,7 +420,7 @@ def test_primary_runs_the_exact_commands_in_order(files, conf, fp, monkeypatch):
     conntrackd's control socket) are faked."""
     monkeypatch.setattr("snat_sync.conntrackd.query_stats",
                         lambda path, kind, timeout: cache_stats_output(100000))
-    daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5)
+    daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5, 60)
     lift = ["nsenter", "--net=/run/netns/qrouter-r1", "nft", "-f",
             str(files.guard_lift)]
     commands = [conntrackd_command(files, "-c"),
@@ -447,7 +449,7 @@ def test_backup_runs_the_exact_commands_in_order(files, conf, fp):
     # starting the daemon is Conntrackd.start's business (tested on its own)
     daemon = type("Started", (Conntrackd,), {
         "start": lambda self, policy="other": daemon_start.append(policy)})(
-        "conntrackd", "qrouter-r1", files, 10, 10, 5)
+        "conntrackd", "qrouter-r1", files, 10, 10, 5, 60)
     record = failover.run_transition("r1", Role.BACKUP, daemon, files, conf, 1000.0)
     assert daemon_start == ["other"]
     assert list(fp.calls) == commands
@@ -456,14 +458,20 @@ def test_backup_runs_the_exact_commands_in_order(files, conf, fp):
         "ensure-running", "raise-guard", "shorten-timers", "request-resync"]
 
 
-def test_primary_uses_the_commit_timeout_for_the_commit_only(files, conf, daemon):
+def test_primary_bounds_the_commit_and_the_table_walks_by_their_own_timeouts(
+        files, make_conf, write_config, daemon):
+    """At 1,000,000 entries -R took 8.4 s and -B over 10 s: the control timeout
+    would fail a transition whose commit had succeeded."""
+    conf = make_conf(write_config("[failover]\nstandby_mode = cold\n"
+                                  "[conntrackd]\ncommit_timeout = 90\n"
+                                  "table_timeout = 45\ncontrol_timeout = 7\n"))
     failover.run_transition("r1", Role.PRIMARY, daemon, files, conf, 1000.0)
     assert daemon.calls == [
-        ("control", ("-c",), 60),
+        ("control", ("-c",), 90),
         ("lift-guard", "qrouter-r1"),
-        ("control", ("-f",), 10),
-        ("control", ("-R",), 10),
-        ("control", ("-B",), 10),
+        ("control", ("-f",), 7),
+        ("control", ("-R",), 45),
+        ("control", ("-B",), 45),
     ]
     assert daemon.cache_stats_calls == 1
 
@@ -533,7 +541,7 @@ def test_the_hook_steps_are_recorded_and_not_run_again(files, conf, fp,
                                                        monkeypatch):
     monkeypatch.setattr("snat_sync.conntrackd.query_stats",
                         lambda path, kind, timeout: cache_stats_output(100000))
-    daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5)
+    daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5, 60)
     commands = [conntrackd_command(files, "-f"),
                 conntrackd_command(files, "-R"),
                 conntrackd_command(files, "-B")]
@@ -584,7 +592,7 @@ def test_a_failed_hook_commit_skips_only_the_flush(files, conf, daemon, status,
         "r1", Role.PRIMARY, daemon, files, conf, 1000.0,
         [HookStep("commit", 1000.0, 1001.0, status),
          HookStep("lift-guard", 1001.0, 1001.01, 0)])
-    assert daemon.calls == [("control", ("-R",), 10), ("control", ("-B",), 10)]
+    assert daemon.calls == [("control", ("-R",), 60), ("control", ("-B",), 60)]
     assert [(step.name, step.ok) for step in record.steps] == [
         ("commit", False), ("lift-guard", True), ("flush-caches", False),
         ("resync-from-kernel", True), ("bulk-send", True)]
@@ -597,7 +605,7 @@ def test_a_failed_commit_skips_only_the_flush_and_still_lifts_the_guard(
         files, conf, fp):
     """Flushing after a failed commit would throw the replicated entries away;
     keeping the guard up would drop every new connection of the new primary."""
-    daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5)
+    daemon = Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5, 60)
     commit = conntrackd_command(files, "-c")
     fp.register(commit, returncode=1, stderr="[ERROR] cannot connect to conntrackd\n")
     lift = ["nsenter", "--net=/run/netns/qrouter-r1", "nft", "-f",
@@ -968,7 +976,7 @@ def test_a_warm_primary_already_running_its_configuration_reads_the_table(
     record = failover.run_transition("r1", Role.PRIMARY, daemon, files,
                                      fast_options(standby_mode="warm"), 1000.0)
     assert record.outcome == "done", record.errors
-    assert daemon.calls == [("run-as", "primary", "other"), ("control", ("-R",), 10)]
+    assert daemon.calls == [("run-as", "primary", "other"), ("control", ("-R",), 60)]
 
 
 def test_warm_backup_runs_the_exact_commands_in_order(files, fp, monkeypatch):
@@ -981,7 +989,7 @@ def test_warm_backup_runs_the_exact_commands_in_order(files, fp, monkeypatch):
     for command in order:
         fp.register(command)
     options = fast_options(standby_mode="warm")
-    record = failover.run_transition("r1", Role.BACKUP, Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5), files,
+    record = failover.run_transition("r1", Role.BACKUP, Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5, 60), files,
                                      options, 3000.0)
     assert record.outcome == "done", record.errors
     assert list(fp.calls) == order
@@ -1019,7 +1027,7 @@ def test_a_failed_kernel_flush_is_recorded_and_the_resync_still_runs(files, fp,
     fp.register(connection_table.flush_commands("qrouter-r1")[0], returncode=1,
                 stderr="conntrack v1.4.7 (conntrack-tools): Operation failed\n")
     fp.register(conntrackd_command(files, "-n"))
-    record = failover.run_transition("r1", Role.BACKUP, Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5), files,
+    record = failover.run_transition("r1", Role.BACKUP, Conntrackd("conntrackd", "qrouter-r1", files, 10, 10, 5, 60), files,
                                      fast_options(standby_mode="warm"), 3000.0)
     assert record.outcome == "failed"
     assert record.errors == ["flush-kernel-table: conntrack -F -f ipv4 failed in "
