@@ -87,6 +87,14 @@ class Truth:
                                  namespace.kernel_entry_count(self.r1_pid)))
             time.sleep(0.05)
 
+    def samples_around(self, moment, each_side=3):
+        """The samples either side of moment, times relative to it: what an
+        assertion about that moment shows."""
+        index = next((number for number, sample in enumerate(self.samples)
+                      if sample[0] >= moment), len(self.samples))
+        return [(round(at - moment, 3), replica, primary) for at, replica, primary
+                in self.samples[max(index - each_side, 0):index + each_side]]
+
     def complete_since(self):
         """When the replica last became complete (within the tolerance). A
         sample conntrackd did not answer (busy) tells nothing."""
@@ -100,12 +108,18 @@ class Truth:
                 since = at
         return since
 
-    def was_short_at(self, moment):
-        before = [sample for sample in self.samples if sample[0] <= moment
-                  and sample[1] is not None and sample[2] is not None]
-        if not before:
+    def was_short_after(self, moment):
+        """Short at the first answered sample taken at or after moment. The
+        replica only grows during a resync and the primary's idle table holds
+        still, so a verdict read before moment that saw the replica complete
+        must find it complete here too. (The last sample before moment may
+        predate the status' own read by a sampling interval, in which a
+        resync adds thousands of entries.)"""
+        after = [sample for sample in self.samples if sample[0] >= moment
+                 and sample[1] is not None and sample[2] is not None]
+        if not after:
             return None
-        _at, replica, primary = before[-1]
+        _at, replica, primary = after[0]
         return health.is_short(replica, primary, 1.0)
 
 
@@ -195,9 +209,12 @@ def test_a_returning_backup_is_resyncing_until_complete_and_wait_says_when(
         # never in-sync while the replica was short, by the independent truth
         for read_at, found in verdicts:
             if found["verdict"] == "in-sync":
-                # the status call took up to ~0.5 s; the truth must have been
-                # complete at its end at least
-                assert truth.was_short_at(read_at) is False, (found, read_at)
+                # the status call read the replica before it returned at
+                # read_at: the truth right after must be complete
+                assert truth.was_short_after(read_at) is False, (
+                    {key: found[key] for key in ("replica_entries",
+                                                 "primary_entries", "reason")},
+                    read_at, truth.samples_around(read_at))
         resyncing = [found for _at, found in verdicts
                      if found["verdict"] == "degraded"
                      and "resyncing" in found["reason"]]
