@@ -8,6 +8,7 @@ Nothing is added to the root namespace.
 import contextlib
 import ctypes
 import json
+import math
 import os
 import pathlib
 import secrets
@@ -305,6 +306,38 @@ def _poll_sync(socket_path, output, interval, duration, replica_namespace=None):
                 time.sleep(interval)
         except KeyboardInterrupt:
             pass
+
+
+CONNTRACK_MAX = pathlib.Path("/proc/sys/net/netfilter/nf_conntrack_max")
+HASHSIZE = pathlib.Path("/sys/module/nf_conntrack/parameters/hashsize")
+HEADROOM = 1.1  # the kernel limits must fit 1.1 x the largest idle table
+
+
+# --- the kernel's global conntrack limits ---------------------------------------------
+
+
+@contextlib.contextmanager
+def kernel_limits_for(entries, say):
+    """Raise nf_conntrack_max and the hash size to fit `entries` x HEADROOM if they
+    are lower (never lower them); restore the previous values on the way out."""
+    needed = math.ceil(entries * HEADROOM)
+    previous = {path: int(path.read_text().split()[0])
+                for path in (CONNTRACK_MAX, HASHSIZE)}
+    changed = []
+    try:
+        for path in (HASHSIZE, CONNTRACK_MAX):
+            if previous[path] < needed:
+                changed.append(path)
+                path.write_text(str(needed))
+                say(f"{path}: {previous[path]} -> {path.read_text().strip()}")
+        yield {str(path): int(path.read_text().split()[0]) for path in previous}
+    finally:
+        for path in reversed(changed):
+            try:
+                path.write_text(str(previous[path]))
+                say(f"{path}: restored {path.read_text().strip()}")
+            except OSError as error:
+                say(f"{path}: could not restore {previous[path]}: {error}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["poll-sync"]:

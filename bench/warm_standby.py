@@ -62,7 +62,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import secrets
@@ -81,36 +80,6 @@ from snat_sync.lab import topology as lab_module  # noqa: E402
 
 MODES = {"warm": "", "warm-quiet": "[failover]\nbackup_reads_events = false\n",
          "cold": "[failover]\nstandby_mode = cold\n", "no-sync": None}
-CONNTRACK_MAX = pathlib.Path("/proc/sys/net/netfilter/nf_conntrack_max")
-HASHSIZE = pathlib.Path("/sys/module/nf_conntrack/parameters/hashsize")
-HEADROOM = 1.1  # the kernel limits must fit 1.1 x the largest idle table
-
-
-# --- the kernel's global conntrack limits ---------------------------------------------
-
-
-@contextlib.contextmanager
-def kernel_limits_for(entries, say):
-    """Raise nf_conntrack_max and the hash size to fit `entries` x HEADROOM if they
-    are lower (never lower them); restore the previous values on the way out."""
-    needed = math.ceil(entries * HEADROOM)
-    previous = {path: int(path.read_text().split()[0])
-                for path in (CONNTRACK_MAX, HASHSIZE)}
-    changed = []
-    try:
-        for path in (HASHSIZE, CONNTRACK_MAX):
-            if previous[path] < needed:
-                changed.append(path)
-                path.write_text(str(needed))
-                say(f"{path}: {previous[path]} -> {path.read_text().strip()}")
-        yield {str(path): int(path.read_text().split()[0]) for path in previous}
-    finally:
-        for path in reversed(changed):
-            try:
-                path.write_text(str(previous[path]))
-                say(f"{path}: restored {path.read_text().strip()}")
-            except OSError as error:
-                say(f"{path}: could not restore {previous[path]}: {error}")
 
 
 # --- cheap memory figures -------------------------------------------------------------
@@ -138,7 +107,7 @@ def conntrackd_rss(namespace):
 
 def namespace_conntrack_max(namespace):
     with contextlib.suppress(Exception):
-        return int(lab_module.run(["cat", str(CONNTRACK_MAX)],
+        return int(lab_module.run(["cat", str(common.CONNTRACK_MAX)],
                                   namespace=namespace).stdout.split()[0])
     return None
 
@@ -324,7 +293,7 @@ def main():
     previous = signal.signal(signal.SIGTERM, common._raise_interrupt)
     results = []
     try:
-        with kernel_limits_for(max(sizes), say) as limits:
+        with common.kernel_limits_for(max(sizes), say) as limits:
             say(f"kernel limits for the run: {json.dumps(limits)}")
             for number, (mode, idle, failure) in enumerate(plan):
                 say(f"[{number + 1}/{len(plan)}] {mode}, {idle:,} idle entries, "
