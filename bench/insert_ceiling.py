@@ -184,8 +184,13 @@ def parse_arguments(argv):
         arguments.entries = [int(each) for each in arguments.entries.split(",")]
     except ValueError:
         parser.error(f"--entries: not a list of integers: {arguments.entries!r}")
-    if arguments.batch < 2 or arguments.workers < 1 or min(arguments.entries) < 1:
-        parser.error("--batch must be at least 2, --workers and --entries at least 1")
+    if arguments.batch < 2:
+        parser.error(f"--batch {arguments.batch}: must be at least 2")
+    if arguments.workers < 1:
+        parser.error(f"--workers {arguments.workers}: must be at least 1")
+    if min(arguments.entries) < 1:
+        parser.error(f"--entries {min(arguments.entries)}: each size must be at "
+                     "least 1")
     return arguments
 
 
