@@ -54,7 +54,8 @@ before and after the idle entries were loaded, the new primary's transition step
 A scenario that fails prints its error in its row and the run goes on.
 
     python3 bench/warm_standby.py [--idle 0,200000,1000000]
-        [--failures switchover,crash] [--modes warm,cold,no-sync] [--json FILE]
+        [--failures switchover,crash] [--modes warm,cold,no-sync] [--repeat N]
+        [--json FILE]
         [--crash-after 6] [--run-after-crash 10] [--extra-run-per-100k 2]
 """
 
@@ -268,23 +269,40 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle", default="0,200000",
                         help="idle entry counts, comma-separated (default 0,200000)")
-    parser.add_argument("--failures", default="switchover,crash")
-    parser.add_argument("--modes", default="warm,cold,no-sync")
-    parser.add_argument("--crash-after", type=float, default=6.0)
-    parser.add_argument("--run-after-crash", type=float, default=10.0)
+    parser.add_argument("--failures", default="switchover,crash",
+                        help="failures to run, comma-separated: switchover "
+                             "(keepalived stopped on the primary), crash (the "
+                             "primary node killed) (default switchover,crash)")
+    parser.add_argument("--modes", default="warm,cold,no-sync",
+                        help=f"standby modes, comma-separated, of {', '.join(MODES)} "
+                             "(default warm,cold,no-sync; no-sync runs only with "
+                             "an empty table)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole plan this many times, one pass after "
+                             "the other, for the spread (default 1)")
+    parser.add_argument("--crash-after", type=float, default=6.0,
+                        help="seconds of traffic before the failure (default 6)")
+    parser.add_argument("--run-after-crash", type=float, default=10.0,
+                        help="seconds of traffic after the failure, at an empty "
+                             "table (default 10)")
     parser.add_argument("--extra-run-per-100k", type=float, default=2.0,
                         help="seconds added to --run-after-crash per 100,000 idle "
                              "entries (default 2)")
     parser.add_argument("--json", help="write every scenario's figures to this file")
     arguments = parser.parse_args()
-    sizes = [int(each) for each in arguments.idle.split(",")]
+    try:
+        sizes = [int(each) for each in arguments.idle.split(",")]
+    except ValueError:
+        parser.error(f"--idle: not a list of integers: {arguments.idle!r}")
+    if arguments.repeat < 1:
+        parser.error(f"--repeat {arguments.repeat}: must be at least 1")
     failures = arguments.failures.split(",")
     modes = [each.strip().replace(" ", "-") for each in arguments.modes.split(",")]
     for value, known in ((failures, demo.FAILURES), (modes, MODES)):
         unknown = [each for each in value if each not in known]
         if unknown:
             parser.error(f"unknown {unknown}; known: {', '.join(known)}")
-    plan = [(mode, idle, failure)
+    plan = [(mode, idle, failure) for _ in range(arguments.repeat)
             for idle in sizes for failure in failures for mode in modes
             if not (mode == "no-sync" and idle)]
     say = lambda line: print(line, flush=True)  # noqa: E731
