@@ -85,7 +85,7 @@ class Step:
     "run-as" (conntrackd with the configuration for a role, arguments (role,)),
     "raise-guard", "lift-guard", "flush-kernel-table", "write-demotion" (the
     demotion track file, arguments (value,)) or "announce-addresses" (gratuitous
-    ARPs for the namespace's IPv4 addresses).
+    ARPs and IPv6 neighbour advertisements for the namespace's addresses).
     """
 
     name: str

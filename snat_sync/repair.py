@@ -33,8 +33,9 @@ peer-yielded   This node is primary and a peer reports a new transition into
                own resync request may be off or lost: the survivor, this node,
                resyncs its cache from the kernel and sends the whole table, so
                the peer's replica is complete again. First it announces its
-               addresses (gratuitous ARPs): a peer that yielded without being
-               heard left the switches forwarding to it (announce.py).
+               addresses (gratuitous ARPs, IPv6 neighbour advertisements): a
+               peer that yielded without being heard left the switches
+               forwarding to it (announce.py).
 Reported only: a peer whose daemon is silent, sync messages lost (for a node
 with one peer: see _single_sender) or malformed since the last check (FTFW asks
 again for lost ones), conntrackd not running

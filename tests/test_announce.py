@@ -1,7 +1,9 @@
 """Gratuitous ARPs for a survivor's addresses (snat_sync.announce)."""
 
 import ipaddress
+import pathlib
 import subprocess
+import sys
 
 import pytest
 
@@ -20,16 +22,35 @@ ADDRESSES = [
 ]
 
 
-def test_every_global_ipv4_address_is_announced_once_on_its_port():
+def test_every_global_address_is_announced_once_on_its_port():
     chosen = announce.announcements(ADDRESSES)
     assert [(each.device, str(each.address)) for each in chosen] == [
         ("ha-1", "169.254.192.1"), ("ha-1", "169.254.0.1"), ("qg-1", "198.18.0.1"),
-        ("qr-1", "10.0.0.1")]
+        ("qg-1", "2001:db8::1"), ("qr-1", "10.0.0.1")]
 
 
-def test_a_namespace_without_ipv4_addresses_announces_nothing():
-    assert announce.announcements([("qr-1", "2001:db8::1", "global"),
-                                   ("lo", "127.0.0.1", "host")]) == ()
+def test_an_ipv6_only_port_is_announced_by_a_neighbour_advertisement():
+    chosen = announce.announcements([("qr-6", "2001:db8:1::1", "global"),
+                                     ("qr-6", "fe80::1", "link"),
+                                     ("lo", "::1", "host")])
+    assert chosen == (announce.Announcement(
+        "qr-6", ipaddress.ip_address("2001:db8:1::1")),)
+    assert chosen[0].command() == [
+        sys.executable, "-m", "snat_sync.neighbour_advertisement", "qr-6",
+        "2001:db8:1::1"]
+    assert chosen[0].sender == "neighbour advertisement"
+
+
+def test_a_namespace_with_only_local_addresses_announces_nothing():
+    assert announce.announcements([("qr-1", "fe80::1", "link"),
+                                   ("lo", "127.0.0.1", "host"),
+                                   ("lo", "::1", "host")]) == ()
+
+
+def test_the_advertisement_sender_finds_this_package_installed_or_not():
+    package_parent = pathlib.Path(announce.__file__).resolve().parent.parent
+    assert announce.ENVIRONMENT["PYTHONPATH"] == str(package_parent)
+    assert (package_parent / "snat_sync" / "neighbour_advertisement.py").is_file()
 
 
 def test_the_arpings_run_inside_the_namespace(fp):
@@ -40,6 +61,26 @@ def test_the_arpings_run_inside_the_namespace(fp):
                      str(each.address)])
     announce.send("qrouter-r1", chosen, timeout=5)
     assert fp.call_count([*NSENTER, "arping", fp.any()]) == 2
+
+
+def test_ipv4_and_ipv6_addresses_are_announced_side_by_side(fp):
+    chosen = announce.announcements([("qg-1", "198.18.0.1", "global"),
+                                     ("qg-1", "2001:db8::1", "global")])
+    fp.register([*NSENTER, "arping", "-q", "-U", "-c", "1", "-I", "qg-1",
+                 "198.18.0.1"])
+    fp.register([*NSENTER, sys.executable, "-m", "snat_sync.neighbour_advertisement",
+                 "qg-1", "2001:db8::1"])
+    announce.send("qrouter-r1", chosen, timeout=5)
+    assert fp.call_count([*NSENTER, sys.executable, fp.any()]) == 1
+
+
+def test_a_failed_advertisement_names_its_address(fp):
+    fp.register([*NSENTER, sys.executable, "-m", "snat_sync.neighbour_advertisement",
+                 "qr-6", "2001:db8:1::1"], returncode=1)
+    chosen = announce.announcements([("qr-6", "2001:db8:1::1", "global")])
+    with pytest.raises(announce.AnnounceError, match=(
+            "2001:db8:1::1 on qr-6: neighbour advertisement exit status 1")):
+        announce.send("qrouter-r1", chosen, timeout=5)
 
 
 def test_a_failed_arping_names_its_address_and_the_others_still_run(fp):
