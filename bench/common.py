@@ -5,6 +5,7 @@ is tracked and stopped by pid, and `Bench` removes everything however the run en
 Nothing is added to the root namespace.
 """
 
+import argparse
 import contextlib
 import ctypes
 import json
@@ -41,6 +42,15 @@ def sh(*argv, namespace=None, check=True, capture=True, timeout=120):
         raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: "
                            f"{(result.stderr or result.stdout or '').strip()}")
     return result
+
+
+def integer_list(text):
+    """An argparse type: comma-separated integers ("0,200000") as a list."""
+    try:
+        return [int(each) for each in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a list of integers: {text!r}") from None
 
 
 def load_average():

@@ -135,22 +135,24 @@ def insert(first, entries, batch, nat):
 
 def measure(entries, batch, nat, workers):
     """One measurement in a namespace of its own: entries split over workers."""
-    namespace = f"ssb-{os.urandom(3).hex()}-ceiling"
-    common.sh("ip", "netns", "add", namespace)
-    processes = []
-    try:
+    with common.Bench("ceiling") as bench:
+        namespace = bench.namespace("ceiling")
         # A nat-table rule makes the namespace register NAT, as a router's has.
         common.sh("iptables", "-t", "nat", "-A", "POSTROUTING", "-j", "ACCEPT",
                   namespace=namespace)
         share = entries // workers
-        processes = [subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{namespace}", sys.executable,
-             os.path.abspath(__file__), "insert", str(worker * share), str(share),
-             str(batch), "nat" if nat else "plain"],
-            stdout=subprocess.PIPE, text=True) for worker in range(workers)]
-        answers = [process.communicate(timeout=600)[0].split() for process in processes]
+        processes = [bench.start(
+            namespace, [sys.executable, os.path.abspath(__file__), "insert",
+                        worker * share, share, batch, "nat" if nat else "plain"],
+            bench.workdir / f"worker-{worker}.log", stdout=subprocess.PIPE)
+            for worker in range(workers)]
+        answers = [process.communicate(timeout=600)[0].decode().split()
+                   for process in processes]
         if any(len(answer) != 2 for answer in answers):
-            raise RuntimeError(f"a worker printed no result: {answers}")
+            logs = [(bench.workdir / f"worker-{worker}.log").read_text()[-2000:]
+                    for worker in range(workers)]
+            raise RuntimeError(f"a worker printed no result: {answers}; its "
+                               f"errors: {logs}")
         seconds = max(float(answer[0]) for answer in answers)
         return {"entries": share * workers, "requests": "ack" if batch == 1 else
                 f"batch of {batch}", "nat": nat, "workers": workers,
@@ -159,19 +161,14 @@ def measure(entries, batch, nat, workers):
                 "failed": sum(int(answer[1]) for answer in answers),
                 "in_table": common.conntrack_count(namespace),
                 "loadavg": round(common.load_average()[0], 2)}
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        common.sh("ip", "netns", "del", namespace, check=False)
 
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(
         description="Benchmark: how fast this kernel creates conntrack entries "
                     "through ctnetlink (the floor of a backup's bulk insert).")
-    parser.add_argument("--entries", default="200000,1000000",
+    parser.add_argument("--entries", type=common.integer_list,
+                        default="200000,1000000",
                         help="table sizes to create, comma-separated "
                              "(default 200000,1000000)")
     parser.add_argument("--batch", type=int, default=256,
@@ -180,10 +177,6 @@ def parse_arguments(argv):
                         help="parallel sockets in the parallel runs (default 2)")
     parser.add_argument("--json", help="write the results to this file")
     arguments = parser.parse_args(argv)
-    try:
-        arguments.entries = [int(each) for each in arguments.entries.split(",")]
-    except ValueError:
-        parser.error(f"--entries: not a list of integers: {arguments.entries!r}")
     if arguments.batch < 2:
         parser.error(f"--batch {arguments.batch}: must be at least 2")
     if arguments.workers < 1:

@@ -267,7 +267,7 @@ def print_table(results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--idle", default="0,200000",
+    parser.add_argument("--idle", type=common.integer_list, default="0,200000",
                         help="idle entry counts, comma-separated (default 0,200000)")
     parser.add_argument("--failures", default="switchover,crash",
                         help="failures to run, comma-separated: switchover "
@@ -290,10 +290,7 @@ def main():
                              "entries (default 2)")
     parser.add_argument("--json", help="write every scenario's figures to this file")
     arguments = parser.parse_args()
-    try:
-        sizes = [int(each) for each in arguments.idle.split(",")]
-    except ValueError:
-        parser.error(f"--idle: not a list of integers: {arguments.idle!r}")
+    sizes = arguments.idle
     if arguments.repeat < 1:
         parser.error(f"--repeat {arguments.repeat}: must be at least 1")
     failures = arguments.failures.split(",")
