@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 from snat_sync import namespace as netns
+from snat_sync import neighbour_advertisement
 from snat_sync.errors import SnatSyncError
 
 ARPING = "arping"
@@ -34,7 +35,6 @@ ENVIRONMENT = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
                "PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)}
 LOOPBACK = "lo"
 TIMEOUT = 5  # arping sends at once and exits a second later
-NEIGHBOUR_ADVERTISEMENT = "snat_sync.neighbour_advertisement"
 
 
 class AnnounceError(SnatSyncError):
@@ -58,7 +58,7 @@ class Announcement:
         if self.address.version == 4:
             return [ARPING, "-q", "-U", "-c", "1", "-I", self.device,
                     str(self.address)]
-        return [sys.executable, "-m", NEIGHBOUR_ADVERTISEMENT, self.device,
+        return [sys.executable, "-m", neighbour_advertisement.__name__, self.device,
                 str(self.address)]
 
 

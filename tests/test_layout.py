@@ -18,7 +18,8 @@ LAB = "snat_sync.lab"
 # import: each other and the shared vocabulary, never a decision module.
 EDGES = {f"snat_sync.{name}" for name in (
     "namespace", "conntrackd", "guard", "statedir", "watcher", "reports", "nftables",
-    "refresh", "connection_table", "tcp_tracking", "announce")}
+    "refresh", "connection_table", "tcp_tracking", "announce",
+    "neighbour_advertisement")}
 VOCABULARY = {f"snat_sync.{name}" for name in ("errors", "roles", "router")}
 
 
