@@ -10,13 +10,12 @@ the router flag), the IPv4 one by the gratuitous ARP.
 """
 
 import ipaddress
-import secrets
-import subprocess
 import time
 
 import pytest
 
 from snat_sync import announce
+from snat_sync.lab import topology as lab_module
 
 WRONG_MAC = "02:00:00:00:00:99"
 PORTS = {  # router port -> (neighbour port, router addresses, neighbour addresses)
@@ -26,36 +25,35 @@ PORTS = {  # router port -> (neighbour port, router addresses, neighbour address
 }
 
 
-def run(*argv):
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+def ip(namespace, *args):
+    return lab_module.ip(*args, namespace=namespace).stdout
 
 
 @pytest.fixture
 def router_and_neighbour():
-    prefix = f"ssan-{secrets.token_hex(3)}"
-    router, neighbour = f"{prefix}-r", f"{prefix}-n"
+    prefix = lab_module.new_prefix()
+    router, neighbour = f"{prefix}-announcer", f"{prefix}-neighbour"
     try:
         for namespace in (router, neighbour):
-            run("ip", "netns", "add", namespace)
-            run("ip", "netns", "exec", namespace, "sysctl", "-q", "-w",
-                "net.ipv6.conf.default.accept_dad=0")
+            lab_module.ip("netns", "add", namespace)
+            lab_module.run(["sysctl", "-q", "-w",
+                            "net.ipv6.conf.default.accept_dad=0"], namespace=namespace)
         for port, (peer, router_addresses, neighbour_addresses) in PORTS.items():
-            run("ip", "-n", router, "link", "add", port, "type", "veth", "peer",
-                "name", peer, "netns", neighbour)
+            ip(router, "link", "add", port, "type", "veth", "peer", "name", peer,
+               "netns", neighbour)
             for namespace, device, addresses in ((router, port, router_addresses),
                                                  (neighbour, peer,
                                                   neighbour_addresses)):
                 for address in addresses:
-                    run("ip", "-n", namespace, "address", "add", address, "dev",
-                        device, "nodad")
-                run("ip", "-n", namespace, "link", "set", device, "up")
+                    ip(namespace, "address", "add", address, "dev", device, "nodad")
+                ip(namespace, "link", "set", device, "up")
         for port, (peer, _, _) in PORTS.items():
             wait_until_ipv6_ready(router, port)
             wait_until_ipv6_ready(neighbour, peer)
         yield router, neighbour
     finally:
         for namespace in (router, neighbour):
-            subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
+            lab_module.ip("netns", "delete", namespace, check=False)
 
 
 def wait_until_ipv6_ready(namespace, device, timeout=5):
@@ -64,21 +62,20 @@ def wait_until_ipv6_ready(namespace, device, timeout=5):
     before that the neighbour ignores advertisements. A survivor's ports have long
     been up."""
     deadline = time.monotonic() + timeout
-    while "fe80:" not in run("ip", "-n", namespace, "-6", "address", "show", "dev",
-                             device, "scope", "link", "-tentative"):
+    while "fe80:" not in ip(namespace, "-6", "address", "show", "dev", device,
+                            "scope", "link", "-tentative"):
         assert time.monotonic() < deadline, f"{device} in {namespace}: no IPv6"
         time.sleep(0.05)
 
 
 def mac_of(namespace, device):
-    return run("ip", "-n", namespace, "-br", "link", "show", device).split()[2]
+    return ip(namespace, "-br", "link", "show", device).split()[2]
 
 
 def cached(namespace, device, address):
     """The neighbour entry's fields for address on device ("" if none)."""
     family = "-6" if ipaddress.ip_address(address).version == 6 else "-4"
-    return run("ip", "-n", namespace, family, "neigh", "show", address, "dev",
-               device).split()
+    return ip(namespace, family, "neigh", "show", address, "dev", device).split()
 
 
 def router_addresses():
@@ -91,8 +88,8 @@ def test_the_survivor_announces_every_address_ipv6_only_ports_too(
         router_and_neighbour):
     router, neighbour = router_and_neighbour
     for _port, peer, address in router_addresses():
-        run("ip", "-n", neighbour, "neigh", "replace", address, "lladdr", WRONG_MAC,
-            "dev", peer, "nud", "stale")
+        ip(neighbour, "neigh", "replace", address, "lladdr", WRONG_MAC, "dev", peer,
+           "nud", "stale")
         assert WRONG_MAC in cached(neighbour, peer, address)
 
     sent = announce.announce_addresses(router)

@@ -20,6 +20,7 @@ independently, every 50 ms: the backup's replica where its mode keeps it, and
 the primary's kernel table, both from /proc and conntrackd's control socket.
 """
 
+import bisect
 import json
 import subprocess
 import threading
@@ -87,11 +88,15 @@ class Truth:
                                  namespace.kernel_entry_count(self.r1_pid)))
             time.sleep(0.05)
 
+    def first_at_or_after(self, moment):
+        """The index of the first sample taken at or after moment (samples are
+        in time order)."""
+        return bisect.bisect_left(self.samples, moment, key=lambda sample: sample[0])
+
     def samples_around(self, moment, each_side=3):
         """The samples either side of moment, times relative to it: what an
         assertion about that moment shows."""
-        index = next((number for number, sample in enumerate(self.samples)
-                      if sample[0] >= moment), len(self.samples))
+        index = self.first_at_or_after(moment)
         return [(round(at - moment, 3), replica, primary) for at, replica, primary
                 in self.samples[max(index - each_side, 0):index + each_side]]
 
@@ -115,11 +120,12 @@ class Truth:
         must find it complete here too. (The last sample before moment may
         predate the status' own read by a sampling interval, in which a
         resync adds thousands of entries.)"""
-        after = [sample for sample in self.samples if sample[0] >= moment
-                 and sample[1] is not None and sample[2] is not None]
-        if not after:
+        answered = (sample for sample in
+                    self.samples[self.first_at_or_after(moment):]
+                    if sample[1] is not None and sample[2] is not None)
+        _at, replica, primary = next(answered, (None, None, None))
+        if replica is None:
             return None
-        _at, replica, primary = after[0]
         return health.is_short(replica, primary, 1.0)
 
 
