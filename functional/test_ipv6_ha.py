@@ -9,6 +9,7 @@ does.
 
 import pytest
 
+from snat_sync import conntrackd
 from snat_sync.lab import topology as lab_module
 
 BLOCKED = lab_module.SnatEntry("tcp", "192.168.100.11", 40001, 40001)
@@ -67,6 +68,9 @@ def test_entries_replicate_over_ipv6_ha_addresses(tmp_path, transport):
         lab_module.insert_entry(r1, PASSED)
         assert lab_module.wait_until(lambda: in_kernel(r2, PASSED), timeout=10,
                                      interval=0.2), lab_module.kernel_entries(r2)
+        # The one expected warning: conntrackd may not make itself real-time
+        # (conntrackd.start_prefix).
         complaints = [line for line in open(log_file).read().splitlines()
-                      if "[warning]" in line or "[ERROR]" in line]
+                      if ("[warning]" in line or "[ERROR]" in line)
+                      and conntrackd.SCHEDULER_REFUSED not in line]
         assert not complaints, complaints

@@ -1,13 +1,16 @@
 """Lifecycle of a router's conntrackd: stale lock, removal, status after a failover."""
 
+import contextlib
 import json
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
 
+from snat_sync import conntrackd
 from snat_sync.lab import demo
 from snat_sync.lab import topology as lab_module
 
@@ -84,6 +87,50 @@ def test_router_remove_leaves_nothing(lab, add_router, state_paths):
     assert not [
         path for path in state_paths["r1"].rglob("*") if lab.router_id in str(path)
     ]
+
+
+def scheduling_policies_while(router, action):
+    """Every scheduling policy router's conntrackd processes had while action ran.
+
+    Sampled every few ms by pid, so the conntrackd that reads the kernel's table
+    before it daemonises is seen as well as the daemon it forks.
+    """
+    seen = set()
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for process in lab_module.named_processes_in_namespace(router.namespace,
+                                                                   "conntrackd"):
+                with contextlib.suppress(OSError):
+                    seen.add((process.pid, os.sched_getscheduler(process.pid)))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = action()
+    finally:
+        done.set()
+        sampler.join()
+    return result, seen
+
+
+def test_conntrackd_reads_a_large_table_at_the_normal_scheduler(lab, add_router,
+                                                                 tmp_path):
+    """conntrackd makes itself real-time (SCHED_RR 99) before it reads the kernel's
+    table; snat-sync starts it without the capability, so it never is."""
+    r1 = lab.routers[0]
+    assert lab_module.load_idle_entries(r1, 100_000, tmp_path) == 100_000
+
+    registration, seen = scheduling_policies_while(r1, lambda: add_router(r1))
+
+    pids = {pid for pid, _ in seen}
+    assert len(pids) >= 2, f"expected the starting conntrackd and its daemon: {seen}"
+    assert {policy for _, policy in seen} == {os.SCHED_OTHER}, seen
+    log_file = re.search(r"^\s*LogFile\s+(\S+)",
+                         registration.conntrackd_config.read_text(), re.MULTILINE)
+    assert conntrackd.SCHEDULER_REFUSED in open(log_file.group(1)).read()
 
 
 @pytest.mark.parametrize("standby_mode", ["warm", "cold"])

@@ -70,7 +70,8 @@ class Conntrackd:
                  self.files.directory.name, self.namespace)
         try:
             result = subprocess.run(
-                ["ip", "netns", "exec", self.namespace, *self.command("-d")],
+                ["ip", "netns", "exec", self.namespace,
+                 *start_prefix(scheduler_policy), *self.command("-d")],
                 capture_output=True,
                 text=True,
                 # It reads the kernel's whole table before it forks.
@@ -87,9 +88,7 @@ class Conntrackd:
                 f"(exit {result.returncode}): "
                 f"{_last_lines(result.stderr) or self.log_tail()}"
             )
-        process = self.wait_until_answering()
-        if scheduler_policy == "other":
-            _use_normal_scheduler(process)
+        self.wait_until_answering()
         return True
 
     def run_as(self, role, scheduler_policy="other"):
@@ -378,18 +377,25 @@ def _exits_within(process, timeout):
     return False
 
 
-def _use_normal_scheduler(process):
-    """conntrackd makes itself SCHED_RR 99 unless told a policy; undo that.
+# setpriv (util-linux) drops the capability to change scheduling before conntrackd
+# runs, and conntrackd logs this once as it starts: see start_prefix.
+_WITHOUT_SYS_NICE = ("setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice")
+SCHEDULER_REFUSED = "scheduler configuration failed: Operation not permitted"
 
-    Its Scheduler section accepts only RR and FIFO, and hundreds of routers on one
-    node must not all run at real-time priority 99.
+
+def start_prefix(scheduler_policy):
+    """What runs conntrackd at the scheduler policy the options ask for.
+
+    conntrackd 1.4.7 makes itself SCHED_RR at priority 99 unless its Scheduler
+    section names RR or FIFO (it accepts nothing else), and it does so before it
+    reads the kernel's whole table and daemonises: at 1,000,000 entries that is
+    seconds of a real-time task taking a core from the traffic of the failover
+    that restarted it, and hundreds of routers on one node must not all run at
+    priority 99. Without CAP_SYS_NICE its attempt fails (it logs "scheduler
+    configuration failed" once and goes on at the normal scheduler), so it reads
+    the table at normal priority from the start. rr and fifo keep the capability.
     """
-    try:
-        for thread in process.threads():
-            os.sched_setscheduler(thread.id, os.SCHED_OTHER, os.sched_param(0))
-    except (OSError, psutil.Error) as error:
-        LOG.warning("cannot reset the scheduler of conntrackd pid %d: %s",
-                    process.pid, error)
+    return _WITHOUT_SYS_NICE if scheduler_policy == "other" else ()
 
 
 def _last_lines(text, lines=3):

@@ -189,7 +189,10 @@ conntrackd_opts = [
         ],
         help="Scheduling policy of conntrackd. conntrackd itself defaults to "
         "real-time priority 99, which hundreds of routers on one node cannot all "
-        "have.",
+        "have, and takes it before it reads the kernel's table at start (seconds "
+        "at 1,000,000 entries, during the failover that restarted it). With other, "
+        "conntrackd starts without CAP_SYS_NICE (setpriv), so it is never "
+        "real-time; its log says 'scheduler configuration failed' once per start.",
     ),
     cfg.IntOpt(
         "scheduler_priority",
