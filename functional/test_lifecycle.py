@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from snat_sync import conntrackd
+from snat_sync import conntrackd, statedir
 from snat_sync.lab import demo
 from snat_sync.lab import topology as lab_module
 
@@ -109,28 +109,27 @@ def scheduling_policies_while(router, action):
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        result = action()
+        action()
     finally:
         done.set()
         sampler.join()
-    return result, seen
+    return seen
 
 
 def test_conntrackd_reads_a_large_table_at_the_normal_scheduler(lab, add_router,
-                                                                 tmp_path):
+                                                                 state_paths, tmp_path):
     """conntrackd makes itself real-time (SCHED_RR 99) before it reads the kernel's
     table; snat-sync starts it without the capability, so it never is."""
     r1 = lab.routers[0]
     assert lab_module.load_idle_entries(r1, 100_000, tmp_path) == 100_000
 
-    registration, seen = scheduling_policies_while(r1, lambda: add_router(r1))
+    seen = scheduling_policies_while(r1, lambda: add_router(r1))
 
     pids = {pid for pid, _ in seen}
     assert len(pids) >= 2, f"expected the starting conntrackd and its daemon: {seen}"
     assert {policy for _, policy in seen} == {os.SCHED_OTHER}, seen
-    log_file = re.search(r"^\s*LogFile\s+(\S+)",
-                         registration.conntrackd_config.read_text(), re.MULTILINE)
-    assert conntrackd.SCHEDULER_REFUSED in open(log_file.group(1)).read()
+    files = statedir.RouterFiles.under(state_paths["r1"], lab.router_id)
+    assert conntrackd.SCHEDULER_REFUSED in files.log_file.read_text()
 
 
 @pytest.mark.parametrize("standby_mode", ["warm", "cold"])
