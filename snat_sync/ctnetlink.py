@@ -1,0 +1,327 @@
+"""ctnetlink messages for a table transfer, pure: a dump of the kernel's
+connection table read as entries, and each entry turned into the request that
+creates it, NAT mapping included, in another node's kernel.
+
+A dumped entry (IPCTNL_MSG_CT_NEW, NLM_F_MULTI) carries both tuples, status,
+timeout, protocol state (TCP's window data), mark and zone. Sent back as
+IPCTNL_MSG_CT_NEW with NLM_F_CREATE the kernel takes nearly all of it as it is:
+what it does not take is the NAT mapping, which status bits cannot set
+(ctnetlink ignores them on create); the mapping must be asked for with
+CTA_NAT_SRC / CTA_NAT_DST, and it is read back from the reply tuple: a reply
+addressed elsewhere than the original source was source-NAT'ed there, a reply
+from elsewhere than the original destination was destination-NAT'ed. The other
+attributes the dump adds (CTA_ID, CTA_USE, counters) the kernel ignores on
+create, so the rest of the message is passed on unchanged.
+
+Entries are chosen as conntrackd chooses what it replicates: by protocol and
+by ignored networks (loopback, the HA network), matched on the original
+tuple's addresses.
+
+This is the protocol half; table_transfer.py moves the bytes.
+"""
+
+import dataclasses
+import ipaddress
+import re
+import socket
+import struct
+
+NETLINK_NETFILTER = 12
+NFNLGRP_CONNTRACK_DESTROY = 3
+NFNL_SUBSYS_CTNETLINK = 1
+CT_NEW = NFNL_SUBSYS_CTNETLINK << 8 | 0
+CT_GET = NFNL_SUBSYS_CTNETLINK << 8 | 1
+CT_DELETE = NFNL_SUBSYS_CTNETLINK << 8 | 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP = 0x1, 0x2, 0x300
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
+# Never overwrite: an entry already there came from conntrackd's replication
+# after the dump was taken, and is newer.
+CREATE_FLAGS = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
+DELETE_FLAGS = NLM_F_REQUEST
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_NAT_SRC, CTA_NAT_DST = 1, 2, 6, 13
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO = 1, 2, 3
+CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP = 4, 5
+CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
+
+HEADER = struct.Struct("=IHHII")
+ATTRIBUTE = struct.Struct("=HH")
+PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "ICMP": 1, "IPv6-ICMP": 58, "SCTP": 132,
+                    "DCCP": 33, "UDPLITE": 136, "GRE": 47}
+WITH_PORTS = frozenset({6, 17, 33, 132, 136})
+
+
+class MalformedMessage(ValueError):
+    """Bytes that are not the ctnetlink messages they claim to be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoints:
+    """One direction's tuple: addresses as packed bytes, ports as network-order
+    bytes (None for protocols without ports)."""
+
+    source: bytes
+    destination: bytes
+    protocol: int
+    source_port: bytes | None
+    destination_port: bytes | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which entries are transferred: those conntrackd would replicate."""
+
+    protocols: frozenset
+    # (address length, network as an integer, mask as an integer) per network
+    ignored: tuple
+
+    @classmethod
+    def of(cls, protocol_names, ignored_networks):
+        unknown = [name for name in protocol_names if name not in PROTOCOL_NUMBERS]
+        if unknown:
+            raise ValueError(f"unknown protocols {unknown}: known are "
+                             f"{sorted(PROTOCOL_NUMBERS)}")
+        networks = [ipaddress.ip_network(network) for network in ignored_networks]
+        return cls(frozenset(PROTOCOL_NUMBERS[name] for name in protocol_names),
+                   tuple((network.max_prefixlen // 8, int(network.network_address),
+                          int(network.netmask)) for network in networks))
+
+    def ignores_ipv4(self, *addresses):
+        for packed in addresses:
+            value = int.from_bytes(packed, "big")
+            for size, network, mask in self.ignored:
+                if size == 4 and value & mask == network:
+                    return True
+        return False
+
+    def accepts(self, original):
+        if original.protocol not in self.protocols:
+            return False
+        for packed in (original.source, original.destination):
+            value = int.from_bytes(packed, "big")
+            for size, network, mask in self.ignored:
+                if len(packed) == size and value & mask == network:
+                    return False
+        return True
+
+
+def attribute(kind, payload):
+    length = ATTRIBUTE.size + len(payload)
+    return ATTRIBUTE.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def nested(kind, *children):
+    return attribute(kind | NLA_F_NESTED, b"".join(children))
+
+
+def message(kind, flags, payload, sequence=0):
+    return HEADER.pack(HEADER.size + len(payload), kind, flags, sequence, 0) + payload
+
+
+def dump_request(sequence=1):
+    """Ask for the whole table, every family (AF_UNSPEC)."""
+    return message(CT_GET, NLM_F_REQUEST | NLM_F_DUMP,
+                   struct.pack("=BBH", socket.AF_UNSPEC, 0, 0), sequence)
+
+
+def split_messages(data):
+    """(offset, length, type, flags) of each netlink message in data."""
+    found, offset, end = [], 0, len(data)
+    while offset + HEADER.size <= end:
+        length, kind, flags = struct.unpack_from("=IHH", data, offset)
+        if length < HEADER.size or offset + length > end:
+            raise MalformedMessage(f"message of length {length} at offset {offset} "
+                                   f"of {end} bytes")
+        found.append((offset, length, kind, flags))
+        offset += (length + 3) & ~3
+    if offset < end:
+        raise MalformedMessage(f"{end - offset} trailing bytes after the last message")
+    return found
+
+
+def _attributes(data, start, end):
+    """{type: (payload start, payload end)} of the attributes in data[start:end]."""
+    found = {}
+    while start + ATTRIBUTE.size <= end:
+        length, kind = ATTRIBUTE.unpack_from(data, start)
+        if length < ATTRIBUTE.size or start + length > end:
+            raise MalformedMessage(f"attribute of length {length} at {start}")
+        found[kind & NLA_TYPE_MASK] = (start + ATTRIBUTE.size, start + length)
+        start += (length + 3) & ~3
+    return found
+
+
+def endpoints(data, start, end):
+    """The Endpoints of a CTA_TUPLE_* payload in data[start:end]."""
+    parts = _attributes(data, start, end)
+    if CTA_TUPLE_IP not in parts or CTA_TUPLE_PROTO not in parts:
+        raise MalformedMessage("tuple without addresses or protocol")
+    addresses = _attributes(data, *parts[CTA_TUPLE_IP])
+    for source_type, destination_type in ((CTA_IP_V4_SRC, CTA_IP_V4_DST),
+                                          (CTA_IP_V6_SRC, CTA_IP_V6_DST)):
+        if source_type in addresses and destination_type in addresses:
+            source = bytes(data[slice(*addresses[source_type])])
+            destination = bytes(data[slice(*addresses[destination_type])])
+            break
+    else:
+        raise MalformedMessage("tuple without a source and destination address")
+    protocol_parts = _attributes(data, *parts[CTA_TUPLE_PROTO])
+    if CTA_PROTO_NUM not in protocol_parts:
+        raise MalformedMessage("tuple without a protocol number")
+    protocol = data[protocol_parts[CTA_PROTO_NUM][0]]
+    ports = [bytes(data[slice(*protocol_parts[kind])]) if kind in protocol_parts else None
+             for kind in (CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT)]
+    return Endpoints(source, destination, protocol, *ports)
+
+
+def nat_attribute(kind, address, port):
+    """CTA_NAT_SRC or CTA_NAT_DST mapping to exactly this address (and port)."""
+    minimum, maximum = ((CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP) if len(address) == 4
+                        else (CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP))
+    children = [attribute(minimum, address), attribute(maximum, address)]
+    if port is not None:
+        children.append(nested(CTA_NAT_PROTO, attribute(CTA_PROTONAT_PORT_MIN, port),
+                               attribute(CTA_PROTONAT_PORT_MAX, port)))
+    return nested(kind, *children)
+
+
+def nat_mappings(original, reply):
+    """The NAT attributes that recreate what the reply tuple shows was done."""
+    mappings = b""
+    if (reply.destination, reply.destination_port) != (original.source,
+                                                       original.source_port):
+        mappings += nat_attribute(CTA_NAT_SRC, reply.destination, reply.destination_port)
+    if (reply.source, reply.source_port) != (original.destination,
+                                             original.destination_port):
+        mappings += nat_attribute(CTA_NAT_DST, reply.source, reply.source_port)
+    return mappings
+
+
+def _ipv4_tuple_pattern(kind):
+    """The bytes of an IPv4 tuple with ports as the kernel dumps it, with the
+    addresses, protocol and ports as groups."""
+    header = ATTRIBUTE.pack(52, kind | NLA_F_NESTED) + ATTRIBUTE.pack(20, CTA_TUPLE_IP
+                                                                      | NLA_F_NESTED)
+    return (re.escape(header + ATTRIBUTE.pack(8, CTA_IP_V4_SRC)) + b"(.{4})"
+            + re.escape(ATTRIBUTE.pack(8, CTA_IP_V4_DST)) + b"(.{4})"
+            + re.escape(ATTRIBUTE.pack(28, CTA_TUPLE_PROTO | NLA_F_NESTED)
+                        + ATTRIBUTE.pack(5, CTA_PROTO_NUM)) + b"(.)..."
+            + re.escape(ATTRIBUTE.pack(6, CTA_PROTO_SRC_PORT)) + b"(..).."
+            + re.escape(ATTRIBUTE.pack(6, CTA_PROTO_DST_PORT)) + b"(..)..")
+
+
+# Both tuples of an IPv4 entry with ports, at fixed places: most of a router's
+# table, read without walking the attributes.
+IPV4_TUPLES = re.compile(_ipv4_tuple_pattern(CTA_TUPLE_ORIG)
+                         + _ipv4_tuple_pattern(CTA_TUPLE_REPLY), re.DOTALL)
+
+
+def create_request(data, offset, length, selection):
+    """The request that creates the dumped entry data[offset:offset+length]
+    elsewhere, or None when the selection leaves it out."""
+    body_start, end = offset + HEADER.size + 4, offset + length
+    fixed = IPV4_TUPLES.match(data, body_start)
+    if fixed is None:
+        return _create_request_any(data, offset, length, selection)
+    (source, destination, protocol, source_port, destination_port, reply_source,
+     reply_destination, _, reply_source_port, reply_destination_port) = fixed.groups()
+    if protocol[0] not in selection.protocols or selection.ignores_ipv4(
+            source, destination):
+        return None
+    mappings = b""
+    if reply_destination != source or reply_destination_port != source_port:
+        mappings = IPV4_NAT.pack(*_ipv4_nat_fields(CTA_NAT_SRC, reply_destination,
+                                                   reply_destination_port))
+    if reply_source != destination or reply_source_port != destination_port:
+        mappings += IPV4_NAT.pack(*_ipv4_nat_fields(CTA_NAT_DST, reply_source,
+                                                    reply_source_port))
+    return (HEADER.pack(length + len(mappings), CT_NEW, CREATE_FLAGS, 0, 0)
+            + data[offset + HEADER.size:end] + mappings)
+
+
+# CTA_NAT_SRC / CTA_NAT_DST to one IPv4 address and port, as nat_attribute
+# builds it, in one pack.
+IPV4_NAT = struct.Struct("=HH HH4s HH4s HH HH2s2x HH2s2x")
+
+
+def _ipv4_nat_fields(kind, address, port):
+    return (40, kind | NLA_F_NESTED, 8, CTA_NAT_V4_MINIP, address, 8, CTA_NAT_V4_MAXIP,
+            address, 20, CTA_NAT_PROTO | NLA_F_NESTED, 6, CTA_PROTONAT_PORT_MIN, port,
+            6, CTA_PROTONAT_PORT_MAX, port)
+
+
+def _create_request_any(data, offset, length, selection):
+    """create_request for any layout: the attributes walked."""
+    body_start, end = offset + HEADER.size + 4, offset + length
+    tuples = _first_two(data, body_start, end)
+    original, reply = (endpoints(data, *bounds) for bounds in tuples)
+    if not selection.accepts(original):
+        return None
+    payload = bytes(data[offset + HEADER.size:end]) + nat_mappings(original, reply)
+    return message(CT_NEW, CREATE_FLAGS, payload)
+
+
+def _first_two(data, start, end):
+    """Payload bounds of CTA_TUPLE_ORIG and CTA_TUPLE_REPLY, which the kernel
+    puts first in every entry it dumps; found by type when they are not."""
+    first, bounds = start, []
+    for _ in range(2):
+        if start + ATTRIBUTE.size > end:
+            break
+        length, kind = ATTRIBUTE.unpack_from(data, start)
+        if length < ATTRIBUTE.size or start + length > end:
+            raise MalformedMessage(f"attribute of length {length} at {start}")
+        bounds.append((kind & NLA_TYPE_MASK, start + ATTRIBUTE.size, start + length))
+        start += (length + 3) & ~3
+    if [kind for kind, _, _ in bounds] == [CTA_TUPLE_ORIG, CTA_TUPLE_REPLY]:
+        return [(low, high) for _, low, high in bounds]
+    found = _attributes(data, first, end)
+    if CTA_TUPLE_ORIG not in found or CTA_TUPLE_REPLY not in found:
+        raise MalformedMessage("entry without both tuples")
+    return [found[CTA_TUPLE_ORIG], found[CTA_TUPLE_REPLY]]
+
+
+def delete_request(data, offset, length):
+    """The request that deletes, elsewhere, the entry of a destroy event
+    data[offset:offset+length]: its family and original tuple."""
+    body_start, end = offset + HEADER.size + 4, offset + length
+    found = _attributes(data, body_start, end)
+    if CTA_TUPLE_ORIG not in found:
+        raise MalformedMessage("destroy event without an original tuple")
+    low, high = found[CTA_TUPLE_ORIG]
+    payload = (bytes(data[offset + HEADER.size:body_start])
+               + nested(CTA_TUPLE_ORIG, bytes(data[low:high])))
+    return message(CT_DELETE, DELETE_FLAGS, payload)
+
+
+def check_requests(data):
+    """How many creates and deletes data holds; MalformedMessage unless it is
+    nothing but creates and deletes of conntrack entries: a receiver writes
+    what a peer sent into its kernel, and takes no other kind of request."""
+    creates = deletes = 0
+    for _offset, length, kind, flags in split_messages(data):
+        if kind == CT_NEW and flags == CREATE_FLAGS:
+            creates += 1
+        elif kind == CT_DELETE and flags == DELETE_FLAGS:
+            deletes += 1
+        else:
+            raise MalformedMessage(f"request type {kind:#x} flags {flags:#x}: only "
+                                   "conntrack creates and deletes are accepted")
+    return creates, deletes
+
+
+def errors(data):
+    """The errno of each NLMSG_ERROR in data that reports a failure."""
+    failed = []
+    for offset, length, kind, _flags in split_messages(data):
+        if kind == NLMSG_ERROR and length >= HEADER.size + 4:
+            code = struct.unpack_from("=i", data, offset + HEADER.size)[0]
+            if code:
+                failed.append(-code)
+    return failed

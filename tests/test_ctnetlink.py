@@ -1,0 +1,241 @@
+"""ctnetlink.py: dumped entries become the requests that create them elsewhere,
+NAT mapping included; the receiver's check takes only creates and deletes."""
+
+import socket
+import struct
+
+import pytest
+
+from snat_sync import ctnetlink as ct
+from snat_sync import options
+
+GATEWAY = "203.0.113.10"
+HA_NETWORK = "169.254.192.0/18"
+SELECTION = ct.Selection.of(["TCP", "UDP", "ICMP"], ["127.0.0.0/8", "::1/128",
+                                                      HA_NETWORK])
+
+
+def packed(address):
+    return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                            address)
+
+
+def tuple_attribute(kind, source, destination, protocol, source_port=None,
+                    destination_port=None):
+    v6 = ":" in source
+    addresses = ct.nested(ct.CTA_TUPLE_IP,
+                          ct.attribute(ct.CTA_IP_V6_SRC if v6 else ct.CTA_IP_V4_SRC,
+                                       packed(source)),
+                          ct.attribute(ct.CTA_IP_V6_DST if v6 else ct.CTA_IP_V4_DST,
+                                       packed(destination)))
+    protocol_parts = [ct.attribute(ct.CTA_PROTO_NUM, bytes([protocol]))]
+    if source_port is not None:
+        protocol_parts += [ct.attribute(ct.CTA_PROTO_SRC_PORT, struct.pack("!H", source_port)),
+                           ct.attribute(ct.CTA_PROTO_DST_PORT,
+                                        struct.pack("!H", destination_port))]
+    return ct.nested(kind, addresses, ct.nested(ct.CTA_TUPLE_PROTO, *protocol_parts))
+
+
+def dumped_entry(original, reply, kind=ct.CT_NEW, flags=ct.NLM_F_MULTI, family=None):
+    """An entry as the kernel dumps it: both tuples first, then status and timeout."""
+    family = family or (socket.AF_INET6 if ":" in original[0] else socket.AF_INET)
+    payload = (struct.pack("=BBH", family, 0, 0)
+               + tuple_attribute(ct.CTA_TUPLE_ORIG, *original)
+               + tuple_attribute(ct.CTA_TUPLE_REPLY, *reply)
+               + ct.attribute(3, struct.pack("!I", 0x18e))  # CTA_STATUS
+               + ct.attribute(7, struct.pack("!I", 300)))  # CTA_TIMEOUT
+    return ct.message(kind, flags, payload, sequence=77)
+
+
+def snat_entry(protocol=6, client="10.0.0.5", server="198.51.100.1", port=40001):
+    return dumped_entry((client, server, protocol, 5555, 443),
+                        (server, GATEWAY, protocol, 443, port))
+
+
+def request_for(data):
+    return ct.create_request(data, 0, len(data), SELECTION)
+
+
+def top_attributes(request):
+    """{type: payload bytes} of a request's attributes after the nfgenmsg."""
+    found = ct._attributes(request, ct.HEADER.size + 4, len(request))
+    return {kind: request[low:high] for kind, (low, high) in found.items()}
+
+
+def nat_range(payload):
+    parts = ct._attributes(payload, 0, len(payload))
+    low, high = parts[ct.CTA_NAT_V4_MINIP if ct.CTA_NAT_V4_MINIP in parts
+                      else ct.CTA_NAT_V6_MINIP]
+    address = payload[low:high]
+    port = None
+    if ct.CTA_NAT_PROTO in parts:
+        proto = payload[slice(*parts[ct.CTA_NAT_PROTO])]
+        ports = ct._attributes(proto, 0, len(proto))
+        port = struct.unpack("!H", proto[slice(*ports[ct.CTA_PROTONAT_PORT_MIN])])[0]
+    return socket.inet_ntop(socket.AF_INET6 if len(address) == 16 else socket.AF_INET,
+                            address), port
+
+
+def test_a_snat_entry_becomes_an_exclusive_create_with_its_source_mapping():
+    request = request_for(snat_entry())
+    assert ct.check_requests(request) == (1, 0)
+    length, kind, flags, sequence, _pid = ct.HEADER.unpack_from(request)
+    assert (length, kind, flags, sequence) == (len(request), ct.CT_NEW,
+                                               ct.CREATE_FLAGS, 0)
+    attributes = top_attributes(request)
+    assert nat_range(attributes[ct.CTA_NAT_SRC]) == (GATEWAY, 40001)
+    assert ct.CTA_NAT_DST not in attributes
+
+
+def test_the_dumped_attributes_are_passed_on_unchanged():
+    entry = snat_entry()
+    request = request_for(entry)
+    assert request[ct.HEADER.size:len(entry)] == entry[ct.HEADER.size:]
+
+
+def test_an_entry_without_nat_gets_no_mapping():
+    entry = dumped_entry(("10.0.0.5", "10.0.1.9", 17, 5353, 53),
+                         ("10.0.1.9", "10.0.0.5", 17, 53, 5353))
+    request = request_for(entry)
+    assert len(request) == len(entry)
+    assert not {ct.CTA_NAT_SRC, ct.CTA_NAT_DST} & top_attributes(request).keys()
+
+
+def test_a_destination_nat_entry_gets_its_destination_mapping():
+    entry = dumped_entry(("198.51.100.7", GATEWAY, 6, 6000, 80),
+                         ("10.0.0.5", "198.51.100.7", 6, 8080, 6000))
+    attributes = top_attributes(request_for(entry))
+    assert nat_range(attributes[ct.CTA_NAT_DST]) == ("10.0.0.5", 8080)
+    assert ct.CTA_NAT_SRC not in attributes
+
+
+@pytest.mark.parametrize("entry", [
+    snat_entry(),
+    snat_entry(protocol=17),
+    dumped_entry(("198.51.100.7", GATEWAY, 6, 6000, 80),
+                 ("10.0.0.5", "10.0.0.1", 6, 8080, 6001)),  # both mappings
+    dumped_entry(("10.0.0.5", "10.0.1.9", 17, 5353, 53),
+                 ("10.0.1.9", "10.0.0.5", 17, 53, 5353)),
+])
+def test_the_fixed_offset_path_builds_what_walking_the_attributes_builds(entry):
+    assert ct.IPV4_TUPLES.match(entry, ct.HEADER.size + 4) is not None
+    assert request_for(entry) == ct._create_request_any(entry, 0, len(entry), SELECTION)
+
+
+def test_ipv6_and_icmp_entries_take_the_general_path():
+    v6 = dumped_entry(("2001:db8::5", "2001:db8:1::9", 6, 5555, 443),
+                      ("2001:db8:1::9", "2001:db8::1", 6, 443, 40001))
+    assert ct.IPV4_TUPLES.match(v6, ct.HEADER.size + 4) is None
+    assert nat_range(top_attributes(request_for(v6))[ct.CTA_NAT_SRC]) == (
+        "2001:db8::1", 40001)
+    icmp = dumped_entry(("10.0.0.5", "198.51.100.1", 1), ("198.51.100.1", GATEWAY, 1))
+    assert ct.IPV4_TUPLES.match(icmp, ct.HEADER.size + 4) is None
+    assert nat_range(top_attributes(request_for(icmp))[ct.CTA_NAT_SRC]) == (
+        GATEWAY, None)
+
+
+def test_an_entry_with_its_tuples_not_first_is_found_by_type():
+    entry = snat_entry()
+    body = entry[ct.HEADER.size + 4:]
+    original_length = struct.unpack_from("=H", body)[0]
+    reply_length = struct.unpack_from("=H", body, original_length)[0]
+    tuples = body[:original_length + reply_length]
+    moved = (entry[:ct.HEADER.size + 4] + body[original_length + reply_length:]
+             + tuples)
+    moved = ct.HEADER.pack(len(moved), ct.CT_NEW, ct.NLM_F_MULTI, 0, 0) + moved[16:]
+    assert nat_range(top_attributes(request_for(moved))[ct.CTA_NAT_SRC]) == (
+        GATEWAY, 40001)
+
+
+@pytest.mark.parametrize("entry", [
+    snat_entry(protocol=132),  # SCTP, not selected
+    dumped_entry(("169.254.192.1", "169.254.192.2", 17, 3781, 3781),
+                 ("169.254.192.2", "169.254.192.1", 17, 3781, 3781)),  # HA network
+    dumped_entry(("127.0.0.1", "127.0.0.1", 6, 40000, 22),
+                 ("127.0.0.1", "127.0.0.1", 6, 22, 40000)),
+    dumped_entry(("::1", "::1", 6, 40000, 22), ("::1", "::1", 6, 22, 40000)),
+])
+def test_entries_conntrackd_would_not_replicate_are_left_out(entry):
+    assert request_for(entry) is None
+
+
+def test_a_destination_in_an_ignored_network_is_left_out_too():
+    entry = dumped_entry(("10.0.0.5", "169.254.192.2", 6, 5555, 22),
+                         ("169.254.192.2", "10.0.0.5", 6, 22, 5555))
+    assert request_for(entry) is None
+    assert ct._create_request_any(entry, 0, len(entry), SELECTION) is None
+
+
+def test_an_unknown_protocol_name_is_refused_by_name():
+    with pytest.raises(ValueError, match="QUIC"):
+        ct.Selection.of(["TCP", "QUIC"], [])
+
+
+def destroy_event():
+    return dumped_entry(("10.0.0.5", "198.51.100.1", 6, 5555, 443),
+                        ("198.51.100.1", GATEWAY, 6, 443, 40001),
+                        kind=ct.CT_DELETE, flags=0)
+
+
+def test_a_destroy_event_becomes_a_delete_of_its_original_tuple():
+    event = destroy_event()
+    request = ct.delete_request(event, 0, len(event))
+    assert ct.check_requests(request) == (0, 1)
+    attributes = top_attributes(request)
+    assert set(attributes) == {ct.CTA_TUPLE_ORIG}
+    assert attributes[ct.CTA_TUPLE_ORIG] == tuple_attribute(
+        ct.CTA_TUPLE_ORIG, "10.0.0.5", "198.51.100.1", 6, 5555, 443)[4:]
+
+
+def test_many_requests_in_one_frame_are_counted():
+    event = destroy_event()
+    frame = request_for(snat_entry()) * 3 + ct.delete_request(event, 0, len(event))
+    assert ct.check_requests(frame) == (3, 1)
+
+
+@pytest.mark.parametrize("kind, flags", [
+    (ct.CT_NEW, ct.NLM_F_REQUEST | ct.NLM_F_CREATE),  # would it overwrite? no EXCL
+    (ct.CT_NEW, ct.NLM_F_MULTI),  # a dumped entry, not a request
+    (ct.CT_GET, ct.NLM_F_REQUEST | ct.NLM_F_DUMP),
+    (ct.CT_DELETE, ct.NLM_F_REQUEST | ct.NLM_F_DUMP),
+    (ct.NFNL_SUBSYS_CTNETLINK + 1 << 8, ct.NLM_F_REQUEST),  # another subsystem
+])
+def test_the_receiver_takes_nothing_but_creates_and_deletes(kind, flags):
+    good = request_for(snat_entry())
+    with pytest.raises(ct.MalformedMessage, match=f"{kind:#x}"):
+        ct.check_requests(good + ct.message(kind, flags, b"\0" * 4))
+
+
+@pytest.mark.parametrize("cut", [1, 15, 17])
+def test_a_truncated_frame_is_malformed(cut):
+    good = request_for(snat_entry())
+    with pytest.raises(ct.MalformedMessage):
+        ct.check_requests(good + good[:cut])
+
+
+def test_a_message_claiming_more_than_it_has_is_malformed():
+    entry = bytearray(snat_entry())
+    struct.pack_into("=I", entry, 0, len(entry) + 8)
+    with pytest.raises(ct.MalformedMessage, match="length"):
+        ct.split_messages(bytes(entry))
+
+
+def test_a_tuple_without_addresses_is_malformed():
+    payload = (struct.pack("=BBH", socket.AF_INET, 0, 0)
+               + ct.nested(ct.CTA_TUPLE_ORIG, ct.nested(ct.CTA_TUPLE_PROTO,
+                                                        ct.attribute(1, b"\x06")))
+               + tuple_attribute(ct.CTA_TUPLE_REPLY, "1.1.1.1", "2.2.2.2", 6, 1, 2))
+    entry = ct.message(ct.CT_NEW, ct.NLM_F_MULTI, payload)
+    with pytest.raises(ct.MalformedMessage, match="tuple"):
+        request_for(entry)
+
+
+def test_the_kernels_answers_yield_the_failures_only():
+    def answer(code):
+        return ct.message(ct.NLMSG_ERROR, 0, struct.pack("=i", -code) + b"\0" * 16)
+    assert ct.errors(answer(0) + answer(17) + answer(2) + answer(0)) == [17, 2]
+
+
+def test_every_protocol_the_options_offer_can_be_selected():
+    selection = ct.Selection.of(options.SYNCED_PROTOCOLS, [])
+    assert selection.protocols == {6, 17, 1, 58, 132, 33}
