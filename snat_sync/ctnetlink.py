@@ -9,7 +9,11 @@ what it does not take is the NAT mapping, which status bits cannot set
 (ctnetlink ignores them on create); the mapping must be asked for with
 CTA_NAT_SRC / CTA_NAT_DST, and it is read back from the reply tuple: a reply
 addressed elsewhere than the original source was source-NAT'ed there, a reply
-from elsewhere than the original destination was destination-NAT'ed. The other
+from elsewhere than the original destination was destination-NAT'ed. The reply
+tuple then goes as it was before NAT (the original's, inverted), as
+`conntrack -I --src-nat` sends it: given the translated one, the kernel finds
+nothing left to translate and leaves IPS_SRC_NAT (or IPS_DST_NAT) unset, and
+the entry lists the same but forwards its packets untranslated. The other
 attributes the dump adds (CTA_ID, CTA_USE, counters) the kernel ignores on
 create, so the rest of the message is passed on unchanged.
 
@@ -46,6 +50,7 @@ CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_NAT_SRC, CTA_NAT_DST = 1, 2, 6, 13
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID = 4, 7
 CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO = 1, 2, 3
 CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP = 4, 5
 CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
@@ -241,8 +246,22 @@ def create_request(data, offset, length, selection):
     if reply_source != destination or reply_source_port != destination_port:
         mappings += IPV4_NAT.pack(*_ipv4_nat_fields(CTA_NAT_DST, reply_source,
                                                     reply_source_port))
+    if not mappings:
+        return (HEADER.pack(length, CT_NEW, CREATE_FLAGS, 0, 0)
+                + data[offset + HEADER.size:end])
+    reply_start = body_start + IPV4_TUPLE.size
+    untranslated_reply = IPV4_TUPLE.pack(
+        IPV4_TUPLE.size, CTA_TUPLE_REPLY | NLA_F_NESTED, 20,
+        CTA_TUPLE_IP | NLA_F_NESTED, 8, CTA_IP_V4_SRC, destination, 8, CTA_IP_V4_DST,
+        source, 28, CTA_TUPLE_PROTO | NLA_F_NESTED, 5, CTA_PROTO_NUM, protocol, 6,
+        CTA_PROTO_SRC_PORT, destination_port, 6, CTA_PROTO_DST_PORT, source_port)
     return (HEADER.pack(length + len(mappings), CT_NEW, CREATE_FLAGS, 0, 0)
-            + data[offset + HEADER.size:end] + mappings)
+            + data[offset + HEADER.size:reply_start] + untranslated_reply
+            + data[reply_start + IPV4_TUPLE.size:end] + mappings)
+
+
+# One IPv4 tuple with ports as the kernel dumps it (IPV4_TUPLES' layout).
+IPV4_TUPLE = struct.Struct("=HH HH HH4s HH4s HH HHc3x HH2s2x HH2s2x")
 
 
 # CTA_NAT_SRC / CTA_NAT_DST to one IPv4 address and port, as nat_attribute
@@ -263,8 +282,58 @@ def _create_request_any(data, offset, length, selection):
     original, reply = (endpoints(data, *bounds) for bounds in tuples)
     if not selection.accepts(original):
         return None
-    payload = bytes(data[offset + HEADER.size:end]) + nat_mappings(original, reply)
+    mappings = nat_mappings(original, reply)
+    if not mappings:
+        return message(CT_NEW, CREATE_FLAGS, bytes(data[offset + HEADER.size:end]))
+    rest = b"".join(bytes(data[low - ATTRIBUTE.size:high + (-(high - low) % 4)])
+                    for kind, (low, high) in _attribute_list(data, body_start, end)
+                    if kind not in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY))
+    (original_low, original_high), (reply_low, reply_high) = tuples
+    payload = (bytes(data[offset + HEADER.size:body_start])
+               + nested(CTA_TUPLE_ORIG, bytes(data[original_low:original_high]))
+               + untranslated_reply(data, original_low, original_high, reply_low,
+                                    reply_high)
+               + rest + mappings)
     return message(CT_NEW, CREATE_FLAGS, payload)
+
+
+SWAPPED_ADDRESSES = {CTA_IP_V4_SRC: CTA_IP_V4_DST, CTA_IP_V4_DST: CTA_IP_V4_SRC,
+                     CTA_IP_V6_SRC: CTA_IP_V6_DST, CTA_IP_V6_DST: CTA_IP_V6_SRC}
+
+
+def untranslated_reply(data, original_low, original_high, reply_low, reply_high):
+    """CTA_TUPLE_REPLY as it was before NAT: the original tuple's addresses and
+    ports (or ICMP id) swapped round, the rest (ICMP type and code) the reply's."""
+    original = _attributes(data, original_low, original_high)
+    original_addresses = _attribute_list(data, *original[CTA_TUPLE_IP])
+    addresses = [attribute(SWAPPED_ADDRESSES[kind], bytes(data[low:high]))
+                 for kind, (low, high) in reversed(original_addresses)
+                 if kind in SWAPPED_ADDRESSES]
+    original_protocol = {kind: bytes(data[low:high]) for kind, (low, high)
+                         in _attribute_list(data, *original[CTA_TUPLE_PROTO])}
+    swapped = {CTA_PROTO_SRC_PORT: CTA_PROTO_DST_PORT,
+               CTA_PROTO_DST_PORT: CTA_PROTO_SRC_PORT,
+               CTA_PROTO_ICMP_ID: CTA_PROTO_ICMP_ID,
+               CTA_PROTO_ICMPV6_ID: CTA_PROTO_ICMPV6_ID}
+    reply = _attributes(data, reply_low, reply_high)
+    protocol = [attribute(kind, original_protocol.get(swapped.get(kind), b"")
+                          if kind in swapped else bytes(data[low:high]))
+                for kind, (low, high) in _attribute_list(data, *reply[CTA_TUPLE_PROTO])]
+    return nested(CTA_TUPLE_REPLY, nested(CTA_TUPLE_IP, *addresses),
+                  nested(CTA_TUPLE_PROTO, *protocol))
+
+
+def _attribute_list(data, start, end):
+    """(type, (payload start, payload end)) of each attribute in data[start:end],
+    in order."""
+    found = []
+    while start + ATTRIBUTE.size <= end:
+        length, kind = ATTRIBUTE.unpack_from(data, start)
+        if length < ATTRIBUTE.size or start + length > end:
+            raise MalformedMessage(f"attribute of length {length} at {start}")
+        found.append((kind & NLA_TYPE_MASK, (start + ATTRIBUTE.size, start + length)))
+        start += (length + 3) & ~3
+    return found
 
 
 def _first_two(data, start, end):

@@ -87,17 +87,36 @@ def test_a_snat_entry_becomes_an_exclusive_create_with_its_source_mapping():
     assert ct.CTA_NAT_DST not in attributes
 
 
-def test_the_dumped_attributes_are_passed_on_unchanged():
+def reply_endpoints(request):
+    low, high = ct._attributes(request, ct.HEADER.size + 4, len(request))[
+        ct.CTA_TUPLE_REPLY]
+    return ct.endpoints(request, low, high)
+
+
+def test_the_reply_goes_as_it_was_before_nat():
+    """Given the translated reply the kernel finds nothing to translate: the entry
+    lists the same but carries no IPS_SRC_NAT, and forwards untranslated."""
+    reply = reply_endpoints(request_for(snat_entry()))
+    assert (reply.source, reply.destination) == (packed("198.51.100.1"),
+                                                 packed("10.0.0.5"))
+    assert (reply.source_port, reply.destination_port) == (struct.pack("!H", 443),
+                                                           struct.pack("!H", 5555))
+
+
+def test_the_other_dumped_attributes_are_passed_on_unchanged():
     entry = snat_entry()
     request = request_for(entry)
-    assert request[ct.HEADER.size:len(entry)] == entry[ct.HEADER.size:]
+    attributes = top_attributes(request)
+    for kind, payload in top_attributes(entry).items():
+        if kind != ct.CTA_TUPLE_REPLY:
+            assert attributes[kind] == payload
 
 
 def test_an_entry_without_nat_gets_no_mapping():
     entry = dumped_entry(("10.0.0.5", "10.0.1.9", 17, 5353, 53),
                          ("10.0.1.9", "10.0.0.5", 17, 53, 5353))
     request = request_for(entry)
-    assert len(request) == len(entry)
+    assert request[ct.HEADER.size:] == entry[ct.HEADER.size:]
     assert not {ct.CTA_NAT_SRC, ct.CTA_NAT_DST} & top_attributes(request).keys()
 
 
@@ -126,12 +145,34 @@ def test_ipv6_and_icmp_entries_take_the_general_path():
     v6 = dumped_entry(("2001:db8::5", "2001:db8:1::9", 6, 5555, 443),
                       ("2001:db8:1::9", "2001:db8::1", 6, 443, 40001))
     assert ct.IPV4_TUPLES.match(v6, ct.HEADER.size + 4) is None
-    assert nat_range(top_attributes(request_for(v6))[ct.CTA_NAT_SRC]) == (
-        "2001:db8::1", 40001)
+    request = request_for(v6)
+    assert nat_range(top_attributes(request)[ct.CTA_NAT_SRC]) == ("2001:db8::1", 40001)
+    assert reply_endpoints(request) == ct.Endpoints(
+        packed("2001:db8:1::9"), packed("2001:db8::5"), 6, struct.pack("!H", 443),
+        struct.pack("!H", 5555))
     icmp = dumped_entry(("10.0.0.5", "198.51.100.1", 1), ("198.51.100.1", GATEWAY, 1))
     assert ct.IPV4_TUPLES.match(icmp, ct.HEADER.size + 4) is None
-    assert nat_range(top_attributes(request_for(icmp))[ct.CTA_NAT_SRC]) == (
-        GATEWAY, None)
+    request = request_for(icmp)
+    assert nat_range(top_attributes(request)[ct.CTA_NAT_SRC]) == (GATEWAY, None)
+    assert reply_endpoints(request) == ct.Endpoints(
+        packed("198.51.100.1"), packed("10.0.0.5"), 1, None, None)
+
+
+def test_an_icmp_reply_keeps_its_type_and_takes_the_original_id():
+    def echo(kind, source, destination, icmp_type, icmp_id):
+        return ct.nested(kind, ct.nested(
+            ct.CTA_TUPLE_IP, ct.attribute(ct.CTA_IP_V4_SRC, packed(source)),
+            ct.attribute(ct.CTA_IP_V4_DST, packed(destination))), ct.nested(
+            ct.CTA_TUPLE_PROTO, ct.attribute(ct.CTA_PROTO_NUM, b"\x01"),
+            ct.attribute(ct.CTA_PROTO_ICMP_ID, struct.pack("!H", icmp_id)),
+            ct.attribute(5, bytes([icmp_type])), ct.attribute(6, b"\0")))
+    entry = ct.message(ct.CT_NEW, ct.NLM_F_MULTI, struct.pack(
+        "=BBH", socket.AF_INET, 0, 0)
+        + echo(ct.CTA_TUPLE_ORIG, "10.0.0.5", "198.51.100.1", 8, 77)
+        + echo(ct.CTA_TUPLE_REPLY, "198.51.100.1", GATEWAY, 0, 1077))
+    request = request_for(entry)
+    assert top_attributes(request)[ct.CTA_TUPLE_REPLY] == echo(
+        ct.CTA_TUPLE_REPLY, "198.51.100.1", "10.0.0.5", 0, 77)[4:]
 
 
 def test_an_entry_with_its_tuples_not_first_is_found_by_type():
