@@ -25,6 +25,7 @@ from snat_sync import demotion
 from snat_sync import guard
 from snat_sync import history
 from snat_sync import statedir
+from snat_sync import table_transfer
 from snat_sync.errors import InvalidInput, SnatSyncError
 from snat_sync.roles import Role
 
@@ -83,9 +84,11 @@ class Step:
 
     action is "control" (a conntrackd request with arguments), "start-daemon",
     "run-as" (conntrackd with the configuration for a role, arguments (role,)),
-    "raise-guard", "lift-guard", "flush-kernel-table", "write-demotion" (the
-    demotion track file, arguments (value,)) or "announce-addresses" (gratuitous
-    ARPs and IPv6 neighbour advertisements for the namespace's addresses).
+    "raise-guard", "lift-guard", "flush-kernel-table", "request-table" (the
+    primary's whole table; arguments, conntrackd's request when the daemon's
+    transfer is not used), "write-demotion" (the demotion track file, arguments
+    (value,)) or "announce-addresses" (gratuitous ARPs and IPv6 neighbour
+    advertisements for the namespace's addresses).
     """
 
     name: str
@@ -118,7 +121,9 @@ RUN_AS_PRIMARY = Step("run-as-primary", action="run-as", arguments=(Role.PRIMARY
 RUN_AS_BACKUP = Step("run-as-backup", action="run-as", arguments=(Role.BACKUP,))
 RAISE_GUARD = Step("raise-guard", action="raise-guard")
 SHORTEN_TIMERS = Step("shorten-timers", arguments=("-t",))
-REQUEST_RESYNC = Step("request-resync", arguments=("-n",))
+# The whole table from the primary: with warm standby from its node daemon,
+# batched into the kernel (table_transfer.py), else conntrackd's resync (-n).
+REQUEST_RESYNC = Step("request-resync", action="request-table", arguments=("-n",))
 FORGET_OWN_ENTRIES = Step("forget-own-entries", arguments=("-f", "internal"),
                           repeated_after_hook_failure=True)
 FLUSH_KERNEL_TABLE = Step("flush-kernel-table", action="flush-kernel-table",
@@ -476,6 +481,8 @@ def run_step(step, daemon, options):
         elif step.action == "flush-kernel-table":
             connection_table.flush(daemon.namespace,
                                    getattr(options.conntrackd, step.timeout_option))
+        elif step.action == "request-table":
+            table_transfer.request_table(daemon, options)
         elif step.action == "announce-addresses":
             announce.announce_addresses(daemon.namespace)
         elif step.action == "write-demotion":

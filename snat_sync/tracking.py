@@ -1,6 +1,7 @@
 """The routers the daemon runs, as its loop's selector sees them: each one's
 conntrackd pidfd (readable the moment that process exits, which restarts it),
-its role watcher (role_watchers.py) and its peer channel (peer_channels.py).
+its role watcher (role_watchers.py), its peer channel (peer_channels.py) and its
+table listener (table_service.py).
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ from snat_sync import reports as reports_module
 from snat_sync import statedir
 from snat_sync.peer_channels import PeerChannels
 from snat_sync.role_watchers import RoleWatchers
+from snat_sync.table_service import TableService
 from snat_sync.router import RouterSpec
 
 # The daemon's rooms log as the daemon did before it was split into them.
@@ -32,6 +34,8 @@ class Tracked:
     watcher: object = None
     channel: reports_module.ReportChannel | None = None
     channel_namespace: int | None = None
+    table_listener: object = None
+    table_namespace: int | None = None
     peer_reports: dict = dataclasses.field(default_factory=dict)
     health: health_check.HealthState = health_check.HealthState()
 
@@ -45,6 +49,7 @@ class RouterTracker:
         self.tracked = {}
         self.watchers = RoleWatchers(conf, selector, router_jobs.submit)
         self.channels = PeerChannels(conf, selector)
+        self.tables = TableService(conf, selector, router_jobs.submit)
 
     def on_event(self, kind, router_id):
         """A selector event of one of the router's descriptors."""
@@ -54,6 +59,8 @@ class RouterTracker:
             self.watchers.on_event(router_id, self.tracked[router_id])
         elif kind == "report":
             self.channels.read(router_id, self.tracked[router_id])
+        elif kind == "table":
+            self.tables.on_request(router_id, self.tracked[router_id])
 
     def track(self, router_id, spec, pid):
         tracked = self.tracked.get(router_id)
@@ -89,6 +96,7 @@ class RouterTracker:
         self._forget_pid(tracked)
         self.watchers.close(tracked)
         self.channels.close(tracked)
+        self.tables.close(tracked)
 
     def _on_exit(self, router_id):
         tracked = self.tracked.get(router_id)
@@ -110,3 +118,4 @@ class RouterTracker:
             return
         self.watchers.ensure(router_id, tracked, spec)
         self.channels.ensure(router_id, tracked, spec)
+        self.tables.ensure(router_id, tracked, spec)

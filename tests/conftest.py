@@ -9,6 +9,7 @@ import pytest
 from snat_sync import cli
 from snat_sync import options
 from snat_sync import statedir
+from snat_sync import table_transfer
 from snat_sync.router import RouterSpec
 
 
@@ -85,3 +86,17 @@ def events_reading_backup_conf(make_conf, write_config):
 def cold_conf(make_conf, write_config):
     """The options with cold standby, for what only it has: the commit, the guard."""
     return make_conf(write_config("[failover]\nstandby_mode = cold\n"))
+
+
+@pytest.fixture
+def no_table_server(monkeypatch):
+    """No peer's daemon serves the table (unit tests open no sockets): a warm
+    backup's resync falls back to conntrackd's -n. The peers asked, in order."""
+    asked = []
+
+    def refuse(spec, peer, port):
+        asked.append((peer, port))
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(table_transfer, "fetch", refuse)
+    return asked

@@ -198,7 +198,9 @@ def test_notify_primary_with_warm_standby_commits_nothing(state_path, spec, fp,
 
 
 def test_notify_backup_with_warm_standby_empties_the_table_and_asks_for_it(
-        state_path, spec, fp, monkeypatch):
+        state_path, spec, fp, monkeypatch, no_table_server):
+    """No peer daemon serves the table: the peer is asked on its report port, then
+    conntrackd's resync."""
     files = add_router_files(state_path, spec, running_as=Role.BACKUP)
     monkeypatch.setattr(manager.conntrackd.Conntrackd, "is_running",
                         lambda daemon: True)
@@ -211,6 +213,7 @@ def test_notify_backup_with_warm_standby_empties_the_table_and_asks_for_it(
         fp.register(command)
     assert run(state_path, "notify", "r1", "BACKUP") == 0
     assert list(fp.calls) == expected
+    assert no_table_server == [("169.254.192.2", 4780 + spec.vrid)]
 
 def router_add(state_path, **overrides):
     arguments = {"--namespace": "qrouter-r1", "--ha-interface": "ha-x",

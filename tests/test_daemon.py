@@ -167,8 +167,9 @@ class FakeConntrackd:
     ("backup", ["start", "run as backup", ("-f", "internal"), ("-n",)]),
 ])
 def test_start_restores_the_recorded_role(conf, router_files, monkeypatch, role,
-                                          expected):
+                                          expected, no_table_server):
     fake = FakeConntrackd()
+    fake.files = router_files
     monkeypatch.setattr(jobs_module.manager, "daemon_for", lambda *a: fake)
     statedir.write_json(router_files.spec, make_spec("r1").to_dict())
     statedir.write_json(router_files.last_transition, {"role": role})

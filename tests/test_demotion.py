@@ -26,8 +26,10 @@ from snat_sync.router import NamespaceFacts
 COMPLETE = health.Replica(100000, 100003, 3, None)
 SHORT = health.Replica(40000, 100003, 60003, "resyncing, 40000 of 100003")
 UNKNOWN = health.Replica(0, None, None, "no report from the primary's daemon")
+# The repair's resync goes to the fake daemon as conntrackd's request.
 DEMOTION_CONFIG = ("[failover]\ndemote_while_resyncing = true\n"
-                   "demotion_weight = -60\ndemotion_timeout = 30\n")
+                   "demotion_weight = -60\ndemotion_timeout = 30\n"
+                   "table_transfer = false\n")
 
 
 # -- the decision ---------------------------------------------------------------

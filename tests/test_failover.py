@@ -154,7 +154,7 @@ def test_plan_backup():
     assert names(steps) == ["ensure-running", "raise-guard", "shorten-timers",
                             "request-resync"]
     assert [step.action for step in steps] == [
-        "start-daemon", "raise-guard", "control", "control"]
+        "start-daemon", "raise-guard", "control", "request-table"]
     assert [step.arguments for step in steps[2:]] == [("-t",), ("-n",)]
     assert {step.timeout_option for step in steps} == {"control_timeout"}
 
@@ -365,10 +365,12 @@ def files(router_files):
 
 
 def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=True,
-                 standby_mode="cold", demote_while_resyncing=False):
+                 standby_mode="cold", demote_while_resyncing=False,
+                 table_transfer=False):
     """Options as run_transition reads them, with a lock timeout below oslo's 1 s.
 
     Cold standby unless asked: most tests here are about the commit and the guard.
+    Without the daemon's table transfer: the resync is conntrackd's -n.
     """
     return types.SimpleNamespace(
         failover=types.SimpleNamespace(lock_timeout=lock_timeout,
@@ -376,7 +378,8 @@ def fast_options(lock_timeout=0.2, resync_on_backup=True, reset_window_guard=Tru
                                        reset_window_guard=reset_window_guard,
                                        standby_mode=standby_mode,
                                        history_size=200,
-                                       demote_while_resyncing=demote_while_resyncing),
+                                       demote_while_resyncing=demote_while_resyncing,
+                                       table_transfer=table_transfer),
         conntrackd=types.SimpleNamespace(commit_timeout=60, control_timeout=10,
                                          table_timeout=60,
                                          scheduler="other"),
