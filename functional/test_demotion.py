@@ -9,7 +9,9 @@ replica follows; then r1 dies keeping its namespace and table, r2 takes over,
 and r1 returns (daemon, then keepalived). As backup in warm standby r1 empties
 its table and asks r2 for all of it; to keep the resync incomplete for a window
 a test can see, every sync packet on r2's HA leg is dropped for HOLD seconds
-after the return (VRRP and the daemons' reports pass), then the rules go and
+after the return, and so are the table transfer's TCP segments (r1's request to
+r2's daemon times out and falls back to conntrackd's resync, which the same
+rules hold back; VRRP and the daemons' UDP reports pass), then the rules go and
 the resync completes (FTFW, and the daemon's stall repair). Sampled every
 0.1 s: who holds the VIP, r1's demotion file, r1's replica, r2's table.
 
@@ -31,6 +33,7 @@ from snat_sync.lab import topology as lab_module
 ENTRIES = 50_000
 HOLD = 8.0  # seconds the resync is held back after r1's return
 SYNC_BASE_PORT = 3780  # [conntrackd] base_port's default
+TABLE_BASE_PORT = 4780  # [health] base_port's default: the table transfer's
 WEIGHT = -100
 
 
@@ -65,13 +68,14 @@ def router_add_answer(lab, node):
     return json.loads(result.stdout)
 
 
-def hold_sync(router, port, action):
-    """Add (-A) or delete (-D) rules that drop every sync packet on router's HA
-    leg, in and out."""
+def hold_sync(router, port, table_port, action):
+    """Add (-A) or delete (-D) rules that drop every sync packet and every table
+    transfer segment on router's HA leg, in and out."""
     for chain, direction in (("INPUT", "-i"), ("OUTPUT", "-o")):
-        lab_module.run(["iptables", action, chain, direction, router.ha.device,
-                        "-p", "udp", "-m", "multiport", "--ports", str(port),
-                        "-j", "DROP"], namespace=router.namespace)
+        for protocol, held_port in (("udp", port), ("tcp", table_port)):
+            lab_module.run(["iptables", action, chain, direction, router.ha.device,
+                            "-p", protocol, "-m", "multiport", "--ports",
+                            str(held_port), "-j", "DROP"], namespace=router.namespace)
 
 
 @dataclasses.dataclass
@@ -133,8 +137,8 @@ def run_return(lab, tmp_path, demote):
 
     nodes_module.die_keeping_table(lab, nodes["r1"])
     lab_module.wait_for_primary(lab, r2)
-    port = SYNC_BASE_PORT + lab.vrid
-    hold_sync(r2, port, "-A")
+    port, table_port = SYNC_BASE_PORT + lab.vrid, TABLE_BASE_PORT + lab.vrid
+    hold_sync(r2, port, table_port, "-A")
     held = True
     samples = []
     try:
@@ -143,7 +147,7 @@ def run_return(lab, tmp_path, demote):
         while time.monotonic() - returned < HOLD:
             samples.append(sample(lab, r1_demotion, returned))
             time.sleep(0.1)
-        hold_sync(r2, port, "-D")
+        hold_sync(r2, port, table_port, "-D")
         held = False
         released = time.monotonic() - returned
         while time.monotonic() - returned < HOLD + 30:
@@ -158,7 +162,7 @@ def run_return(lab, tmp_path, demote):
             time.sleep(0.1)
     finally:
         if held:
-            hold_sync(r2, port, "-D")
+            hold_sync(r2, port, table_port, "-D")
     return samples, released
 
 
