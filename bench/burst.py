@@ -24,7 +24,12 @@ the HA veth's queue length; --burn N runs N busy loops meanwhile (a loaded node)
 --busy-backup N pins the backup's conntrackd to CPU 1 with N busy loops, the primary's
 conntrackd and the loader to CPU 0 (a busy backup node); --node-return then empties
 the backup's kernel table and asks for the whole table (`-n`), as a node returning
-with an empty table does, and times the resync (time to redundancy); --raw-floor
+with an empty table does, and times the resync (time to redundancy);
+--table-transfer (with --node-return) runs `snat-sync daemon` for the primary's
+node and, after the `-n` return, empties the backup's table once more and
+takes it to BACKUP again through its notify hook (FAULT first, so the
+transition is not already done): the warm backup's resync then loads the table
+from the primary's daemon (table_transfer.py); both returns in one run; --raw-floor
 sends the burst's bytes once more over the HA link, in datagrams of the same size,
 with a plain UDP sender: the transfer floor.
 
@@ -197,6 +202,36 @@ def return_with_empty_table(r2, backup, size, limit, stall):
             "stopped_s": round(time.time() - started, 2)}
 
 
+def return_through_the_hook(r2, backup, size, limit):
+    """The backup returns with an empty table and becomes backup through its notify
+    hook, which asks the primary's daemon for the table. Seconds from the hook's
+    start until the kernel table holds `size` entries, and what the hook logged
+    of the transfer."""
+    common.sh("conntrack", "-F", namespace=r2, check=False)
+    common.sh(backup["notify_command"], "INSTANCE", "VR_1", "FAULT", "100",
+              namespace=r2)
+    common.sh("conntrack", "-F", namespace=r2, check=False)
+    started = time.time()
+    hook = subprocess.Popen(
+        ["ip", "netns", "exec", r2, backup["notify_command"], "INSTANCE", "VR_1",
+         "BACKUP", "100"])
+    complete_at, count = None, 0
+    while time.time() - started < limit:
+        finished = hook.poll() is not None
+        count = common.conntrack_count(r2)
+        if count >= size:
+            complete_at = time.time() - started
+            break
+        if finished:
+            break
+        time.sleep(0.02)
+    hook.wait(timeout=limit)
+    log = (backup["directory"] / "notify.log").read_text().splitlines()
+    return {"complete_s": complete_at and round(complete_at, 2), "held": count,
+            "hook_exit": hook.returncode,
+            "transfer_log": [line for line in log if "table" in line][-2:]}
+
+
 RECEIVER = """
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -253,8 +288,26 @@ def raw_transfer(bench, r1, r2, total_bytes, datagram):
             "seconds": seconds and round(seconds, 3)}
 
 
+def start_daemon(bench, node, config_file):
+    """`snat-sync daemon` for a node of the pair, its metrics endpoint on a free
+    port; stopped by pid with the bench."""
+    config = bench.workdir / "daemon.conf"
+    config.write_text((pathlib.Path(config_file).read_text() if config_file else "")
+                      + "\n[metrics]\nlisten_port = 0\n")
+    config.chmod(0o600)
+    argv = lab_module.snat_sync_argv(node["state_path"], "--config-file", config,
+                                     "daemon", "--workers", 2)
+    with open(bench.workdir / "daemon.log", "ab") as log:
+        process = subprocess.Popen([str(a) for a in argv], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=dict(os.environ, PYTHONPATH=str(common.REPO)))
+    bench.processes.append(process)
+    return process
+
+
 def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, burn=0,
-            busy_backup=0, rt_loader=False, resync_after=False, raw_floor=False):
+            busy_backup=0, rt_loader=False, resync_after=False, raw_floor=False,
+            table_transfer=False):
     with common.Bench("burst") as bench:
         r1, r2 = bench.router_pair()
         for index in range(burn):
@@ -286,6 +339,8 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
             for index in range(busy_backup):
                 bench.start(r2, ["taskset", "-c", "1", "sh", "-c", "while :; do :; done"],
                             bench.workdir / f"busy{index}.log")
+        if table_transfer:
+            start_daemon(bench, primary, config_file)
         time.sleep(0.5)
         backup_socket = backup["directory"] / "conntrackd.ctl"
         primary_socket = primary["directory"] / "conntrackd.ctl"
@@ -330,6 +385,9 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
         node_return = None
         if resync_after and complete_at is not None:
             node_return = return_with_empty_table(r2, backup, size, limit, stall)
+            if table_transfer:
+                node_return["table_transfer"] = return_through_the_hook(
+                    r2, backup, size, limit)
         try:
             primary_internal = common.cache_counts(primary_socket).internal_active
         except OSError as error:
@@ -422,6 +480,9 @@ def main():
     parser.add_argument("--node-return", action="store_true",
                         help="after the burst, empty the backup's table and time "
                         "its resync (a node returning with an empty table)")
+    parser.add_argument("--table-transfer", action="store_true",
+                        help="with --node-return: also return through the notify "
+                        "hook, the table loaded from the primary's daemon")
     parser.add_argument("--raw-floor", action="store_true",
                         help="also time the burst's bytes sent once over the HA "
                         "link by a plain UDP sender (the transfer floor)")
@@ -437,7 +498,7 @@ def main():
                              arguments.txqueuelen, arguments.stall, arguments.limit,
                              arguments.burn, arguments.busy_backup,
                              arguments.rt_loader, arguments.node_return,
-                             arguments.raw_floor)
+                             arguments.raw_floor, arguments.table_transfer)
             result.update(label=arguments.label, run=run, edits=arguments.edit,
                           config=arguments.config and pathlib.Path(
                               arguments.config).read_text(),
