@@ -382,12 +382,18 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
         stopped_at = time.time() - started
         sampler.done.set()
         sampler.join()
+        # The burst's own traffic, before any node return adds to it: what the
+        # transfer floor resends.
+        burst_link = link_stats(r1)
         node_return = None
         if resync_after and complete_at is not None:
             node_return = return_with_empty_table(r2, backup, size, limit, stall)
             if table_transfer:
                 node_return["table_transfer"] = return_through_the_hook(
                     r2, backup, size, limit)
+                node_return["table_transfer"]["primary_log"] = [
+                    line for line in (bench.workdir / "daemon.log").read_text()
+                    .splitlines() if "entries of the table" in line][-1:]
         try:
             primary_internal = common.cache_counts(primary_socket).internal_active
         except OSError as error:
@@ -426,9 +432,9 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
             - before["link_r1"]["tx_dropped"],
             "veth_rx_dropped_backup": after["link_r2"]["rx_dropped"]
             - before["link_r2"]["rx_dropped"],
-            "packets_primary_to_backup": after["link_r1"]["tx_packets"]
+            "packets_primary_to_backup": burst_link["tx_packets"]
             - before["link_r1"]["tx_packets"],
-            "bytes_primary_to_backup": after["link_r1"]["tx_bytes"]
+            "bytes_primary_to_backup": burst_link["tx_bytes"]
             - before["link_r1"]["tx_bytes"],
             "softnet_dropped": after["softnet"] - before["softnet"],
             "rss_idle_kb": rss_idle, "rss_after_kb": (rss_kb(r1), rss_kb(r2)),
@@ -493,24 +499,28 @@ def main():
         entries = workdir / "entries.txt"
         entries.write_text("".join(lab_module.idle_entry(index) + "\n"
                                    for index in range(arguments.size)))
-        for run in range(arguments.runs):
-            result = one_run(arguments.size, entries, arguments.config, arguments.edit,
-                             arguments.txqueuelen, arguments.stall, arguments.limit,
-                             arguments.burn, arguments.busy_backup,
-                             arguments.rt_loader, arguments.node_return,
-                             arguments.raw_floor, arguments.table_transfer)
-            result.update(label=arguments.label, run=run, edits=arguments.edit,
-                          config=arguments.config and pathlib.Path(
-                              arguments.config).read_text(),
-                          txqueuelen=arguments.txqueuelen, burn=arguments.burn,
-                          busy_backup=arguments.busy_backup,
-                          rt_loader=arguments.rt_loader)
-            print(json.dumps(result), flush=True)
-            if arguments.json:
-                with open(arguments.json, "a") as out:
-                    out.write(json.dumps(result) + "\n")
+        with common.kernel_limits_for(arguments.size,
+                                      lambda text: print(text, file=sys.stderr)):
+            for run in range(arguments.runs):
+                report(arguments, run, one_run(
+                    arguments.size, entries, arguments.config, arguments.edit,
+                    arguments.txqueuelen, arguments.stall, arguments.limit,
+                    arguments.burn, arguments.busy_backup, arguments.rt_loader,
+                    arguments.node_return, arguments.raw_floor,
+                    arguments.table_transfer))
     finally:
         subprocess.run(["rm", "-rf", str(workdir)])
+
+
+def report(arguments, run, result):
+    result.update(label=arguments.label, run=run, edits=arguments.edit,
+                  config=arguments.config and pathlib.Path(arguments.config).read_text(),
+                  txqueuelen=arguments.txqueuelen, burn=arguments.burn,
+                  busy_backup=arguments.busy_backup, rt_loader=arguments.rt_loader)
+    print(json.dumps(result), flush=True)
+    if arguments.json:
+        with open(arguments.json, "a") as out:
+            out.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
