@@ -25,6 +25,9 @@ the HA veth's queue length; --burn N runs N busy loops meanwhile (a loaded node)
 conntrackd and the loader to CPU 0 (a busy backup node); --node-return then empties
 the backup's kernel table and asks for the whole table (`-n`), as a node returning
 with an empty table does, and times the resync (time to redundancy);
+--daemons runs `snat-sync daemon` on both nodes from before the burst, so the
+backup's health checks see it and repair its replica as they would (the repair
+loads the primary's table from its daemon);
 --table-transfer (with --node-return) runs `snat-sync daemon` for the primary's
 node and, after the `-n` return, empties the backup's table once more and
 takes it to BACKUP again through its notify hook (FAULT first, so the
@@ -291,13 +294,14 @@ def raw_transfer(bench, r1, r2, total_bytes, datagram):
 def start_daemon(bench, node, config_file):
     """`snat-sync daemon` for a node of the pair, its metrics endpoint on a free
     port; stopped by pid with the bench."""
-    config = bench.workdir / "daemon.conf"
+    name = node["state_path"].name
+    config = bench.workdir / f"daemon-{name}.conf"
     config.write_text((pathlib.Path(config_file).read_text() if config_file else "")
                       + "\n[metrics]\nlisten_port = 0\n")
     config.chmod(0o600)
     argv = lab_module.snat_sync_argv(node["state_path"], "--config-file", config,
                                      "daemon", "--workers", 2)
-    with open(bench.workdir / "daemon.log", "ab") as log:
+    with open(bench.workdir / f"daemon-{name}.log", "ab") as log:
         process = subprocess.Popen([str(a) for a in argv], stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    env=dict(os.environ, PYTHONPATH=str(common.REPO)))
@@ -307,7 +311,7 @@ def start_daemon(bench, node, config_file):
 
 def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, burn=0,
             busy_backup=0, rt_loader=False, resync_after=False, raw_floor=False,
-            table_transfer=False):
+            table_transfer=False, daemons=False):
     with common.Bench("burst") as bench:
         r1, r2 = bench.router_pair()
         for index in range(burn):
@@ -339,8 +343,10 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
             for index in range(busy_backup):
                 bench.start(r2, ["taskset", "-c", "1", "sh", "-c", "while :; do :; done"],
                             bench.workdir / f"busy{index}.log")
-        if table_transfer:
+        if table_transfer or daemons:
             start_daemon(bench, primary, config_file)
+        if daemons:
+            start_daemon(bench, backup, config_file)
         time.sleep(0.5)
         backup_socket = backup["directory"] / "conntrackd.ctl"
         primary_socket = primary["directory"] / "conntrackd.ctl"
@@ -392,7 +398,7 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
                 node_return["table_transfer"] = return_through_the_hook(
                     r2, backup, size, limit)
                 node_return["table_transfer"]["primary_log"] = [
-                    line for line in (bench.workdir / "daemon.log").read_text()
+                    line for line in (bench.workdir / "daemon-node0.log").read_text()
                     .splitlines() if "entries of the table" in line][-1:]
         try:
             primary_internal = common.cache_counts(primary_socket).internal_active
@@ -451,6 +457,10 @@ def one_run(size, entries_path, config_file, edits, txqueuelen, stall, limit, bu
         }
         if node_return is not None:
             result["node_return"] = node_return
+        if daemons:
+            result["backup_repairs"] = [
+                line for line in (bench.workdir / "daemon-node1.log").read_text()
+                .splitlines() if "repair" in line or "entries created" in line]
         if raw_floor:
             # The same bytes in datagrams of the same size, sent once over the HA
             # link from r1 to r2 by a plain sender: the transfer floor.
@@ -486,6 +496,9 @@ def main():
     parser.add_argument("--node-return", action="store_true",
                         help="after the burst, empty the backup's table and time "
                         "its resync (a node returning with an empty table)")
+    parser.add_argument("--daemons", action="store_true",
+                        help="run snat-sync daemon on both nodes from before the "
+                        "burst (health checks and their repairs)")
     parser.add_argument("--table-transfer", action="store_true",
                         help="with --node-return: also return through the notify "
                         "hook, the table loaded from the primary's daemon")
@@ -507,7 +520,7 @@ def main():
                     arguments.txqueuelen, arguments.stall, arguments.limit,
                     arguments.burn, arguments.busy_backup, arguments.rt_loader,
                     arguments.node_return, arguments.raw_floor,
-                    arguments.table_transfer))
+                    arguments.table_transfer, arguments.daemons))
     finally:
         subprocess.run(["rm", "-rf", str(workdir)])
 

@@ -15,7 +15,8 @@ replica-short  This node is backup, and its replica (warm standby: its kernel
                than the tolerance, for repair_after checks in a row while neither
                count is moving. FTFW re-sends what it knows was lost, but never
                what the backup lost on its own side (a flushed or restarted
-               cache): ask the primary for its whole table (conntrackd -n).
+               cache): ask the primary for its whole table (conntrackd -n, or
+               with warm standby from the primary's daemon, table_transfer.py).
                The primary's figures are from up to a check ago: the replica
                they are compared with is the larger of the replica now and at
                this node's last check before the primary counted, so a table
