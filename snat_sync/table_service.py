@@ -23,10 +23,12 @@ from snat_sync.roles import Role
 LOG = logging.getLogger("snat_sync.daemon")
 
 
-def job_key(router_id):
-    """The job queue's key of a router's table sends: one at a time per router, and
-    apart from the router's transitions."""
-    return f"(table) {router_id}"
+def job_key(router_id, peer):
+    """The job queue's key of a table send: apart from the router's transitions,
+    and from the sends to its other backups (two returning at once each get the
+    table; queued behind each other, the second would give up waiting after
+    table_transfer.IDLE_TIMEOUT and fall back to conntrackd's resync)."""
+    return f"(table) {router_id} {peer}"
 
 
 class TableService:
@@ -71,7 +73,7 @@ class TableService:
             return
         connection, peer = accepted
         LOG.info("router %s: table request from %s", router_id, peer)
-        self.submit(job_key(router_id), "served", serve, self.conf, tracked.spec,
+        self.submit(job_key(router_id, peer), "served", serve, self.conf, tracked.spec,
                     tracked.files, connection, peer)
 
 
