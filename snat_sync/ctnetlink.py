@@ -59,7 +59,6 @@ HEADER = struct.Struct("=IHHII")
 ATTRIBUTE = struct.Struct("=HH")
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "ICMP": 1, "IPv6-ICMP": 58, "SCTP": 132,
                     "DCCP": 33, "UDPLITE": 136, "GRE": 47}
-WITH_PORTS = frozenset({6, 17, 33, 132, 136})
 
 
 class MalformedMessage(ValueError):
@@ -148,14 +147,7 @@ def split_messages(data):
 
 def _attributes(data, start, end):
     """{type: (payload start, payload end)} of the attributes in data[start:end]."""
-    found = {}
-    while start + ATTRIBUTE.size <= end:
-        length, kind = ATTRIBUTE.unpack_from(data, start)
-        if length < ATTRIBUTE.size or start + length > end:
-            raise MalformedMessage(f"attribute of length {length} at {start}")
-        found[kind & NLA_TYPE_MASK] = (start + ATTRIBUTE.size, start + length)
-        start += (length + 3) & ~3
-    return found
+    return dict(_attribute_list(data, start, end))
 
 
 def endpoints(data, start, end):
@@ -281,17 +273,22 @@ IPV4_NAT = struct.Struct("=HH HH4s HH4s HH HH2s2x HH2s2x")
 def _create_request_any(data, offset, length, selection):
     """create_request for any layout: the attributes walked."""
     body_start, end = offset + HEADER.size + 4, offset + length
-    tuples = _first_two(data, body_start, end)
-    original, reply = (endpoints(data, *bounds) for bounds in tuples)
+    listed = _attribute_list(data, body_start, end)
+    found = dict(listed)
+    if CTA_TUPLE_ORIG not in found or CTA_TUPLE_REPLY not in found:
+        raise MalformedMessage("entry without both tuples")
+    (original_low, original_high), (reply_low, reply_high) = (
+        found[CTA_TUPLE_ORIG], found[CTA_TUPLE_REPLY])
+    original = endpoints(data, original_low, original_high)
+    reply = endpoints(data, reply_low, reply_high)
     if not selection.accepts(original):
         return None
     mappings = nat_mappings(original, reply)
     if not mappings:
         return message(CT_NEW, CREATE_FLAGS, bytes(data[offset + HEADER.size:end]))
     rest = b"".join(bytes(data[low - ATTRIBUTE.size:high + (-(high - low) % 4)])
-                    for kind, (low, high) in _attribute_list(data, body_start, end)
+                    for kind, (low, high) in listed
                     if kind not in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY))
-    (original_low, original_high), (reply_low, reply_high) = tuples
     payload = (bytes(data[offset + HEADER.size:body_start])
                + nested(CTA_TUPLE_ORIG, bytes(data[original_low:original_high]))
                + untranslated_reply(data, original_low, original_high, reply_low,
@@ -337,26 +334,6 @@ def _attribute_list(data, start, end):
         found.append((kind & NLA_TYPE_MASK, (start + ATTRIBUTE.size, start + length)))
         start += (length + 3) & ~3
     return found
-
-
-def _first_two(data, start, end):
-    """Payload bounds of CTA_TUPLE_ORIG and CTA_TUPLE_REPLY, which the kernel
-    puts first in every entry it dumps; found by type when they are not."""
-    first, bounds = start, []
-    for _ in range(2):
-        if start + ATTRIBUTE.size > end:
-            break
-        length, kind = ATTRIBUTE.unpack_from(data, start)
-        if length < ATTRIBUTE.size or start + length > end:
-            raise MalformedMessage(f"attribute of length {length} at {start}")
-        bounds.append((kind & NLA_TYPE_MASK, start + ATTRIBUTE.size, start + length))
-        start += (length + 3) & ~3
-    if [kind for kind, _, _ in bounds] == [CTA_TUPLE_ORIG, CTA_TUPLE_REPLY]:
-        return [(low, high) for _, low, high in bounds]
-    found = _attributes(data, first, end)
-    if CTA_TUPLE_ORIG not in found or CTA_TUPLE_REPLY not in found:
-        raise MalformedMessage("entry without both tuples")
-    return [found[CTA_TUPLE_ORIG], found[CTA_TUPLE_REPLY]]
 
 
 def delete_request(data, offset, length):
