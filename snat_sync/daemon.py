@@ -39,6 +39,7 @@ from snat_sync import metrics_service
 from snat_sync import namespace
 from snat_sync import options
 from snat_sync import reconcile
+from snat_sync import statedir
 from snat_sync.errors import InvalidInput
 from snat_sync.jobqueue import RouterJobs
 from snat_sync.tracking import RouterTracker
@@ -211,7 +212,7 @@ class Daemon:
 
     def _spec_of(self, router_id):
         try:
-            return inventory.load_spec_file(
+            return statedir.load_spec_file(
                 manager.router_files(self.conf, router_id).spec)
         except InvalidInput:
             return None

@@ -8,14 +8,13 @@ The desired routers come from two places under the state path:
                              removes the router once the file is gone
 """
 
-import functools
 import logging
 import os
 
 from snat_sync import manager
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput
-from snat_sync.router import RouterSpec, check_router_id
+from snat_sync.router import check_router_id
 
 # The daemon's rooms log as the daemon did before it was split into them.
 LOG = logging.getLogger("snat_sync.daemon")
@@ -33,7 +32,7 @@ def read_configured(state_path):
         return configured, neutron_owned
     for entry in sorted(os.listdir(directory)):
         try:
-            spec = load_spec_file(directory / entry / "spec.json")
+            spec = statedir.load_spec_file(directory / entry / "spec.json")
             if spec is None:
                 continue
             configured[check_router_id(entry)] = spec
@@ -56,7 +55,7 @@ def read_neutron_specs(state_path):
             continue
         router_id = entry[:-len(".json")]
         try:
-            spec = load_spec_file(directory / entry)
+            spec = statedir.load_spec_file(directory / entry)
             if spec is None:  # removed meanwhile
                 continue
             if spec.router_id != check_router_id(router_id):
@@ -67,25 +66,6 @@ def read_neutron_specs(state_path):
             spec = None
         specs[router_id] = spec
     return specs
-
-
-def load_spec_file(path):
-    """The RouterSpec in a JSON file, None if there is no file; InvalidInput if bad.
-
-    Parsed and checked once per version of the file (inode, mtime, size): a full
-    reconciliation of hundreds of routers then costs a stat per file.
-    """
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return _parse_spec_file(str(path), status.st_ino, status.st_mtime_ns,
-                            status.st_size)
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_spec_file(path, inode, mtime_ns, size):
-    return RouterSpec.from_dict(statedir.read_json(path))
 
 
 def running_daemons(conf, configured):

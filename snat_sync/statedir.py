@@ -32,6 +32,7 @@ enable_script_security refuses hooks that any other user could change.
 """
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -42,7 +43,7 @@ import stat
 import tempfile
 
 from snat_sync.errors import InvalidInput
-from snat_sync.router import check_router_id
+from snat_sync.router import RouterSpec, check_router_id
 
 # sun_path in struct sockaddr_un is 108 bytes including the terminating NUL.
 UNIX_SOCKET_PATH_MAX = 107
@@ -341,6 +342,25 @@ def read_json(path):
         return json.loads(text)
     except (ValueError, RecursionError):
         return None
+
+
+def load_spec_file(path):
+    """The RouterSpec in a JSON file, None if there is no file; InvalidInput if bad.
+
+    Parsed and checked once per version of the file (inode, mtime, size): a full
+    reconciliation of hundreds of routers then costs a stat per file.
+    """
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return _parse_spec_file(str(path), status.st_ino, status.st_mtime_ns,
+                            status.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_spec_file(path, inode, mtime_ns, size):
+    return RouterSpec.from_dict(read_json(path))
 
 
 def read_text(path, offset=0):
