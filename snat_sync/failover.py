@@ -482,7 +482,7 @@ def run_step(step, daemon, options):
             connection_table.flush(daemon.namespace,
                                    getattr(options.conntrackd, step.timeout_option))
         elif step.action == "request-table":
-            table_transfer.request_table(daemon, options)
+            table_transfer.request_table(daemon, options, step.arguments)
         elif step.action == "announce-addresses":
             announce.announce_addresses(daemon.namespace)
         elif step.action == "write-demotion":

@@ -44,7 +44,6 @@ from snat_sync import ctnetlink
 from snat_sync import reports
 from snat_sync import statedir
 from snat_sync.errors import InvalidInput, SnatSyncError
-from snat_sync.router import RouterSpec
 
 LOG = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ CONNECT_TIMEOUT = 1.0
 # The primary streams without pause; this long a silence means it is gone.
 IDLE_TIMEOUT = 2.0
 SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32
-SOL_NETLINK, NETLINK_NO_ENOBUFS, NETLINK_CAP_ACK = 270, 5, 10
+SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
 NETLINK_BUFFER = 64 << 20
 RECEIVE_CHUNK = 1 << 20
 
@@ -88,51 +87,38 @@ class TransferResult:
 # -- the backup's side -------------------------------------------------------------
 
 
-def request_table(daemon, options):
+def request_table(daemon, options, resync_request):
     """A warm backup's resync: the primary's table loaded from its daemon, or, when
-    none delivers it whole, conntrackd's resync request (-n)."""
+    none delivers it whole, conntrackd's resync request (resync_request, -n)."""
     if not (options.failover.table_transfer and options.failover.standby_mode == "warm"):
-        daemon.control("-n", timeout=options.conntrackd.control_timeout)
+        daemon.control(*resync_request, timeout=options.conntrackd.control_timeout)
         return None
     router_id = daemon.files.directory.name
-    spec, reason = _router_spec(daemon.files.spec)
-    candidates = primary_candidates(spec, statedir.read_json(daemon.files.health)) \
-        if spec is not None else ()
-    if spec is None:
-        pass
-    elif not candidates:
-        reason = "no peer address is known"
-    else:
+    failures = []
+    try:
+        spec = statedir.load_spec_file(daemon.files.spec)
+        reason = None if spec is not None else f"no router spec at {daemon.files.spec}"
+    except InvalidInput as error:
+        spec, reason = None, f"{daemon.files.spec}: {error}"
+    if spec is not None:
         port = reports.report_port(options.health.base_port, spec.vrid)
-        reasons = []
-        for peer in candidates:
+        for peer in primary_candidates(spec, statedir.read_json(daemon.files.health)):
             try:
                 result = fetch(spec, peer, port)
             except (TransferFailed, OSError) as error:
-                reasons.append(f"{peer}: {error}")
+                failures.append(f"{peer}: {error}")
                 continue
             LOG.info("router %s: %s", router_id, result.describe())
             return result
-        reason = "; ".join(reasons)
+        reason = "; ".join(failures) or "no peer address is known"
     # Every peer's daemon saying it is not the primary is an election still
     # running (a router's first start), not a fault.
-    no_primary_yet = spec is not None and reason.count(NOT_PRIMARY) == len(candidates) > 0
+    no_primary_yet = bool(failures) and all(NOT_PRIMARY in each for each in failures)
     LOG.log(logging.INFO if no_primary_yet else logging.WARNING,
             "router %s: the primary's table did not arrive from its daemon (%s); "
             "asking conntrackd for a resync instead", router_id, reason)
-    daemon.control("-n", timeout=options.conntrackd.control_timeout)
+    daemon.control(*resync_request, timeout=options.conntrackd.control_timeout)
     return None
-
-
-def _router_spec(path):
-    """(RouterSpec, None), or (None, why not)."""
-    data = statedir.read_json(path)
-    if data is None:
-        return None, f"no router spec at {path}"
-    try:
-        return RouterSpec.from_dict(data), None
-    except InvalidInput as error:
-        return None, f"{path}: {error}"
 
 
 def primary_candidates(spec, health):
@@ -161,9 +147,7 @@ def fetch(spec, peer, port):
 def open_stream(spec, peer, port):
     """The table stream from the daemon at peer:port, once it said OK, as a
     _Reader; TransferFailed if it refused."""
-    family = socket.AF_INET6 if spec.local_address.version == 6 else socket.AF_INET
-    stream = pyroute2_netns.create_socket(spec.namespace, family, socket.SOCK_STREAM,
-                                          flags=0)
+    stream = _stream_socket(spec)
     try:
         stream.settimeout(CONNECT_TIMEOUT)
         stream.bind((str(spec.local_address), 0))
@@ -243,6 +227,14 @@ class _Reader:
         return data
 
 
+def _stream_socket(spec):
+    """A TCP socket in the router's namespace, of its HA addresses' family
+    (flags=0: never create a namespace that is missing)."""
+    family = socket.AF_INET6 if spec.local_address.version == 6 else socket.AF_INET
+    return pyroute2_netns.create_socket(spec.namespace, family, socket.SOCK_STREAM,
+                                        flags=0)
+
+
 def _netlink_socket(namespace, groups=0):
     netlink = pyroute2_netns.create_socket(namespace, socket.AF_NETLINK, socket.SOCK_RAW,
                                            ctnetlink.NETLINK_NETFILTER, flags=0)
@@ -280,9 +272,7 @@ class TableListener:
     """The TCP socket in a router's namespace that backups ask for the table on."""
 
     def __init__(self, spec, port):
-        family = socket.AF_INET6 if spec.local_address.version == 6 else socket.AF_INET
-        self.socket = pyroute2_netns.create_socket(spec.namespace, family,
-                                                   socket.SOCK_STREAM, flags=0)
+        self.socket = _stream_socket(spec)
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((str(spec.local_address), port))

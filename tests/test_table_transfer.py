@@ -7,9 +7,13 @@ import types
 
 import pytest
 
+from snat_sync import failover
 from snat_sync import statedir
 from snat_sync import table_transfer
 from snat_sync.router import RouterSpec
+
+
+RESYNC = failover.REQUEST_RESYNC.arguments
 
 
 class FakeDaemon:
@@ -66,7 +70,7 @@ def test_a_neutron_router_asks_the_peers_its_reports_came_from():
 def test_without_the_transfer_or_with_cold_standby_conntrackd_resyncs(
         router, options, monkeypatch):
     monkeypatch.setattr(table_transfer, "fetch", pytest.fail)
-    assert table_transfer.request_table(router, options) is None
+    assert table_transfer.request_table(router, options, RESYNC) is None
     assert router.controls == [("-n",)]
 
 
@@ -80,7 +84,7 @@ def test_the_first_peer_that_sends_the_whole_table_ends_the_request(router, monk
         return table_transfer.TransferResult(peer, 5, 0, 0, {}, 0.1)
 
     monkeypatch.setattr(table_transfer, "fetch", fetch)
-    result = table_transfer.request_table(router, transfer_options())
+    result = table_transfer.request_table(router, transfer_options(), RESYNC)
     assert result.peer == "169.254.192.3"
     assert asked == [("169.254.192.2", 4787), ("169.254.192.3", 4787)]
     assert router.controls == []
@@ -89,7 +93,7 @@ def test_the_first_peer_that_sends_the_whole_table_ends_the_request(router, monk
 def test_when_no_peer_sends_it_conntrackd_resyncs_and_the_log_says_why(
         router, no_table_server, caplog):
     caplog.set_level(logging.WARNING)
-    assert table_transfer.request_table(router, transfer_options()) is None
+    assert table_transfer.request_table(router, transfer_options(), RESYNC) is None
     assert router.controls == [("-n",)]
     assert len(no_table_server) == 2
     assert "169.254.192.3: [Errno 111] Connection refused" in caplog.text
@@ -100,7 +104,7 @@ def test_a_router_without_a_readable_spec_falls_back_naming_the_file(
         router, caplog, monkeypatch):
     monkeypatch.setattr(table_transfer, "fetch", pytest.fail)
     router.files.spec.write_text("{not json")
-    assert table_transfer.request_table(router, transfer_options()) is None
+    assert table_transfer.request_table(router, transfer_options(), RESYNC) is None
     assert router.controls == [("-n",)]
     assert str(router.files.spec) in caplog.text
 
@@ -146,6 +150,6 @@ def test_no_primary_yet_is_logged_as_information_not_as_a_fault(router, monkeypa
 
     monkeypatch.setattr(table_transfer, "fetch", refuse)
     caplog.set_level(logging.INFO)
-    table_transfer.request_table(router, transfer_options())
+    table_transfer.request_table(router, transfer_options(), RESYNC)
     assert router.controls == [("-n",)]
     assert [record.levelno for record in caplog.records] == [logging.INFO]
