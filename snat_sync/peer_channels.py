@@ -10,10 +10,10 @@ with the old one).
 """
 
 import logging
-import selectors
 import time
 
 from snat_sync import namespace
+from snat_sync import namespace_sockets
 from snat_sync import reports as reports_module
 
 # The daemon's rooms log as the daemon did before it was split into them.
@@ -35,16 +35,12 @@ class PeerChannels:
         if inode is None:
             return
         port = reports_module.report_port(self.conf.health.base_port, spec.vrid)
-        try:
-            channel = self._open(spec, port)
-        except Exception as error:  # netlink, pyroute2 and bind raise a variety
-            LOG.error("router %s: cannot open the report socket on %s port %d in "
-                      "namespace %s: %s", router_id, spec.local_address, port,
-                      spec.namespace, error)
-            return
-        tracked.channel, tracked.channel_namespace = channel, inode
-        self.selector.register(channel.fileno(), selectors.EVENT_READ,
-                               ("report", router_id))
+        channel = namespace_sockets.open_registered(
+            self.selector, "report", router_id,
+            f"the report socket on {spec.local_address} port {port} in namespace "
+            f"{spec.namespace}", lambda: self._open(spec, port))
+        if channel is not None:
+            tracked.channel, tracked.channel_namespace = channel, inode
 
     def _open(self, spec, port):
         link = None if spec.peer_addresses else namespace.ha_link(spec)
@@ -55,9 +51,7 @@ class PeerChannels:
                                             link.index if link else None)
 
     def close(self, tracked):
-        if tracked.channel is not None:
-            self.selector.unregister(tracked.channel.fileno())
-            tracked.channel.close()
+        namespace_sockets.close_registered(self.selector, tracked.channel)
         tracked.channel = tracked.channel_namespace = None
 
     def read(self, router_id, tracked):

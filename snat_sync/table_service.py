@@ -9,10 +9,10 @@ channel, the listener follows its namespace.
 """
 
 import logging
-import selectors
 
 from snat_sync import ctnetlink
 from snat_sync import namespace
+from snat_sync import namespace_sockets
 from snat_sync import render
 from snat_sync import reports as reports_module
 from snat_sync import statedir
@@ -50,21 +50,16 @@ class TableService:
         if inode is None:
             return
         port = reports_module.report_port(self.conf.health.base_port, spec.vrid)
-        try:
-            listener = table_transfer.TableListener(spec, port)
-        except Exception as error:  # pyroute2 and bind raise a variety
-            LOG.error("router %s: cannot listen for table requests on %s TCP port %d "
-                      "in namespace %s: %s", router_id, spec.local_address, port,
-                      spec.namespace, error)
-            return
-        tracked.table_listener, tracked.table_namespace = listener, inode
-        self.selector.register(listener.fileno(), selectors.EVENT_READ,
-                               ("table", router_id))
+        listener = namespace_sockets.open_registered(
+            self.selector, "table", router_id,
+            f"the table listener on {spec.local_address} TCP port {port} in "
+            f"namespace {spec.namespace}",
+            lambda: table_transfer.TableListener(spec, port))
+        if listener is not None:
+            tracked.table_listener, tracked.table_namespace = listener, inode
 
     def close(self, tracked):
-        if tracked.table_listener is not None:
-            self.selector.unregister(tracked.table_listener.fileno())
-            tracked.table_listener.close()
+        namespace_sockets.close_registered(self.selector, tracked.table_listener)
         tracked.table_listener = tracked.table_namespace = None
 
     def on_request(self, router_id, tracked):
