@@ -31,7 +31,7 @@ import socket
 import struct
 
 NETLINK_NETFILTER = 12
-NFNLGRP_CONNTRACK_DESTROY = 3
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
 NFNL_SUBSYS_CTNETLINK = 1
 CT_NEW = NFNL_SUBSYS_CTNETLINK << 8 | 0
 CT_GET = NFNL_SUBSYS_CTNETLINK << 8 | 1
@@ -59,6 +59,12 @@ HEADER = struct.Struct("=IHHII")
 ATTRIBUTE = struct.Struct("=HH")
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "ICMP": 1, "IPv6-ICMP": 58, "SCTP": 132,
                     "DCCP": 33, "UDPLITE": 136, "GRE": 47}
+ICMP_PROTOCOLS = frozenset({1, 58})
+# The protocols whose translated port conntrackd 1.4.7 replicates: its sync
+# messages carry NAT ports for TCP and UDP only (src/build.c), so the backup's
+# kernel picks a port (an ICMP identifier) of its own for a remapped entry of
+# any other protocol.
+NAT_PORTS_REPLICATED = frozenset({6, 17})
 
 
 class MalformedMessage(ValueError):
@@ -67,14 +73,15 @@ class MalformedMessage(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Endpoints:
-    """One direction's tuple: addresses as packed bytes, ports as network-order
-    bytes (None for protocols without ports)."""
+    """One direction's tuple: addresses as packed bytes, ports and the ICMP
+    identifier as network-order bytes (None where the protocol has none)."""
 
     source: bytes
     destination: bytes
     protocol: int
     source_port: bytes | None
     destination_port: bytes | None
+    identifier: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +176,8 @@ def endpoints(data, start, end):
         raise MalformedMessage("tuple without a protocol number")
     protocol = data[protocol_parts[CTA_PROTO_NUM][0]]
     ports = [bytes(data[slice(*protocol_parts[kind])]) if kind in protocol_parts else None
-             for kind in (CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT)]
+             for kind in (CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_ID
+                          if protocol == 1 else CTA_PROTO_ICMPV6_ID)]
     return Endpoints(source, destination, protocol, *ports)
 
 
@@ -185,11 +193,14 @@ def nat_attribute(kind, address, port):
 
 
 def nat_mappings(original, reply):
-    """The NAT attributes that recreate what the reply tuple shows was done."""
+    """The NAT attributes that recreate what the reply tuple shows was done. An
+    ICMP identifier is source NAT's "port": the kernel gives a session another
+    one when two inside hosts ping with the same identifier through one address."""
     mappings = b""
-    if (reply.destination, reply.destination_port) != (original.source,
-                                                       original.source_port):
-        mappings += nat_attribute(CTA_NAT_SRC, reply.destination, reply.destination_port)
+    if (reply.destination, reply.destination_port, reply.identifier) != (
+            original.source, original.source_port, original.identifier):
+        mappings += nat_attribute(CTA_NAT_SRC, reply.destination,
+                                  reply.destination_port or reply.identifier)
     if (reply.source, reply.source_port) != (original.destination,
                                              original.destination_port):
         mappings += nat_attribute(CTA_NAT_DST, reply.source, reply.source_port)
@@ -336,17 +347,90 @@ def _attribute_list(data, start, end):
     return found
 
 
+def port_remapped(data, offset, length):
+    """Whether the entry data[offset:offset+length] (dumped, or a new-entry event)
+    has a translated port or ICMP identifier that conntrackd's replication does
+    not carry (NAT_PORTS_REPLICATED)."""
+    found = _attributes(data, offset + HEADER.size + 4, offset + length)
+    if CTA_TUPLE_ORIG not in found or CTA_TUPLE_REPLY not in found:
+        raise MalformedMessage("entry without both tuples")
+    original = endpoints(data, *found[CTA_TUPLE_ORIG])
+    if original.protocol in NAT_PORTS_REPLICATED:
+        return False
+    reply = endpoints(data, *found[CTA_TUPLE_REPLY])
+    return (reply.destination_port, reply.source_port, reply.identifier) != (
+        original.source_port, original.destination_port, original.identifier)
+
+
+def replace_requests(create):
+    """A create request preceded by the delete of the entry it would collide
+    with: what puts the primary's version in place of an entry that exists."""
+    return delete_request(create, 0, len(create)) + create
+
+
+# Where a new-entry event's original protocol number lies (ctnetlink writes the
+# original tuple first: addresses, then CTA_PROTO_NUM), by family.
+EVENT_PROTOCOL_OFFSET = {socket.AF_INET: 52, socket.AF_INET6: 76}
+EVENT_FAMILY_OFFSET = 16
+BPF_LD_B_ABS, BPF_JEQ_K, BPF_RET_K = 0x30, 0x15, 0x06
+SOCK_FILTER = struct.Struct("=HBBI")
+
+
+def event_filter(protocols):
+    """A classic BPF program (sock_filter structs) for a conntrack event socket
+    that lets through only events of entries of these protocol numbers, so that
+    a daemon interested in a few protocols is not woken for the whole table.
+
+        0        A = family
+        1        family != AF_INET: go to IPv6
+        2        A = original protocol (IPv4 layout)
+        3..      one test per protocol: accept
+        3+n      drop
+        IPv6     family != AF_INET6: drop
+                 A = original protocol (IPv6 layout)
+                 one test per protocol: accept
+        6+2n     drop
+        7+2n     accept
+    Jumps count the instructions skipped."""
+    protocols = sorted(protocols)
+    count = len(protocols)
+    if not 0 < count < 100:
+        raise ValueError(f"an event filter takes 1 to 99 protocols, not {count}")
+    program = [(BPF_LD_B_ABS, 0, 0, EVENT_FAMILY_OFFSET),
+               (BPF_JEQ_K, 0, count + 2, socket.AF_INET),
+               (BPF_LD_B_ABS, 0, 0, EVENT_PROTOCOL_OFFSET[socket.AF_INET])]
+    program += [(BPF_JEQ_K, 3 + 2 * count - index, 0, protocol)
+                for index, protocol in enumerate(protocols)]
+    program += [(BPF_RET_K, 0, 0, 0),
+                (BPF_JEQ_K, 0, count + 1, socket.AF_INET6),
+                (BPF_LD_B_ABS, 0, 0, EVENT_PROTOCOL_OFFSET[socket.AF_INET6])]
+    program += [(BPF_JEQ_K, count - index, 0, protocol)
+                for index, protocol in enumerate(protocols)]
+    program += [(BPF_RET_K, 0, 0, 0), (BPF_RET_K, 0, 0, 0xFFFFFFFF)]
+    return b"".join(SOCK_FILTER.pack(*instruction) for instruction in program)
+
+
 def delete_request(data, offset, length):
     """The request that deletes, elsewhere, the entry of a destroy event
     data[offset:offset+length]: its family and original tuple."""
+    return _original_tuple_request(CT_DELETE, DELETE_FLAGS, data, offset, length)
+
+
+def get_request(data, offset, length):
+    """The request that reads the entry of the event data[offset:offset+length]
+    as the kernel holds it now: its family and original tuple."""
+    return _original_tuple_request(CT_GET, NLM_F_REQUEST, data, offset, length)
+
+
+def _original_tuple_request(kind, flags, data, offset, length):
     body_start, end = offset + HEADER.size + 4, offset + length
     found = _attributes(data, body_start, end)
     if CTA_TUPLE_ORIG not in found:
-        raise MalformedMessage("destroy event without an original tuple")
+        raise MalformedMessage("an entry without an original tuple")
     low, high = found[CTA_TUPLE_ORIG]
     payload = (bytes(data[offset + HEADER.size:body_start])
                + nested(CTA_TUPLE_ORIG, bytes(data[low:high])))
-    return message(CT_DELETE, DELETE_FLAGS, payload)
+    return message(kind, flags, payload)
 
 
 def check_requests(data):

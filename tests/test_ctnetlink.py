@@ -280,3 +280,113 @@ def test_the_kernels_answers_yield_the_failures_only():
 def test_every_protocol_the_options_offer_can_be_selected():
     selection = ct.Selection.of(options.SYNCED_PROTOCOLS, [])
     assert selection.protocols == {6, 17, 1, 58, 132, 33}
+
+
+def echo_entry(request_id, reply_id, family=socket.AF_INET):
+    """A ping session's entry: ICMP echo (or ICMPv6), SNAT'ed to the gateway."""
+    v6 = family == socket.AF_INET6
+    client, server, gateway = (("2001:db8::5", "2001:db8:1::9", "2001:db8::1") if v6
+                               else ("10.0.0.5", "198.51.100.1", GATEWAY))
+    protocol, id_type = (58, ct.CTA_PROTO_ICMPV6_ID) if v6 else (1, ct.CTA_PROTO_ICMP_ID)
+
+    def echo(kind, source, destination, icmp_type, icmp_id):
+        return ct.nested(kind, ct.nested(
+            ct.CTA_TUPLE_IP,
+            ct.attribute(ct.CTA_IP_V6_SRC if v6 else ct.CTA_IP_V4_SRC, packed(source)),
+            ct.attribute(ct.CTA_IP_V6_DST if v6 else ct.CTA_IP_V4_DST,
+                         packed(destination))), ct.nested(
+            ct.CTA_TUPLE_PROTO, ct.attribute(ct.CTA_PROTO_NUM, bytes([protocol])),
+            ct.attribute(id_type, struct.pack("!H", icmp_id)),
+            ct.attribute(id_type + 1, bytes([icmp_type])), ct.attribute(id_type + 2, b"\0")))
+    return ct.message(ct.CT_NEW, 0, struct.pack("=BBH", family, 0, 0)
+                      + echo(ct.CTA_TUPLE_ORIG, client, server, 8, request_id)
+                      + echo(ct.CTA_TUPLE_REPLY, server, gateway, 0, reply_id))
+
+
+def test_a_remapped_icmp_identifier_goes_in_the_source_mapping():
+    """The kernel gives the second of two sessions pinging with identifier 77
+    through one address another identifier; the create asks for exactly it."""
+    assert nat_range(top_attributes(request_for(echo_entry(77, 1077)))[
+        ct.CTA_NAT_SRC]) == (GATEWAY, 1077)
+    assert nat_range(top_attributes(request_for(echo_entry(77, 77)))[
+        ct.CTA_NAT_SRC]) == (GATEWAY, 77)
+
+
+@pytest.mark.parametrize("entry, remapped", [
+    (echo_entry(77, 1077), True),
+    (echo_entry(77, 1077, socket.AF_INET6), True),
+    (echo_entry(77, 77), False),
+    (snat_entry(protocol=132, port=40001), True),   # SCTP, port 5555 -> 40001
+    (snat_entry(protocol=132, port=5555), False),   # SCTP, the address only
+    (snat_entry(protocol=6, port=40001), False),    # conntrackd carries TCP's port
+    (snat_entry(protocol=17, port=40001), False),   # and UDP's
+])
+def test_only_translated_ports_conntrackd_does_not_carry_count_as_remapped(
+        entry, remapped):
+    assert ct.port_remapped(entry, 0, len(entry)) is remapped
+
+
+def test_a_replacement_deletes_the_entry_then_creates_the_primarys():
+    create = request_for(echo_entry(77, 1077))
+    replacement = ct.replace_requests(create)
+    assert ct.check_requests(replacement) == (1, 1)
+    (_, delete_length, kind, _), (offset, length, *_rest) = ct.split_messages(replacement)
+    assert kind == ct.CT_DELETE
+    assert replacement[offset:offset + length] == create
+    deleted = top_attributes(replacement[:delete_length])
+    assert deleted[ct.CTA_TUPLE_ORIG] == top_attributes(create)[ct.CTA_TUPLE_ORIG]
+
+
+def run_classic_bpf(program, packet):
+    """What the kernel's socket filter returns for packet: the three instructions
+    event_filter uses, and a load past the end drops, as in the kernel."""
+    instructions = [ct.SOCK_FILTER.unpack_from(program, offset)
+                    for offset in range(0, len(program), ct.SOCK_FILTER.size)]
+    accumulator, pc = 0, 0
+    while True:
+        code, jump_true, jump_false, k = instructions[pc]
+        pc += 1
+        if code == ct.BPF_LD_B_ABS:
+            if k >= len(packet):
+                return 0
+            accumulator = packet[k]
+        elif code == ct.BPF_JEQ_K:
+            pc += jump_true if accumulator == k else jump_false
+        elif code == ct.BPF_RET_K:
+            return k
+        else:
+            raise AssertionError(f"instruction {code:#x}")
+
+
+@pytest.mark.parametrize("event, passes", [
+    (echo_entry(77, 1077), True),
+    (echo_entry(77, 77, socket.AF_INET6), True),
+    (snat_entry(protocol=132), True),
+    (snat_entry(protocol=6), False),
+    (snat_entry(protocol=17), False),
+    (dumped_entry(("2001:db8::5", "2001:db8:1::9", 6, 5555, 443),
+                  ("2001:db8:1::9", "2001:db8::1", 6, 443, 40001)), False),
+    (dumped_entry(("2001:db8::5", "2001:db8:1::9", 132, 5555, 443),
+                  ("2001:db8:1::9", "2001:db8::1", 132, 443, 40001)), True),
+    (snat_entry(protocol=1)[:40], False),  # too short to hold a protocol
+])
+def test_the_event_filter_passes_only_the_protocols_followed(event, passes):
+    program = ct.event_filter({1, 58, 132})
+    assert bool(run_classic_bpf(program, event)) is passes
+
+
+def test_the_event_filter_reads_the_family_first():
+    """An IPv4 event whose byte at the IPv6 offset happens to be a followed
+    protocol, and an event of another family, do not pass."""
+    program = ct.event_filter({1})
+    other_family = bytearray(echo_entry(77, 1077))
+    other_family[ct.EVENT_FAMILY_OFFSET] = socket.AF_UNSPEC
+    assert run_classic_bpf(program, bytes(other_family)) == 0
+    v4_tcp = bytearray(snat_entry(protocol=6))
+    v4_tcp[ct.EVENT_PROTOCOL_OFFSET[socket.AF_INET6]] = 1
+    assert run_classic_bpf(program, bytes(v4_tcp)) == 0
+
+
+def test_an_event_filter_for_no_protocol_is_refused():
+    with pytest.raises(ValueError, match="not 0"):
+        ct.event_filter(set())
