@@ -43,20 +43,13 @@ class TableService:
         if not self.conf.failover.table_transfer or self.conf.failover.standby_mode != "warm":
             self.close(tracked)
             return
-        inode = namespace.namespace_inode(spec.namespace)
-        if tracked.table_listener is not None and tracked.table_namespace == inode:
-            return
-        self.close(tracked)
-        if inode is None:
-            return
         port = reports_module.report_port(self.conf.health.base_port, spec.vrid)
-        listener = namespace_sockets.open_registered(
-            self.selector, "table", router_id,
+        tracked.table_listener, tracked.table_namespace = namespace_sockets.follow_namespace(
+            self.selector, "table", router_id, spec.namespace,
+            (tracked.table_listener, tracked.table_namespace),
             f"the table listener on {spec.local_address} TCP port {port} in "
             f"namespace {spec.namespace}",
             lambda: table_transfer.TableListener(spec, port))
-        if listener is not None:
-            tracked.table_listener, tracked.table_namespace = listener, inode
 
     def close(self, tracked):
         namespace_sockets.close_registered(self.selector, tracked.table_listener)
