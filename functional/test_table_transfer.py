@@ -16,6 +16,7 @@ import threading
 import time
 
 from snat_sync import ctnetlink
+from snat_sync import mapping_sync
 from snat_sync import options
 from snat_sync import table_service
 from snat_sync import table_transfer
@@ -64,7 +65,7 @@ def nat_status(router):
     entries (lab_module.idle_entry), from a dump:
     what decides whether the kernel translates the entry's packets, and what no
     listing shows (an entry without them lists the same)."""
-    netlink = table_transfer._netlink_socket(router.namespace)
+    netlink = table_transfer.netlink_socket(router.namespace)
     found = {}
     try:
         netlink.send(ctnetlink.dump_request())
@@ -84,16 +85,17 @@ def nat_status(router):
         netlink.close()
 
 
-class Primary:
-    """r1's daemon for one table request, on a thread: listen, accept, serve."""
+class ListeningDaemon:
+    """A router's daemon for one request on its table listener, on a thread:
+    listen, accept, answer (table_transfer.serve) as the primary or not."""
 
-    def __init__(self, lab, is_primary=True):
-        self.spec = spec_of(lab, lab.routers[0])
+    def __init__(self, lab, router, is_primary):
+        self.spec = spec_of(lab, router)
         self.selection = table_service.selection_for(options.SYNCED_PROTOCOLS,
                                                      self.spec)
         self.listener = table_transfer.TableListener(self.spec, PORT)
         self.is_primary = is_primary
-        self.sent = "never asked"
+        self.answered = "never asked"
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -102,14 +104,20 @@ class Primary:
         accepted = self.listener.accept() if ready else None
         if accepted is not None:
             connection, peer = accepted
-            self.sent = table_transfer.serve(connection, peer, self.spec,
-                                             self.selection, self.is_primary)
+            self.answered = table_transfer.serve(connection, peer, self.spec,
+                                                 self.selection, self.is_primary)
 
     def finish(self):
+        """What serve returned: entries sent, or taken."""
         self.thread.join(15)
         self.listener.close()
-        assert not self.thread.is_alive(), "r1 still serving"
-        return self.sent
+        assert not self.thread.is_alive(), f"{self.spec.namespace} still answering"
+        return self.answered
+
+
+def primary_daemon(lab, is_primary=True):
+    """r1's daemon, asked for its table."""
+    return ListeningDaemon(lab, lab.routers[0], is_primary)
 
 
 def test_the_backup_loads_the_primarys_table_as_it_is(lab):
@@ -120,7 +128,7 @@ def test_the_backup_loads_the_primarys_table_as_it_is(lab):
         ALREADY_REPLICATED)
     for router in (r1, r2):  # r2's replicated copies are r1's entries as they are
         mark(router, MARKED_CLIENT, 7)
-    primary = Primary(lab)
+    primary = primary_daemon(lab)
     try:
         result = table_transfer.fetch(spec_of(lab, r2), r1.ha_address, PORT)
     finally:
@@ -148,7 +156,7 @@ def test_entries_destroyed_during_the_transfer_are_deleted_on_the_backup(lab):
     lab_module.sysctl(r1.namespace, "net.netfilter.nf_conntrack_events=1")
     assert lab_module.load_idle_entries(r1, LARGE_TABLE, lab.workdir) == LARGE_TABLE
     destroyed = listing(r1, "-s", DESTROYED_CLIENT)
-    primary = Primary(lab)
+    primary = primary_daemon(lab)
     try:
         with table_transfer.open_stream(spec_of(lab, r2), r1.ha_address,
                                         PORT) as stream:
@@ -173,7 +181,7 @@ def test_entries_destroyed_during_the_transfer_are_deleted_on_the_backup(lab):
 def test_a_daemon_that_is_not_the_primary_sends_nothing(lab):
     r1, r2 = lab.routers[:2]
     assert lab_module.load_idle_entries(r1, 100, lab.workdir) == 100
-    primary = Primary(lab, is_primary=False)
+    primary = primary_daemon(lab, is_primary=False)
     try:
         try:
             table_transfer.fetch(spec_of(lab, r2), r1.ha_address, PORT)
@@ -186,3 +194,125 @@ def test_a_daemon_that_is_not_the_primary_sends_nothing(lab):
     assert refusal == "refused: NO this node is not the primary"
     assert sent is None
     assert lab_module.idle_entry_count(r2) == 0
+
+
+# -- translated ports conntrackd does not carry (mapping_sync.py) -------------------
+
+PING_CLIENT, PING_SERVER = "10.200.1.5", lab_module.SERVER_ADDRESS
+CTA_TIMEOUT = 7
+# The ICMP id (or a port) as conntrack lists the reply direction.
+REPLY_ID = re.compile(r"type=0 code=0 id=(\d+)")
+
+
+def create_entry(router, protocol, client_port, public_port, server_port=0):
+    """Create an entry source-NAT'ed to the gateway in the router's kernel, as the
+    kernel makes one: ICMP echo (ports are identifiers) or a TCP flow, its client
+    port (ICMP: identifier) translated to public_port. The creation raises the
+    new-entry event a real flow would."""
+    def one_tuple(kind, source, destination, source_port, destination_port, icmp_type):
+        if protocol == 1:
+            ports = [ctnetlink.attribute(ctnetlink.CTA_PROTO_ICMP_ID,
+                                         source_port.to_bytes(2, "big")),
+                     ctnetlink.attribute(5, bytes([icmp_type])),
+                     ctnetlink.attribute(6, b"\0")]
+        else:
+            ports = [ctnetlink.attribute(ctnetlink.CTA_PROTO_SRC_PORT,
+                                         source_port.to_bytes(2, "big")),
+                     ctnetlink.attribute(ctnetlink.CTA_PROTO_DST_PORT,
+                                         destination_port.to_bytes(2, "big"))]
+        return ctnetlink.nested(kind, ctnetlink.nested(
+            ctnetlink.CTA_TUPLE_IP,
+            ctnetlink.attribute(ctnetlink.CTA_IP_V4_SRC, ipaddress.ip_address(source).packed),
+            ctnetlink.attribute(ctnetlink.CTA_IP_V4_DST,
+                                ipaddress.ip_address(destination).packed)),
+            ctnetlink.nested(ctnetlink.CTA_TUPLE_PROTO,
+                             ctnetlink.attribute(ctnetlink.CTA_PROTO_NUM, bytes([protocol])),
+                             *ports))
+
+    reply_port = client_port if protocol == 1 else server_port
+    payload = (b"\x02\0\0\0"
+               + one_tuple(ctnetlink.CTA_TUPLE_ORIG, PING_CLIENT, PING_SERVER,
+                           client_port, server_port, 8)
+               + one_tuple(ctnetlink.CTA_TUPLE_REPLY, PING_SERVER, PING_CLIENT,
+                           reply_port, client_port, 0)
+               + ctnetlink.attribute(CTA_TIMEOUT, (120).to_bytes(4, "big"))
+               + ctnetlink.nat_attribute(
+                   ctnetlink.CTA_NAT_SRC,
+                   ipaddress.ip_address(lab_module.GATEWAY_ADDRESS).packed,
+                   public_port.to_bytes(2, "big")))
+    netlink = table_transfer.netlink_socket(router.namespace)
+    try:
+        netlink.send(ctnetlink.message(ctnetlink.CT_NEW,
+                                       ctnetlink.CREATE_FLAGS | 0x4, payload))  # ACK
+        assert ctnetlink.errors(netlink.recv(4096)) == []
+    finally:
+        netlink.close()
+
+
+def ping_reply_ids(router):
+    """{echo identifier: the identifier replies come to} of the client's pings."""
+    found = {}
+    for line in listing(router, "-p", "icmp", "-s", PING_CLIENT):
+        original, reply = re.findall(r"id=(\d+)", line)[:2]
+        found[int(original)] = int(reply)
+    return found
+
+
+def test_a_remapped_ping_replaces_the_backups_copy_with_the_primarys_mapping(lab):
+    """r1 remaps identifier 77 to 1077 (another client pings with 77 too); r2
+    holds the copy conntrackd's injection leaves, mapped to 555. r1's listener
+    reports that entry alone (not an unremapped ping, nor a TCP flow whose
+    translated port conntrackd carries), and r2 ends up with r1's mapping."""
+    r1, r2 = lab.routers[:2]
+    spec = spec_of(lab, r1)
+    selection = table_service.selection_for(options.SYNCED_PROTOCOLS, spec)
+    listener = mapping_sync.MappingListener(r1.namespace, selection)
+    try:
+        create_entry(r2, 1, 77, 555)
+        create_entry(r1, 1, 77, 1077)
+        create_entry(r1, 1, 78, 78)
+        create_entry(r1, 6, 5555, 40001, server_port=443)
+        time.sleep(0.2)
+        reads = listener.read()
+    finally:
+        listener.close()
+    assert len(reads) == 1
+    replacements = mapping_sync.current_replacements(r1.namespace, reads, selection)
+    assert len(replacements) == 1
+    backup = ListeningDaemon(lab, r2, is_primary=False)
+    try:
+        mapping_sync.send(spec, r2.ha_address, PORT, replacements)
+    finally:
+        taken = backup.finish()
+    assert taken == 1
+    assert ping_reply_ids(r1) == {77: 1077, 78: 78}
+    assert ping_reply_ids(r2) == {77: 1077}
+    assert listing(r2, "-p", "icmp") == listing(r1, "-p", "icmp", "--icmp-id", "77")
+
+
+def test_an_entry_that_ended_before_the_send_is_not_sent(lab):
+    r1 = lab.routers[0]
+    selection = table_service.selection_for(options.SYNCED_PROTOCOLS, spec_of(lab, r1))
+    listener = mapping_sync.MappingListener(r1.namespace, selection)
+    try:
+        create_entry(r1, 1, 77, 1077)
+        time.sleep(0.2)
+        reads = listener.read()
+    finally:
+        listener.close()
+    assert len(reads) == 1
+    lab_module.run(["conntrack", "-D", "-p", "icmp", "-s", PING_CLIENT],
+                   namespace=r1.namespace)
+    assert mapping_sync.current_replacements(r1.namespace, reads, selection) == []
+
+
+def test_the_table_transfer_carries_a_remapped_ping_identifier(lab):
+    r1, r2 = lab.routers[:2]
+    create_entry(r1, 1, 77, 1077)
+    primary = primary_daemon(lab)
+    try:
+        result = table_transfer.fetch(spec_of(lab, r2), r1.ha_address, PORT)
+    finally:
+        primary.finish()
+    assert result.created >= 1 and result.failed == {}
+    assert ping_reply_ids(r2) == {77: 1077}

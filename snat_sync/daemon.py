@@ -106,6 +106,7 @@ class Daemon:
                 _drain(self.wake_read)
             else:
                 self.routers.on_event(kind, router_id)
+        self.routers.send_due_mappings(time.monotonic())
         self._collect_results()
 
     def _reconcile_if_due(self):

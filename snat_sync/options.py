@@ -401,7 +401,12 @@ failover_opts = [
         "1,000,000 in 10.6 s against 17.7 s). Anything short of a complete table "
         "(no daemon answers, it is not the primary, the stream breaks) falls back "
         "to conntrackd's resync request (-n), as does False. cold standby always "
-        "uses -n: its replica belongs in conntrackd's cache.",
+        "uses -n: its replica belongs in conntrackd's cache. With True the "
+        "primary's daemon also sends its backups' daemons each new entry whose "
+        "port or ICMP identifier source NAT remapped, for every replicated "
+        "protocol but TCP and UDP (ICMP, ICMPv6, SCTP, DCCP): conntrackd 1.4.7 "
+        "replicates translated ports of TCP and UDP only, and the backup's "
+        "kernel would pick another one.",
     ),
     cfg.IntOpt(
         "history_size",

@@ -28,6 +28,11 @@ unauthenticated sync traffic already, and this adds no other power.
 Anything short of a complete table (no daemon answers, it refuses, the stream
 breaks) falls back to conntrackd's resync, so a node without a daemon, or one
 of an older release, still gets the table, as before.
+
+The same listener takes the primary's translated ports on a backup
+(mapping_sync.py): "SNAT-SYNC MAPPINGS 1 <router id>" answered "OK" by a node
+that is not the primary, then frames as above (a delete and a create per
+entry) loaded the same way, and "DONE" once they are in its kernel.
 """
 
 import contextlib
@@ -48,7 +53,9 @@ from snat_sync.errors import InvalidInput, SnatSyncError
 LOG = logging.getLogger(__name__)
 
 GREETING = "SNAT-SYNC TABLE 1"
+MAPPINGS_GREETING = "SNAT-SYNC MAPPINGS 1"
 NOT_PRIMARY = "this node is not the primary"
+IS_PRIMARY = "this node is the primary"
 FRAME = struct.Struct("!I")
 # About 230 requests a frame, each frame one send to the kernel.
 FRAME_BYTES = 60000
@@ -146,15 +153,15 @@ def fetch(spec, peer, port):
 @contextlib.contextmanager
 def open_stream(spec, peer, port):
     """The table stream from the daemon at peer:port, once it said OK, as a
-    _Reader; TransferFailed if it refused."""
-    stream = _stream_socket(spec)
+    Reader; TransferFailed if it refused."""
+    stream = stream_socket(spec)
     try:
         stream.settimeout(CONNECT_TIMEOUT)
         stream.bind((str(spec.local_address), 0))
         stream.connect((peer, port))
         stream.settimeout(IDLE_TIMEOUT)
         stream.sendall(f"{GREETING} {spec.router_id}\n".encode())
-        reader = _Reader(stream)
+        reader = Reader(stream)
         answer = reader.line()
         if answer != "OK":
             raise TransferFailed(f"refused: {answer}")
@@ -166,7 +173,7 @@ def open_stream(spec, peer, port):
 def load_stream(reader, namespace):
     """Write the frames of a table stream into the namespace's kernel until the end
     frame: (created, already present, deleted, {errno name: count} of the rest)."""
-    netlink = _netlink_socket(namespace)
+    netlink = netlink_socket(namespace)
     creates = deletes = 0
     failures = {}
     try:
@@ -194,7 +201,7 @@ def load_stream(reader, namespace):
             failures)
 
 
-class _Reader:
+class Reader:
     """Lines and exact byte counts from a stream, through one buffer."""
 
     def __init__(self, stream):
@@ -227,7 +234,7 @@ class _Reader:
         return data
 
 
-def _stream_socket(spec):
+def stream_socket(spec):
     """A TCP socket in the router's namespace, of its HA addresses' family
     (flags=0: never create a namespace that is missing)."""
     family = socket.AF_INET6 if spec.local_address.version == 6 else socket.AF_INET
@@ -235,7 +242,7 @@ def _stream_socket(spec):
                                         flags=0)
 
 
-def _netlink_socket(namespace, groups=0):
+def netlink_socket(namespace, groups=0):
     netlink = pyroute2_netns.create_socket(namespace, socket.AF_NETLINK, socket.SOCK_RAW,
                                            ctnetlink.NETLINK_NETFILTER, flags=0)
     try:
@@ -272,7 +279,7 @@ class TableListener:
     """The TCP socket in a router's namespace that backups ask for the table on."""
 
     def __init__(self, spec, port):
-        self.socket = _stream_socket(spec)
+        self.socket = stream_socket(spec)
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((str(spec.local_address), port))
@@ -299,12 +306,17 @@ class TableListener:
 
 
 def serve(connection, peer, spec, selection, is_primary):
-    """Send the namespace's whole table to the backup on connection, if this node
-    is the router's primary (is_primary); returns what was sent, for the log."""
+    """Answer a request on the table listener: send the namespace's whole table
+    to the backup on connection if this node is the router's primary
+    (is_primary), or, if it is not, take the primary's translated ports; returns
+    how many entries went either way, for the log."""
     router_id = spec.router_id
     try:
         connection.settimeout(IDLE_TIMEOUT)
-        greeting = _Reader(connection).line()
+        reader = Reader(connection)
+        greeting = reader.line()
+        if greeting == f"{MAPPINGS_GREETING} {router_id}":
+            return _take_mappings(connection, reader, peer, spec, is_primary)
         if greeting != f"{GREETING} {router_id}":
             connection.sendall(b"NO not a table request for this router\n")
             LOG.warning("router %s: table request from %s refused: %r", router_id,
@@ -330,16 +342,34 @@ def serve(connection, peer, spec, selection, is_primary):
         connection.close()
 
 
+def _take_mappings(connection, reader, peer, spec, is_primary):
+    """A backup's side of mapping_sync: the primary's version of entries whose
+    translated port conntrackd does not replicate, put in place of ours."""
+    if is_primary:
+        connection.sendall(f"NO {IS_PRIMARY}\n".encode())
+        LOG.warning("router %s: translated ports from %s refused: this node is the "
+                    "primary", spec.router_id, peer)
+        return None
+    connection.sendall(b"OK\n")
+    created, _present, _deleted, failures = load_stream(reader, spec.namespace)
+    connection.sendall(b"DONE\n")
+    failed = ", ".join(f"{count} {name}" for name, count in sorted(failures.items()))
+    LOG.log(logging.WARNING if failures else logging.INFO,
+            "router %s: %d entries with translated ports from %s put in place%s",
+            spec.router_id, created, peer, f", failed: {failed}" if failed else "")
+    return created
+
+
 def _send_table(connection, namespace, selection):
-    destroyed = _netlink_socket(namespace, 1 << (ctnetlink.NFNLGRP_CONNTRACK_DESTROY - 1))
+    destroyed = netlink_socket(namespace, 1 << (ctnetlink.NFNLGRP_CONNTRACK_DESTROY - 1))
     try:
-        dump = _netlink_socket(namespace)
+        dump = netlink_socket(namespace)
         try:
             dump.send(ctnetlink.dump_request())
-            entries = _send_frames(connection, _created(dump, selection))
+            entries = send_frames(connection, _created(dump, selection))
         finally:
             dump.close()
-        deletes = _send_frames(connection, _deleted(destroyed))
+        deletes = send_frames(connection, _deleted(destroyed))
     finally:
         destroyed.close()
     connection.sendall(FRAME.pack(0))
@@ -381,7 +411,7 @@ def _deleted(destroyed):
                 yield ctnetlink.delete_request(chunk, offset, length)
 
 
-def _send_frames(connection, requests):
+def send_frames(connection, requests):
     """Send requests in frames of about FRAME_BYTES; how many were sent."""
     count, pending, size = 0, [], 0
     for request in requests:

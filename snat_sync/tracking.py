@@ -1,7 +1,8 @@
 """The routers the daemon runs, as its loop's selector sees them: each one's
 conntrackd pidfd (readable the moment that process exits, which restarts it),
-its role watcher (role_watchers.py), its peer channel (peer_channels.py) and its
-table listener (table_service.py).
+its role watcher (role_watchers.py), its peer channel (peer_channels.py), its
+table listener (table_service.py) and its new-entry event socket
+(mapping_service.py).
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ from snat_sync import health_check
 from snat_sync import jobs
 from snat_sync import reports as reports_module
 from snat_sync import statedir
+from snat_sync.mapping_service import MappingService
 from snat_sync.peer_channels import PeerChannels
 from snat_sync.role_watchers import RoleWatchers
 from snat_sync.table_service import TableService
@@ -36,6 +38,10 @@ class Tracked:
     channel_namespace: int | None = None
     table_listener: object = None
     table_namespace: int | None = None
+    mapping_listener: object = None
+    mapping_namespace: int | None = None
+    # (when, [replace requests]): the mapping service's sends still to come
+    mapping_sends: list = dataclasses.field(default_factory=list)
     peer_reports: dict = dataclasses.field(default_factory=dict)
     health: health_check.HealthState = health_check.HealthState()
 
@@ -50,6 +56,7 @@ class RouterTracker:
         self.watchers = RoleWatchers(conf, selector, router_jobs.submit)
         self.channels = PeerChannels(conf, selector)
         self.tables = TableService(conf, selector, router_jobs.submit)
+        self.mappings = MappingService(conf, selector, router_jobs.submit)
 
     def on_event(self, kind, router_id):
         """A selector event of one of the router's descriptors."""
@@ -61,6 +68,12 @@ class RouterTracker:
             self.channels.read(router_id, self.tracked[router_id])
         elif kind == "table":
             self.tables.on_request(router_id, self.tracked[router_id])
+        elif kind == "mapping":
+            self.mappings.on_event(router_id, self.tracked[router_id])
+
+    def send_due_mappings(self, now):
+        for router_id, tracked in self.tracked.items():
+            self.mappings.send_due(router_id, tracked, now)
 
     def track(self, router_id, spec, pid):
         tracked = self.tracked.get(router_id)
@@ -97,6 +110,7 @@ class RouterTracker:
         self.watchers.close(tracked)
         self.channels.close(tracked)
         self.tables.close(tracked)
+        self.mappings.close(tracked)
 
     def _on_exit(self, router_id):
         tracked = self.tracked.get(router_id)
@@ -119,3 +133,4 @@ class RouterTracker:
         self.watchers.ensure(router_id, tracked, spec)
         self.channels.ensure(router_id, tracked, spec)
         self.tables.ensure(router_id, tracked, spec)
+        self.mappings.ensure(router_id, tracked, spec)

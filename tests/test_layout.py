@@ -19,7 +19,7 @@ LAB = "snat_sync.lab"
 EDGES = {f"snat_sync.{name}" for name in (
     "namespace", "conntrackd", "guard", "statedir", "watcher", "reports", "nftables",
     "refresh", "connection_table", "tcp_tracking", "announce",
-    "neighbour_advertisement", "table_transfer")}
+    "neighbour_advertisement", "table_transfer", "mapping_sync")}
 VOCABULARY = {f"snat_sync.{name}" for name in ("errors", "roles", "router")}
 # The wire formats an edge speaks, parsed and built purely: the protocol half of
 # an edge (pyroute2's split), importing nothing of ours beyond the vocabulary.

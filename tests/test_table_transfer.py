@@ -153,3 +153,35 @@ def test_no_primary_yet_is_logged_as_information_not_as_a_fault(router, monkeypa
     table_transfer.request_table(router, transfer_options(), RESYNC)
     assert router.controls == [("-n",)]
     assert [record.levelno for record in caplog.records] == [logging.INFO]
+
+
+def test_a_primary_takes_no_translated_ports_from_a_peer():
+    """Two primaries for a moment (a partition): neither overwrites the other."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        theirs.sendall(f"{table_transfer.MAPPINGS_GREETING} r1\n".encode())
+        assert table_transfer.serve(ours, "169.254.192.2", three_node_spec(), None,
+                                    True) is None
+        assert theirs.recv(4096) == f"NO {table_transfer.IS_PRIMARY}\n".encode()
+        assert theirs.recv(4096) == b""
+
+
+def test_a_backup_loads_the_translated_ports_and_confirms(monkeypatch):
+    loaded = []
+
+    def load(reader, namespace):
+        length = table_transfer.FRAME.unpack(reader.exactly(4))[0]
+        loaded.append((namespace, reader.exactly(length)))
+        assert reader.exactly(4) == table_transfer.FRAME.pack(0)
+        return 1, 0, 1, {}
+
+    monkeypatch.setattr(table_transfer, "load_stream", load)
+    ours, theirs = socket.socketpair()
+    with theirs:
+        theirs.sendall(f"{table_transfer.MAPPINGS_GREETING} r1\n".encode()
+                       + table_transfer.FRAME.pack(3) + b"abc"
+                       + table_transfer.FRAME.pack(0))
+        assert table_transfer.serve(ours, "169.254.192.2", three_node_spec(), None,
+                                    False) == 1
+        assert theirs.recv(4096) == b"OK\nDONE\n"
+    assert loaded == [("qrouter-r1", b"abc")]

@@ -1,0 +1,144 @@
+"""Mapping sync: the translated ports that conntrackd 1.4.7 does not replicate,
+sent by the primary's daemon to its backups' daemons.
+
+conntrackd's sync messages carry a NAT'ed entry's translated port for TCP and
+UDP only (ctnetlink.NAT_PORTS_REPLICATED). A ping session whose ICMP identifier
+source NAT changed (two inside hosts pinging with the same identifier through
+one address), or an SCTP association whose port it changed, is injected on the
+backup with whatever mapping the backup's kernel picks; after a failover its
+packets leave with an identifier or port the far end has never seen.
+
+The primary's daemon listens for new-entry events of those protocols only (a
+BPF filter on the event socket, ctnetlink.event_filter: the rest of the table
+never wakes it), and notes each entry whose port or identifier was translated.
+It sends each backup's daemon such an entry as the kernel holds it at the time
+of sending (read again by its original tuple: a new entry's state moves on, and
+one that ended is not sent), as a delete and a create carrying the full mapping
+(ctnetlink.replace_requests), over the table listener's stream
+(table_transfer.py). Each entry is sent twice, at once and again RESEND_AFTER
+later: the backup's conntrackd replaces an entry that exists when its own copy
+of the event arrives (external_inject.c: EEXIST, delete, create), and that copy
+can come after the first send.
+"""
+
+import ctypes
+import errno
+import logging
+import socket
+import struct
+
+from snat_sync import ctnetlink
+from snat_sync import table_transfer
+
+LOG = logging.getLogger(__name__)
+
+RESEND_AFTER = 1.0
+SO_ATTACH_FILTER = 26
+RECEIVE_CHUNK = 1 << 16
+
+
+def protocols_to_follow(protocol_names):
+    """The protocol numbers of [conntrackd] protocols whose translated port
+    conntrackd does not replicate."""
+    return frozenset(ctnetlink.PROTOCOL_NUMBERS[name] for name in protocol_names
+                     if ctnetlink.PROTOCOL_NUMBERS[name]
+                     not in ctnetlink.NAT_PORTS_REPLICATED)
+
+
+class MappingListener:
+    """The new-entry event socket in a router's namespace, filtered in the kernel
+    to the protocols followed."""
+
+    def __init__(self, namespace, selection):
+        self.selection = selection
+        self.socket = table_transfer.netlink_socket(
+            namespace, 1 << (ctnetlink.NFNLGRP_CONNTRACK_NEW - 1))
+        try:
+            _attach_filter(self.socket, ctnetlink.event_filter(
+                self.selection.protocols - ctnetlink.NAT_PORTS_REPLICATED))
+            self.socket.setblocking(False)
+        except (OSError, ValueError):
+            self.socket.close()
+            raise
+
+    def fileno(self):
+        return self.socket.fileno()
+
+    def read(self):
+        """The read requests (ctnetlink.get_request) of the new entries waiting
+        whose translated port conntrackd does not carry. Lost events (the socket
+        overran) are logged: those entries keep the backups' own mapping."""
+        requests = []
+        while True:
+            try:
+                chunk = self.socket.recv(RECEIVE_CHUNK)
+            except BlockingIOError:
+                return requests
+            except OSError as error:
+                if error.errno != errno.ENOBUFS:
+                    raise
+                LOG.warning("new-entry events were lost (the event socket overran): "
+                            "some entries with translated ports keep the backups' "
+                            "own mapping")
+                continue
+            for offset, length, kind, _flags in ctnetlink.split_messages(chunk):
+                if (kind == ctnetlink.CT_NEW
+                        and ctnetlink.port_remapped(chunk, offset, length)
+                        and ctnetlink.create_request(chunk, offset, length,
+                                                     self.selection) is not None):
+                    requests.append(ctnetlink.get_request(chunk, offset, length))
+
+    def close(self):
+        self.socket.close()
+
+
+def _attach_filter(netlink, program):
+    """SO_ATTACH_FILTER takes a struct sock_fprog: the instruction count and a
+    pointer to the instructions, which must stay alive for the call."""
+    instructions = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HL", len(program) // ctnetlink.SOCK_FILTER.size,
+                        ctypes.addressof(instructions))
+    netlink.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def current_replacements(namespace, reads, selection):
+    """The replace requests of the entries reads name, as the namespace's kernel
+    holds them now; entries that have ended are left out."""
+    netlink = table_transfer.netlink_socket(namespace)
+    replacements = []
+    try:
+        for read in dict.fromkeys(reads):
+            netlink.send(read)
+            answer = netlink.recv(RECEIVE_CHUNK)
+            for offset, length, kind, _flags in ctnetlink.split_messages(answer):
+                if kind != ctnetlink.CT_NEW:
+                    continue  # NLMSG_ERROR: ENOENT, the entry has ended
+                create = ctnetlink.create_request(answer, offset, length, selection)
+                if create is not None:
+                    replacements.append(ctnetlink.replace_requests(create))
+    finally:
+        netlink.close()
+    return replacements
+
+
+def send(spec, peer, port, requests):
+    """Put the entries of requests in place on the backup whose daemon is at
+    peer:port; TransferFailed if it refused or did not confirm."""
+    stream = table_transfer.stream_socket(spec)
+    try:
+        stream.settimeout(table_transfer.CONNECT_TIMEOUT)
+        stream.bind((str(spec.local_address), 0))
+        stream.connect((peer, port))
+        stream.settimeout(table_transfer.IDLE_TIMEOUT)
+        stream.sendall(f"{table_transfer.MAPPINGS_GREETING} {spec.router_id}\n".encode())
+        reader = table_transfer.Reader(stream)
+        answer = reader.line()
+        if answer != "OK":
+            raise table_transfer.TransferFailed(f"refused: {answer}")
+        table_transfer.send_frames(stream, requests)
+        stream.sendall(table_transfer.FRAME.pack(0))
+        answer = reader.line()
+        if answer != "DONE":
+            raise table_transfer.TransferFailed(f"not confirmed: {answer}")
+    finally:
+        stream.close()

@@ -1,0 +1,133 @@
+"""mapping_service.py and mapping_sync.py without namespaces: where the listener
+runs, when the entries it reports are sent and to whom, and what a sender does
+that is not the primary."""
+
+import pytest
+
+from snat_sync import mapping_service
+from snat_sync import namespace
+from snat_sync import mapping_sync
+from snat_sync import table_service
+from snat_sync import tracking
+from snat_sync import statedir
+from snat_sync.router import RouterSpec
+
+SPEC = RouterSpec.create("r1", "qrouter-r1", "ha-1a2b3c4d-5e", "169.254.192.1",
+                         ["169.254.192.2"], 7)
+
+
+class FakeListener:
+    selection = "the selection"
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def read(self):
+        return self.batches.pop(0)
+
+    def fileno(self):
+        return 99
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def service(conf):
+    submitted = []
+    service = mapping_service.MappingService(
+        conf, None, lambda *job: submitted.append(job))
+    service.submitted = submitted
+    return service
+
+
+@pytest.fixture
+def tracked(tmp_path):
+    files = statedir.RouterFiles(tmp_path / "r1")
+    tracked = tracking.Tracked(SPEC, files)
+    return tracked
+
+
+def test_protocols_followed_are_those_whose_port_conntrackd_drops():
+    assert mapping_sync.protocols_to_follow(["TCP", "UDP", "ICMP", "SCTP"]) == {1, 132}
+    assert mapping_sync.protocols_to_follow(["TCP", "UDP"]) == frozenset()
+
+
+@pytest.mark.parametrize("name, value, group", [
+    ("standby_mode", "cold", "failover"),
+    ("table_transfer", False, "failover"),
+    ("protocols", ["TCP", "UDP"], "conntrackd"),
+])
+def test_no_listener_where_no_backup_could_take_the_mappings(
+        make_conf, tracked, monkeypatch, name, value, group):
+    conf = make_conf()
+    conf.set_override(name, value, group)
+    opened = []
+    monkeypatch.setattr(mapping_service.namespace_sockets, "open_registered",
+                        lambda *arguments: opened.append(arguments))
+    monkeypatch.setattr(namespace, "namespace_inode", lambda name: 1)
+    mapping_service.MappingService(conf, None, None).ensure("r1", tracked, SPEC)
+    assert opened == [] and tracked.mapping_listener is None
+
+
+def test_with_the_defaults_the_listener_is_opened(conf, tracked, monkeypatch):
+    opened = []
+    monkeypatch.setattr(mapping_service.namespace_sockets, "open_registered",
+                        lambda *arguments: opened.append(arguments) or "listener")
+    monkeypatch.setattr(namespace, "namespace_inode", lambda name: 1)
+    mapping_service.MappingService(conf, None, None).ensure("r1", tracked, SPEC)
+    assert [arguments[1:3] for arguments in opened] == [("mapping", "r1")]
+    assert (tracked.mapping_listener, tracked.mapping_namespace) == ("listener", 1)
+
+
+def test_each_entry_is_sent_at_once_and_again_later(service, tracked, conf):
+    tracked.mapping_listener = FakeListener([[b"read-a", b"read-b"], []])
+    service.on_event("r1", tracked)
+    service.on_event("r1", tracked)  # nothing new
+    now = tracked.mapping_sends[0][0]
+    service.send_due("r1", tracked, now)
+    job = ("(mappings) r1", "mappings sent", mapping_service.send_to_peers, SPEC,
+           tracked.files, ("169.254.192.2",), conf.health.base_port + 7,
+           "the selection", [b"read-a", b"read-b"])
+    assert service.submitted == [job]
+    service.send_due("r1", tracked, now + mapping_sync.RESEND_AFTER - 0.1)
+    assert service.submitted == [job]
+    service.send_due("r1", tracked, now + mapping_sync.RESEND_AFTER)
+    assert service.submitted == [job, job]
+    service.send_due("r1", tracked, now + 1000)
+    assert service.submitted == [job, job]
+
+
+def test_peers_are_the_listed_ones_then_the_learned_ones():
+    assert mapping_service.peers_of(SPEC, {"169.254.192.3": None,
+                                           "169.254.192.2": None}) == (
+        "169.254.192.2", "169.254.192.3")
+
+
+def test_a_node_that_is_not_the_primary_sends_nothing(tracked, monkeypatch):
+    monkeypatch.setattr(table_service, "is_primary", lambda spec, files: False)
+    monkeypatch.setattr(mapping_sync, "current_replacements",
+                        lambda *arguments: pytest.fail("read the table"))
+    assert mapping_service.send_to_peers(SPEC, tracked.files, ("169.254.192.2",),
+                                         4787, None, [b"read"]) == 0
+
+
+def test_a_peer_that_refuses_is_logged_and_the_others_still_get_them(
+        tracked, monkeypatch, caplog):
+    monkeypatch.setattr(table_service, "is_primary", lambda spec, files: True)
+    monkeypatch.setattr(mapping_sync, "current_replacements",
+                        lambda namespace, reads, selection: [b"replace"])
+    sent = []
+
+    def send(spec, peer, port, requests):
+        if peer == "169.254.192.2":
+            raise mapping_sync.table_transfer.TransferFailed("refused: NO this node "
+                                                             "is the primary")
+        sent.append((peer, port, requests))
+
+    monkeypatch.setattr(mapping_sync, "send", send)
+    assert mapping_service.send_to_peers(
+        SPEC, tracked.files, ("169.254.192.2", "169.254.192.3"), 4787, None,
+        [b"read"]) == 1
+    assert sent == [("169.254.192.3", 4787, [b"replace"])]
+    assert "not sent to 169.254.192.2: refused" in caplog.text
