@@ -96,10 +96,6 @@ def test_ping_sessions_survive(with_snat_sync, keepalived_alone):
         assert all(flow.alive for flow in flows), describe(flows)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "conntrackd 1.4.7 sends an ICMP entry's identifier of the original direction "
-    "only (src/build.c: no SPAT for ICMP), so the backup's kernel gives a remapped "
-    "session a fresh identifier when it injects the entry"))
 def test_ping_sessions_keep_their_identifier(with_snat_sync):
     flows = flows_of(with_snat_sync, "snat", "icmp")
     moved = [flow for flow in flows if not flow.same_public_endpoint]

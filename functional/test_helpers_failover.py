@@ -87,10 +87,6 @@ def test_sctp_association_survives_on_its_public_port(synced):
     assert server["endpoints"] == [server["endpoint"]], describe(synced)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "conntrack-tools 1.4.7 / libnetfilter_conntrack 1.0.9 inject an SCTP entry "
-    "without its NAT port: the backup maps the remapped association to another "
-    "public port (README, What is replicated)"))
 def test_remapped_sctp_association_keeps_its_public_port(synced):
     client, server = sctp_association(synced, 1)
     assert client["alive"] and server["endpoints"] == [server["endpoint"]], \

@@ -25,6 +25,7 @@ import time
 
 from snat_sync.lab import demo
 from snat_sync.lab import ftp
+from snat_sync.lab import nodes
 from snat_sync.lab import sctp
 from snat_sync.lab import sip
 from snat_sync.lab import topology as lab_module
@@ -115,9 +116,12 @@ def run_scenario(workdir, snat_sync_config=None, prefix=None):
                 config.chmod(0o600)
                 arguments = ("--config-file", str(config))
             commands = demo.register_with_snat_sync(lab, workdir, arguments)
-            demo.start_keepalived_pair(lab, commands, {
-                router.name: demo.node_state_path(workdir, router)
-                for router in lab.routers})
+            state_paths = {router.name: demo.node_state_path(workdir, router)
+                           for router in lab.routers}
+            demo.start_keepalived_pair(lab, commands, state_paths)
+            # As on a production node: the daemon sends the primary's translated
+            # SCTP ports, which conntrackd does not carry.
+            nodes.start_daemons(lab, state_paths, config if arguments else None)
         r1, r2 = lab.routers
         server = lab.server_namespace
         address = lab_module.SERVER_ADDRESS

@@ -21,6 +21,7 @@ import time
 
 from snat_sync.lab import demo
 from snat_sync.lab import flows
+from snat_sync.lab import nodes
 from snat_sync.lab import topology as lab_module
 
 VARIANT = lab_module.Variant(routed_ipv4=True, ipv6=True, firewall=True)
@@ -188,6 +189,11 @@ def run_scenario(workdir, with_snat_sync, settings=KindsSettings()):
     workdir = pathlib.Path(workdir)
     with lab_module.running_lab(workdir, variant=VARIANT) as lab:
         demo.start_routers(lab, workdir, with_snat_sync, settings)
+        if with_snat_sync:
+            # As on a production node: the daemon sends the primary's translated
+            # ICMP identifiers and SCTP ports, which conntrackd does not carry.
+            nodes.start_daemons(lab, {router.name: demo.node_state_path(workdir, router)
+                                      for router in lab.routers})
         server = start_server(lab, workdir, settings.client_duration + 10)
         clients = {kind.name: start_client(lab, workdir, kind, settings)
                    for kind in KINDS}

@@ -45,7 +45,7 @@ def write_config(path, resync_on_backup=True, extra=""):
 class Node:
     router: topology.Router
     state_path: pathlib.Path
-    config: pathlib.Path
+    config: pathlib.Path | None  # None: the lab's sandbox config
     daemon_log: pathlib.Path
     notify_command: str = ""
     daemon: subprocess.Popen | None = None
@@ -56,7 +56,7 @@ class Node:
 
     @property
     def global_arguments(self):
-        return ("--config-file", str(self.config))
+        return ("--config-file", str(self.config)) if self.config else ()
 
 
 def add_node(lab, router, state_path, config):
@@ -78,6 +78,28 @@ def start_daemon(lab, node, workers=2):
             env=topology.package_environment(), start_new_session=True)
     lab.processes.append(node.daemon)
     return node.daemon
+
+
+def start_daemons(lab, state_paths, config=None):
+    """`snat-sync daemon` beside each router that `router add` registered with
+    state_paths ({router name: path}) and config (None: the sandbox's); returns
+    the Nodes once each daemon listens on its router's HA address (its table
+    listener: its first reconciliation has opened the router's sockets)."""
+    started = [Node(router, pathlib.Path(state_paths[router.name]), config,
+                    lab.workdir / f"daemon-{router.name}.log")
+               for router in lab.routers]
+    for node in started:
+        start_daemon(lab, node)
+    for node in started:
+        router = node.router
+        if not topology.wait_until(
+                lambda: topology.run(["ss", "-Hltn", "src", router.ha_address],
+                                     namespace=router.namespace).stdout.strip(),
+                timeout=20, interval=0.2):
+            raise topology.LabError(f"the daemon of {router.name} opened no "
+                                    f"listener on {router.ha_address} in 20 s "
+                                    f"(see {node.daemon_log})")
+    return started
 
 
 def signal_daemon(node, signal_number):
