@@ -36,6 +36,16 @@ def control(tmp_path_factory):
     return run(tmp_path_factory, "control", CONTROL_CONFIG)
 
 
+# The daemons run, but without the table listener that takes what the primary's
+# daemon corrects (mapping_sync): what conntrackd's replication alone leaves.
+CONNTRACKD_ALONE_CONFIG = "[metrics]\nlisten_port = 0\n[failover]\ntable_transfer = false\n"
+
+
+@pytest.fixture(scope="module")
+def conntrackd_alone(tmp_path_factory):
+    return run(tmp_path_factory, "conntrackd-alone", CONNTRACKD_ALONE_CONFIG)
+
+
 @pytest.fixture(scope="module")
 def keepalived_only(tmp_path_factory):
     return run(tmp_path_factory, "alone", False)
@@ -93,12 +103,26 @@ def test_remapped_sctp_association_keeps_its_public_port(synced):
         describe(synced)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "conntrackd 1.4.7 injects SIP media expectations without their class: the "
-    "backup keeps one of the call's four (README, What is replicated)"))
 def test_sip_rtp_started_after_the_crash_reaches_the_caller(synced):
     assert synced.sip["answered"], describe(synced)
     assert synced.sip["rtp_times"], describe(synced)
+
+
+def test_conntrackd_alone_loses_the_calls_media_and_the_remapped_port(
+        conntrackd_alone):
+    """conntrackd 1.4.7 injects the call's media expectations in class 0, where
+    the kernel keeps one per call, and the remapped association's entry without
+    its NAT port: without the primary's daemon correcting both, RTP started
+    after the crash does not reach the caller, and the association moves to
+    another public port, while the one that kept its port survives."""
+    result = conntrackd_alone
+    assert result.sip["answered"] and not result.sip["rtp_times"], describe(result)
+    kept_client, kept_server = sctp_association(result, 0)
+    assert kept_client["alive"], describe(result)
+    assert kept_server["endpoints"] == [kept_server["endpoint"]], describe(result)
+    client, server = sctp_association(result, 1)
+    assert not (client["alive"] and server["endpoints"] == [server["endpoint"]]), \
+        describe(result)
 
 
 def test_control_without_expectation_sync_loses_the_announced_data_connection(

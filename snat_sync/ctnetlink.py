@@ -29,13 +29,17 @@ import ipaddress
 import re
 import socket
 import struct
+import sys
 
 NETLINK_NETFILTER = 12
-NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
-NFNL_SUBSYS_CTNETLINK = 1
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY, NFNLGRP_CONNTRACK_EXP_NEW = 1, 3, 4
+NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_CTNETLINK_EXP = 1, 2
 CT_NEW = NFNL_SUBSYS_CTNETLINK << 8 | 0
 CT_GET = NFNL_SUBSYS_CTNETLINK << 8 | 1
 CT_DELETE = NFNL_SUBSYS_CTNETLINK << 8 | 2
+EXP_NEW = NFNL_SUBSYS_CTNETLINK_EXP << 8 | 0
+EXP_GET = NFNL_SUBSYS_CTNETLINK_EXP << 8 | 1
+EXP_DELETE = NFNL_SUBSYS_CTNETLINK_EXP << 8 | 2
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP = 0x1, 0x2, 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
@@ -54,6 +58,7 @@ CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID = 4, 7
 CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO = 1, 2, 3
 CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP = 4, 5
 CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
+CTA_EXPECT_TUPLE, CTA_EXPECT_HELP_NAME, CTA_EXPECT_CLASS = 2, 6, 9
 
 HEADER = struct.Struct("=IHHII")
 ATTRIBUTE = struct.Struct("=HH")
@@ -363,40 +368,86 @@ def port_remapped(data, offset, length):
 
 
 def replace_requests(create):
-    """A create request preceded by the delete of the entry it would collide
-    with: what puts the primary's version in place of an entry that exists."""
+    """A create request (of an entry or an expectation) preceded by the delete of
+    the one it would collide with: what puts the primary's version in place of
+    one that exists."""
+    if struct.unpack_from("=H", create, 4)[0] == EXP_NEW:
+        return _first_attribute_request(EXP_DELETE, DELETE_FLAGS, CTA_EXPECT_TUPLE,
+                                        create, 0, len(create)) + create
     return delete_request(create, 0, len(create)) + create
+
+
+def expectation_class(data, offset, length):
+    """The class of the expectation (event or dump) data[offset:offset+length]:
+    conntrackd 1.4.7's injection creates every expectation in class 0, so a
+    helper's other classes (SIP's media) are lost on the backup, where the
+    kernel keeps but one expectation of class 0 per call."""
+    found = _attributes(data, offset + HEADER.size + 4, offset + length)
+    if CTA_EXPECT_CLASS not in found:
+        return 0
+    return int.from_bytes(data[slice(*found[CTA_EXPECT_CLASS])], "big")
+
+
+def expectation_helper(data, offset, length):
+    """The helper name of the expectation data[offset:offset+length], or None."""
+    found = _attributes(data, offset + HEADER.size + 4, offset + length)
+    if CTA_EXPECT_HELP_NAME not in found:
+        return None
+    return bytes(data[slice(*found[CTA_EXPECT_HELP_NAME])]).rstrip(b"\0").decode(
+        errors="replace")
+
+
+def expectation_get_request(data, offset, length):
+    """The request that reads the expectation data[offset:offset+length] as the
+    kernel holds it now, by its tuple."""
+    return _first_attribute_request(EXP_GET, NLM_F_REQUEST, CTA_EXPECT_TUPLE, data,
+                                    offset, length)
+
+
+def expectation_create_request(data, offset, length):
+    """The request that creates the dumped expectation elsewhere: its master
+    entry, helper, class and NAT as they are (the kernel ignores CTA_EXPECT_ID
+    on create)."""
+    return message(EXP_NEW, CREATE_FLAGS,
+                   bytes(data[offset + HEADER.size:offset + length]))
 
 
 # Where a new-entry event's original protocol number lies (ctnetlink writes the
 # original tuple first: addresses, then CTA_PROTO_NUM), by family.
 EVENT_PROTOCOL_OFFSET = {socket.AF_INET: 52, socket.AF_INET6: 76}
 EVENT_FAMILY_OFFSET = 16
+# nlmsg_type's high byte: the header is in host order.
+EVENT_SUBSYSTEM_OFFSET = 5 if sys.byteorder == "little" else 4
 BPF_LD_B_ABS, BPF_JEQ_K, BPF_RET_K = 0x30, 0x15, 0x06
 SOCK_FILTER = struct.Struct("=HBBI")
 
 
 def event_filter(protocols):
     """A classic BPF program (sock_filter structs) for a conntrack event socket
-    that lets through only events of entries of these protocol numbers, so that
-    a daemon interested in a few protocols is not woken for the whole table.
+    that lets through every expectation event but, of the entries' events, only
+    those of these protocol numbers, so that a daemon interested in a few
+    protocols is not woken for the whole table.
 
-        0        A = family
-        1        family != AF_INET: go to IPv6
-        2        A = original protocol (IPv4 layout)
-        3..      one test per protocol: accept
-        3+n      drop
+        0        A = the message's subsystem
+        1        expectations: accept
+        2        A = family
+        3        family != AF_INET: go to IPv6
+        4        A = original protocol (IPv4 layout)
+        5..      one test per protocol: accept
+        5+n      drop
         IPv6     family != AF_INET6: drop
                  A = original protocol (IPv6 layout)
                  one test per protocol: accept
-        6+2n     drop
-        7+2n     accept
+        8+2n     drop
+        9+2n     accept
     Jumps count the instructions skipped."""
     protocols = sorted(protocols)
     count = len(protocols)
-    if not 0 < count < 100:
-        raise ValueError(f"an event filter takes 1 to 99 protocols, not {count}")
-    program = [(BPF_LD_B_ABS, 0, 0, EVENT_FAMILY_OFFSET),
+    if count > 99:
+        raise ValueError(f"an event filter takes at most 99 protocols, not {count}")
+    program = [(BPF_LD_B_ABS, 0, 0, EVENT_SUBSYSTEM_OFFSET),
+               (BPF_JEQ_K, 7 + 2 * count, 0, NFNL_SUBSYS_CTNETLINK_EXP),
+               (BPF_LD_B_ABS, 0, 0, EVENT_FAMILY_OFFSET),
                (BPF_JEQ_K, 0, count + 2, socket.AF_INET),
                (BPF_LD_B_ABS, 0, 0, EVENT_PROTOCOL_OFFSET[socket.AF_INET])]
     program += [(BPF_JEQ_K, 3 + 2 * count - index, 0, protocol)
@@ -413,39 +464,45 @@ def event_filter(protocols):
 def delete_request(data, offset, length):
     """The request that deletes, elsewhere, the entry of a destroy event
     data[offset:offset+length]: its family and original tuple."""
-    return _original_tuple_request(CT_DELETE, DELETE_FLAGS, data, offset, length)
+    return _first_attribute_request(CT_DELETE, DELETE_FLAGS, CTA_TUPLE_ORIG, data,
+                                    offset, length)
 
 
 def get_request(data, offset, length):
     """The request that reads the entry of the event data[offset:offset+length]
     as the kernel holds it now: its family and original tuple."""
-    return _original_tuple_request(CT_GET, NLM_F_REQUEST, data, offset, length)
+    return _first_attribute_request(CT_GET, NLM_F_REQUEST, CTA_TUPLE_ORIG, data,
+                                    offset, length)
 
 
-def _original_tuple_request(kind, flags, data, offset, length):
+def _first_attribute_request(kind, flags, key, data, offset, length):
+    """A request of kind naming the message's entry (or expectation) by one
+    attribute, its tuple, with the message's family."""
     body_start, end = offset + HEADER.size + 4, offset + length
     found = _attributes(data, body_start, end)
-    if CTA_TUPLE_ORIG not in found:
-        raise MalformedMessage("an entry without an original tuple")
-    low, high = found[CTA_TUPLE_ORIG]
+    if key not in found:
+        raise MalformedMessage(f"a message without attribute {key}")
+    low, high = found[key]
     payload = (bytes(data[offset + HEADER.size:body_start])
-               + nested(CTA_TUPLE_ORIG, bytes(data[low:high])))
+               + nested(key, bytes(data[low:high])))
     return message(kind, flags, payload)
 
 
 def check_requests(data):
     """How many creates and deletes data holds; MalformedMessage unless it is
-    nothing but creates and deletes of conntrack entries: a receiver writes
-    what a peer sent into its kernel, and takes no other kind of request."""
+    nothing but creates and deletes of conntrack entries and expectations: a
+    receiver writes what a peer sent into its kernel, and takes no other kind of
+    request."""
     creates = deletes = 0
     for _offset, length, kind, flags in split_messages(data):
-        if kind == CT_NEW and flags == CREATE_FLAGS:
+        if kind in (CT_NEW, EXP_NEW) and flags == CREATE_FLAGS:
             creates += 1
-        elif kind == CT_DELETE and flags == DELETE_FLAGS:
+        elif kind in (CT_DELETE, EXP_DELETE) and flags == DELETE_FLAGS:
             deletes += 1
         else:
             raise MalformedMessage(f"request type {kind:#x} flags {flags:#x}: only "
-                                   "conntrack creates and deletes are accepted")
+                                   "creates and deletes of conntrack entries and "
+                                   "expectations are accepted")
     return creates, deletes
 
 

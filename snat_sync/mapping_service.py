@@ -33,8 +33,10 @@ class MappingService:
     def ensure(self, router_id, tracked, spec):
         """Listen in the router's namespace as it is now, if need be."""
         failover = self.conf.failover
-        followed = mapping_sync.protocols_to_follow(self.conf.conntrackd.protocols)
-        if not (failover.table_transfer and failover.standby_mode == "warm" and followed):
+        conntrackd = self.conf.conntrackd
+        followed = mapping_sync.protocols_to_follow(conntrackd.protocols)
+        if not (failover.table_transfer and failover.standby_mode == "warm"
+                and (followed or conntrackd.expectation_helpers)):
             self.close(tracked)
             return
         held = (tracked.mapping_listener, tracked.mapping_namespace)
@@ -43,8 +45,8 @@ class MappingService:
                 self.selector, "mapping", router_id, spec.namespace, held,
                 f"the new-entry event socket in namespace {spec.namespace}",
                 lambda: mapping_sync.MappingListener(
-                    spec.namespace,
-                    table_service.selection_for(self.conf.conntrackd.protocols, spec))))
+                    spec.namespace, table_service.selection_for(conntrackd.protocols, spec),
+                    conntrackd.expectation_helpers)))
 
     def close(self, tracked):
         namespace_sockets.close_registered(self.selector, tracked.mapping_listener)
@@ -98,10 +100,12 @@ def send_to_peers(spec, files, peers, port, selection, reads):
         try:
             mapping_sync.send(spec, peer, port, requests)
         except (mapping_sync.table_transfer.TransferFailed, OSError) as error:
-            LOG.warning("router %s: %d entries with translated ports not sent to %s: "
-                        "%s", spec.router_id, len(requests), peer, error)
+            LOG.warning("router %s: %d entries or expectations that conntrackd "
+                        "replicates wrongly not sent to %s: %s", spec.router_id,
+                        len(requests), peer, error)
             continue
         taken += 1
-    LOG.info("router %s: %d entries with translated ports sent to %d of %d peers",
+    LOG.info("router %s: %d entries or expectations that conntrackd replicates "
+             "wrongly sent, as this node holds them, to %d of %d peers",
              spec.router_id, len(requests), taken, len(peers))
     return taken

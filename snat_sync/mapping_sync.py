@@ -1,17 +1,24 @@
-"""Mapping sync: the translated ports that conntrackd 1.4.7 does not replicate,
-sent by the primary's daemon to its backups' daemons.
+"""Mapping sync: what conntrackd 1.4.7 replicates wrongly, sent by the primary's
+daemon to its backups' daemons: translated ports of protocols other than TCP
+and UDP, and expectations of a helper's classes other than the first.
 
 conntrackd's sync messages carry a NAT'ed entry's translated port for TCP and
 UDP only (ctnetlink.NAT_PORTS_REPLICATED). A ping session whose ICMP identifier
 source NAT changed (two inside hosts pinging with the same identifier through
 one address), or an SCTP association whose port it changed, is injected on the
 backup with whatever mapping the backup's kernel picks; after a failover its
-packets leave with an identifier or port the far end has never seen.
+packets leave with an identifier or port the far end has never seen. And
+conntrackd injects every expectation in class 0, while a SIP call's media
+expectations are of the helper's audio class: the backup's kernel, which keeps
+one expectation of class 0 per call, ends up with one of the call's four, and
+RTP that starts after a failover finds none.
 
 The primary's daemon listens for new-entry events of those protocols only (a
 BPF filter on the event socket, ctnetlink.event_filter: the rest of the table
-never wakes it), and notes each entry whose port or identifier was translated.
-It sends each backup's daemon such an entry as the kernel holds it at the time
+never wakes it), and notes each entry whose port or identifier was translated;
+and for new expectations, each of a class other than 0 (of the helpers
+[conntrackd] expectation_helpers names). It sends each backup's daemon such an
+entry or expectation as the kernel holds it at the time
 of sending (read again by its original tuple: a new entry's state moves on, and
 one that ended is not sent), as a delete and a create carrying the full mapping
 (ctnetlink.replace_requests), over the table listener's stream
@@ -45,14 +52,24 @@ def protocols_to_follow(protocol_names):
                      not in ctnetlink.NAT_PORTS_REPLICATED)
 
 
-class MappingListener:
-    """The new-entry event socket in a router's namespace, filtered in the kernel
-    to the protocols followed."""
+def helper_chosen(helper, helpers):
+    """Whether [conntrackd] expectation_helpers covers the helper, as conntrackd
+    matches them: 'all', or a name that begins the helper's."""
+    return helper is not None and any(
+        chosen == "all" or helper.startswith(chosen) for chosen in helpers)
 
-    def __init__(self, namespace, selection):
+
+class MappingListener:
+    """The new-entry and new-expectation event socket in a router's namespace,
+    filtered in the kernel to the protocols followed and expectations."""
+
+    def __init__(self, namespace, selection, helpers):
         self.selection = selection
-        self.socket = table_transfer.netlink_socket(
-            namespace, 1 << (ctnetlink.NFNLGRP_CONNTRACK_NEW - 1))
+        self.helpers = tuple(helpers)
+        groups = 1 << (ctnetlink.NFNLGRP_CONNTRACK_NEW - 1)
+        if self.helpers:
+            groups |= 1 << (ctnetlink.NFNLGRP_CONNTRACK_EXP_NEW - 1)
+        self.socket = table_transfer.netlink_socket(namespace, groups)
         try:
             _attach_filter(self.socket, ctnetlink.event_filter(
                 self.selection.protocols - ctnetlink.NAT_PORTS_REPLICATED))
@@ -65,9 +82,10 @@ class MappingListener:
         return self.socket.fileno()
 
     def read(self):
-        """The read requests (ctnetlink.get_request) of the new entries waiting
-        whose translated port conntrackd does not carry. Lost events (the socket
-        overran) are logged: those entries keep the backups' own mapping."""
+        """The read requests of the new entries waiting whose translated port
+        conntrackd does not carry, and of the new expectations it would inject
+        in the wrong class. Lost events (the socket overran) are logged: those
+        keep what conntrackd gives the backups."""
         requests = []
         while True:
             try:
@@ -78,8 +96,8 @@ class MappingListener:
                 if error.errno != errno.ENOBUFS:
                     raise
                 LOG.warning("new-entry events were lost (the event socket overran): "
-                            "some entries with translated ports keep the backups' "
-                            "own mapping")
+                            "some entries and expectations keep what conntrackd "
+                            "gave the backups")
                 continue
             for offset, length, kind, _flags in ctnetlink.split_messages(chunk):
                 if (kind == ctnetlink.CT_NEW
@@ -87,6 +105,12 @@ class MappingListener:
                         and ctnetlink.create_request(chunk, offset, length,
                                                      self.selection) is not None):
                     requests.append(ctnetlink.get_request(chunk, offset, length))
+                elif (kind == ctnetlink.EXP_NEW
+                      and ctnetlink.expectation_class(chunk, offset, length)
+                      and helper_chosen(ctnetlink.expectation_helper(
+                          chunk, offset, length), self.helpers)):
+                    requests.append(ctnetlink.expectation_get_request(
+                        chunk, offset, length))
 
     def close(self):
         self.socket.close()
@@ -102,8 +126,8 @@ def _attach_filter(netlink, program):
 
 
 def current_replacements(namespace, reads, selection):
-    """The replace requests of the entries reads name, as the namespace's kernel
-    holds them now; entries that have ended are left out."""
+    """The replace requests of the entries and expectations reads name, as the
+    namespace's kernel holds them now; those that have ended are left out."""
     netlink = table_transfer.netlink_socket(namespace)
     replacements = []
     try:
@@ -111,9 +135,13 @@ def current_replacements(namespace, reads, selection):
             netlink.send(read)
             answer = netlink.recv(RECEIVE_CHUNK)
             for offset, length, kind, _flags in ctnetlink.split_messages(answer):
-                if kind != ctnetlink.CT_NEW:
-                    continue  # NLMSG_ERROR: ENOENT, the entry has ended
-                create = ctnetlink.create_request(answer, offset, length, selection)
+                # Else NLMSG_ERROR: ENOENT, it has ended.
+                if kind == ctnetlink.CT_NEW:
+                    create = ctnetlink.create_request(answer, offset, length, selection)
+                elif kind == ctnetlink.EXP_NEW:
+                    create = ctnetlink.expectation_create_request(answer, offset, length)
+                else:
+                    continue
                 if create is not None:
                     replacements.append(ctnetlink.replace_requests(create))
     finally:

@@ -406,7 +406,9 @@ failover_opts = [
         "port or ICMP identifier source NAT remapped, for every replicated "
         "protocol but TCP and UDP (ICMP, ICMPv6, SCTP, DCCP): conntrackd 1.4.7 "
         "replicates translated ports of TCP and UDP only, and the backup's "
-        "kernel would pick another one.",
+        "kernel would pick another one; and each new expectation of a helper "
+        "class other than the first (a SIP call's media), which conntrackd "
+        "injects in class 0, where the kernel keeps one per call.",
     ),
     cfg.IntOpt(
         "history_size",

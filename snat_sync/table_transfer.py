@@ -29,10 +29,11 @@ Anything short of a complete table (no daemon answers, it refuses, the stream
 breaks) falls back to conntrackd's resync, so a node without a daemon, or one
 of an older release, still gets the table, as before.
 
-The same listener takes the primary's translated ports on a backup
-(mapping_sync.py): "SNAT-SYNC MAPPINGS 1 <router id>" answered "OK" by a node
-that is not the primary, then frames as above (a delete and a create per
-entry) loaded the same way, and "DONE" once they are in its kernel.
+The same listener takes the primary's corrections on a backup (mapping_sync.py:
+translated ports and expectation classes conntrackd does not replicate):
+"SNAT-SYNC MAPPINGS 1 <router id>" answered "OK" by a node that is not the
+primary, then frames as above (a delete and a create each) loaded the same way,
+and "DONE" once they are in its kernel.
 """
 
 import contextlib
@@ -308,7 +309,7 @@ class TableListener:
 def serve(connection, peer, spec, selection, is_primary):
     """Answer a request on the table listener: send the namespace's whole table
     to the backup on connection if this node is the router's primary
-    (is_primary), or, if it is not, take the primary's translated ports; returns
+    (is_primary), or, if it is not, take the primary's corrections; returns
     how many entries went either way, for the log."""
     router_id = spec.router_id
     try:
@@ -343,11 +344,11 @@ def serve(connection, peer, spec, selection, is_primary):
 
 
 def _take_mappings(connection, reader, peer, spec, is_primary):
-    """A backup's side of mapping_sync: the primary's version of entries whose
-    translated port conntrackd does not replicate, put in place of ours."""
+    """A backup's side of mapping_sync: the primary's version of entries and
+    expectations conntrackd replicates wrongly, put in place of ours."""
     if is_primary:
         connection.sendall(f"NO {IS_PRIMARY}\n".encode())
-        LOG.warning("router %s: translated ports from %s refused: this node is the "
+        LOG.warning("router %s: corrections from %s refused: this node is the "
                     "primary", spec.router_id, peer)
         return None
     connection.sendall(b"OK\n")
@@ -355,7 +356,8 @@ def _take_mappings(connection, reader, peer, spec, is_primary):
     connection.sendall(b"DONE\n")
     failed = ", ".join(f"{count} {name}" for name, count in sorted(failures.items()))
     LOG.log(logging.WARNING if failures else logging.INFO,
-            "router %s: %d entries with translated ports from %s put in place%s",
+            "router %s: %d entries or expectations from %s put in place of "
+            "conntrackd's copies%s",
             spec.router_id, created, peer, f", failed: {failed}" if failed else "")
     return created
 

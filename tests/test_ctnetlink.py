@@ -387,6 +387,52 @@ def test_the_event_filter_reads_the_family_first():
     assert run_classic_bpf(program, bytes(v4_tcp)) == 0
 
 
-def test_an_event_filter_for_no_protocol_is_refused():
-    with pytest.raises(ValueError, match="not 0"):
-        ct.event_filter(set())
+def expectation_event(helper=b"sip", expectation_class=1):
+    """A new-expectation event as ctnetlink writes one: tuple, mask, master,
+    timeout, id, flags, class, helper name."""
+    expected = tuple_attribute(ct.CTA_EXPECT_TUPLE, "198.51.100.1", GATEWAY, 17, 0,
+                               30001)
+    master = tuple_attribute(1, "10.0.0.5", "198.51.100.1", 17, 5060, 5060)
+    mask = tuple_attribute(3, "255.255.255.255", "255.255.255.255", 17, 0, 65535)
+    payload = (struct.pack("=BBH", socket.AF_INET, 0, 0) + expected + mask + master
+               + ct.attribute(4, struct.pack("!I", 180))  # CTA_EXPECT_TIMEOUT
+               + ct.attribute(5, struct.pack("!I", 12345))  # CTA_EXPECT_ID
+               + ct.attribute(8, struct.pack("!I", 0))  # CTA_EXPECT_FLAGS
+               + ct.attribute(ct.CTA_EXPECT_CLASS, struct.pack("!I", expectation_class))
+               + ct.attribute(ct.CTA_EXPECT_HELP_NAME, helper + b"\0"))
+    return ct.message(ct.EXP_NEW, ct.NLM_F_CREATE | ct.NLM_F_EXCL, payload)
+
+
+def test_every_expectation_event_passes_the_filter_whatever_its_protocol():
+    assert run_classic_bpf(ct.event_filter({1}), expectation_event()) != 0
+    assert run_classic_bpf(ct.event_filter(set()), expectation_event()) != 0
+    assert run_classic_bpf(ct.event_filter(set()), echo_entry(77, 1077)) == 0
+
+
+def test_an_expectation_tells_its_class_and_helper():
+    event = expectation_event(b"sip", 1)
+    assert ct.expectation_class(event, 0, len(event)) == 1
+    assert ct.expectation_helper(event, 0, len(event)) == "sip"
+    ftp = expectation_event(b"ftp", 0)
+    assert ct.expectation_class(ftp, 0, len(ftp)) == 0
+
+
+def test_an_expectation_is_replaced_by_its_tuple_then_created_as_it_is():
+    event = expectation_event()
+    create = ct.expectation_create_request(event, 0, len(event))
+    assert create[ct.HEADER.size:] == event[ct.HEADER.size:]
+    replacement = ct.replace_requests(create)
+    assert ct.check_requests(replacement) == (1, 1)
+    (_, delete_length, kind, flags), (offset, length, kind_2, flags_2) = (
+        ct.split_messages(replacement))
+    assert (kind, flags, kind_2, flags_2) == (ct.EXP_DELETE, ct.DELETE_FLAGS,
+                                              ct.EXP_NEW, ct.CREATE_FLAGS)
+    assert top_attributes(replacement[:delete_length]) == {
+        ct.CTA_EXPECT_TUPLE: top_attributes(create)[ct.CTA_EXPECT_TUPLE]}
+    read = ct.expectation_get_request(event, 0, len(event))
+    assert struct.unpack_from("=HH", read, 4) == (ct.EXP_GET, ct.NLM_F_REQUEST)
+
+
+def test_an_event_filter_for_too_many_protocols_is_refused():
+    with pytest.raises(ValueError, match="not 100"):
+        ct.event_filter(set(range(100)))

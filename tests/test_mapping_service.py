@@ -53,21 +53,31 @@ def test_protocols_followed_are_those_whose_port_conntrackd_drops():
     assert mapping_sync.protocols_to_follow(["TCP", "UDP"]) == frozenset()
 
 
-@pytest.mark.parametrize("name, value, group", [
-    ("standby_mode", "cold", "failover"),
-    ("table_transfer", False, "failover"),
-    ("protocols", ["TCP", "UDP"], "conntrackd"),
+@pytest.mark.parametrize("overrides", [
+    [("standby_mode", "cold", "failover")],
+    [("table_transfer", False, "failover")],
+    [("protocols", ["TCP", "UDP"], "conntrackd"),
+     ("expectation_helpers", [], "conntrackd")],
 ])
 def test_no_listener_where_no_backup_could_take_the_mappings(
-        make_conf, tracked, monkeypatch, name, value, group):
+        make_conf, tracked, monkeypatch, overrides):
     conf = make_conf()
-    conf.set_override(name, value, group)
+    for name, value, group in overrides:
+        conf.set_override(name, value, group)
     opened = []
     monkeypatch.setattr(mapping_service.namespace_sockets, "open_registered",
                         lambda *arguments: opened.append(arguments))
     monkeypatch.setattr(namespace, "namespace_inode", lambda name: 1)
     mapping_service.MappingService(conf, None, None).ensure("r1", tracked, SPEC)
     assert opened == [] and tracked.mapping_listener is None
+
+
+@pytest.mark.parametrize("helper, helpers, chosen", [
+    ("sip", ["all"], True), ("sip-5061", ["sip"], True), ("sip", ["ftp"], False),
+    ("sip", [], False), (None, ["all"], False),
+])
+def test_expectations_follow_the_helpers_conntrackd_syncs(helper, helpers, chosen):
+    assert mapping_sync.helper_chosen(helper, helpers) is chosen
 
 
 def test_with_the_defaults_the_listener_is_opened(conf, tracked, monkeypatch):
@@ -130,4 +140,4 @@ def test_a_peer_that_refuses_is_logged_and_the_others_still_get_them(
         SPEC, tracked.files, ("169.254.192.2", "169.254.192.3"), 4787, None,
         [b"read"]) == 1
     assert sent == [("169.254.192.3", 4787, [b"replace"])]
-    assert "not sent to 169.254.192.2: refused" in caplog.text
+    assert "wrongly not sent to 169.254.192.2: refused" in caplog.text

@@ -83,22 +83,23 @@ def start_daemon(lab, node, workers=2):
 def start_daemons(lab, state_paths, config=None):
     """`snat-sync daemon` beside each router that `router add` registered with
     state_paths ({router name: path}) and config (None: the sandbox's); returns
-    the Nodes once each daemon listens on its router's HA address (its table
-    listener: its first reconciliation has opened the router's sockets)."""
+    the Nodes once each daemon has a socket in its router's namespace (its first
+    reconciliation has opened the router's sockets: the peer channel always,
+    the table and mapping listeners where they run)."""
     started = [Node(router, pathlib.Path(state_paths[router.name]), config,
                     lab.workdir / f"daemon-{router.name}.log")
                for router in lab.routers]
     for node in started:
         start_daemon(lab, node)
     for node in started:
-        router = node.router
+        owner = f"pid={node.daemon.pid},"
         if not topology.wait_until(
-                lambda: topology.run(["ss", "-Hltn", "src", router.ha_address],
-                                     namespace=router.namespace).stdout.strip(),
+                lambda: owner in topology.run(
+                    ["ss", "-Hlntup"], namespace=node.router.namespace).stdout,
                 timeout=20, interval=0.2):
-            raise topology.LabError(f"the daemon of {router.name} opened no "
-                                    f"listener on {router.ha_address} in 20 s "
-                                    f"(see {node.daemon_log})")
+            raise topology.LabError(f"the daemon of {node.name} opened no socket "
+                                    f"in {node.router.namespace} in 20 s (see "
+                                    f"{node.daemon_log})")
     return started
 
 
