@@ -90,6 +90,17 @@ def test_ftp_data_connection_announced_before_the_crash_opens_after_it(synced):
                     "data connection announced after")["complete"], describe(synced)
 
 
+def test_ftp_active_data_connection_announced_before_the_crash_opens_after_it(
+        synced):
+    """PORT before the crash: its rewrite shifted the control connection's
+    sequence numbers on the primary; the new primary shifts them too, and the
+    server's data connection to the announced port finds the expectation."""
+    assert transfer(synced, "pending-active",
+                    "data connection announced before")["complete"], describe(synced)
+    assert transfer(synced, "pending-active",
+                    "data connection announced after")["complete"], describe(synced)
+
+
 def test_sctp_association_survives_on_its_public_port(synced):
     assert synced.replica_sctp_entries, describe(synced)
     client, server = sctp_association(synced, 0)
@@ -108,15 +119,22 @@ def test_sip_rtp_started_after_the_crash_reaches_the_caller(synced):
     assert synced.sip["rtp_times"], describe(synced)
 
 
-def test_conntrackd_alone_loses_the_calls_media_and_the_remapped_port(
+def test_conntrackd_alone_loses_the_media_the_active_data_and_the_remapped_port(
         conntrackd_alone):
     """conntrackd 1.4.7 injects the call's media expectations in class 0, where
-    the kernel keeps one per call, and the remapped association's entry without
-    its NAT port: without the primary's daemon correcting both, RTP started
-    after the crash does not reach the caller, and the association moves to
+    the kernel keeps one per call, the remapped association's entry without its
+    NAT port, and the FTP control connection without the sequence shift of its
+    rewritten PORT: without the primary's daemon correcting them, RTP started
+    after the crash does not reach the caller, the active-mode data connection
+    announced before the crash does not open, and the association moves to
     another public port, while the one that kept its port survives."""
     result = conntrackd_alone
     assert result.sip["answered"] and not result.sip["rtp_times"], describe(result)
+    assert not transfer(result, "pending-active",
+                        "data connection announced before")["complete"], \
+        describe(result)
+    assert transfer(result, "pending-passive",
+                    "data connection announced before")["complete"], describe(result)
     kept_client, kept_server = sctp_association(result, 0)
     assert kept_client["alive"], describe(result)
     assert kept_server["endpoints"] == [kept_server["endpoint"]], describe(result)
@@ -157,6 +175,9 @@ def test_keepalived_alone_loses_the_running_downloads(keepalived_only):
         download = transfer(keepalived_only, session, "running download")
         assert download["received"] > 0, describe(keepalived_only)
         assert not download["complete"], describe(keepalived_only)
+    assert not transfer(keepalived_only, "pending-active",
+                        "data connection announced before")["complete"], \
+        describe(keepalived_only)
     assert not transfer(keepalived_only, "pending-passive",
                         "data connection announced before")["complete"], \
         describe(keepalived_only)

@@ -9,6 +9,7 @@ entries r1 destroys while the transfer runs are deleted on r2 at its end. A
 daemon that is not the primary sends nothing, and r2's table stays as it was.
 """
 
+import contextlib
 import ipaddress
 import re
 import select
@@ -249,6 +250,22 @@ def create_entry(router, protocol, client_port, public_port, server_port=0):
         netlink.close()
 
 
+@contextlib.contextmanager
+def mapping_listener(router, selection):
+    """The router's daemon's new-entry event socket (mapping_sync), closed after."""
+    listener = mapping_sync.MappingListener(router.namespace, selection, ["all"])
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+def read_soon(listener):
+    """What the listener reports once the events of what was just created are in."""
+    time.sleep(0.2)
+    return listener.read()
+
+
 def ping_reply_ids(router):
     """{echo identifier: the identifier replies come to} of the client's pings."""
     found = {}
@@ -267,18 +284,14 @@ def test_a_remapped_ping_replaces_the_backups_copy_with_the_primarys_mapping(lab
     r1, r2 = lab.routers[:2]
     spec = spec_of(lab, r1)
     selection = table_service.selection_for(options.SYNCED_PROTOCOLS, spec)
-    listener = mapping_sync.MappingListener(r1.namespace, selection, ["all"])
-    try:
+    with mapping_listener(r1, selection) as listener:
         create_entry(r1, 6, 5555, 40001, server_port=443)
         # The kernel's filter keeps TCP's event off the socket: nothing to read.
         assert select.select([listener], [], [], 0.2)[0] == []
         create_entry(r2, 1, 77, 555)
         create_entry(r1, 1, 77, 1077)
         create_entry(r1, 1, 78, 78)
-        time.sleep(0.2)
-        reads = listener.read()
-    finally:
-        listener.close()
+        reads = read_soon(listener)
     assert len(reads) == 1
     replacements = mapping_sync.current_replacements(r1.namespace, reads, selection)
     assert len(replacements) == 1
@@ -296,13 +309,9 @@ def test_a_remapped_ping_replaces_the_backups_copy_with_the_primarys_mapping(lab
 def test_an_entry_that_ended_before_the_send_is_not_sent(lab):
     r1 = lab.routers[0]
     selection = table_service.selection_for(options.SYNCED_PROTOCOLS, spec_of(lab, r1))
-    listener = mapping_sync.MappingListener(r1.namespace, selection, ["all"])
-    try:
+    with mapping_listener(r1, selection) as listener:
         create_entry(r1, 1, 77, 1077)
-        time.sleep(0.2)
-        reads = listener.read()
-    finally:
-        listener.close()
+        reads = read_soon(listener)
     assert len(reads) == 1
     lab_module.run(["conntrack", "-D", "-p", "icmp", "-s", PING_CLIENT],
                    namespace=r1.namespace)

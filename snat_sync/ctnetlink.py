@@ -21,7 +21,11 @@ Entries are chosen as conntrackd chooses what it replicates: by protocol and
 by ignored networks (loopback, the HA network), matched on the original
 tuple's addresses.
 
-This is the protocol half; table_transfer.py moves the bytes.
+The same requests serve mapping_sync.py, which also reads new-entry events
+(event_filter keeps the kernel from waking it for the protocols it does not
+follow), creates expectations and updates an entry's sequence adjustment.
+
+This is the protocol half; table_transfer.py and mapping_sync.py move the bytes.
 """
 
 import dataclasses
@@ -47,10 +51,15 @@ NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 # after the dump was taken, and is newer.
 CREATE_FLAGS = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
 DELETE_FLAGS = NLM_F_REQUEST
+# An update (CT_NEW on an entry that exists) of its sequence adjustment alone.
+UPDATE_FLAGS = NLM_F_REQUEST
 NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
 
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_NAT_SRC, CTA_NAT_DST = 1, 2, 6, 13
+CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY = 15, 16
+SEQUENCE_UPDATE_ATTRIBUTES = frozenset({CTA_TUPLE_ORIG, CTA_SEQ_ADJ_ORIG,
+                                        CTA_SEQ_ADJ_REPLY})
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -58,7 +67,7 @@ CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID = 4, 7
 CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO = 1, 2, 3
 CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP = 4, 5
 CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
-CTA_EXPECT_TUPLE, CTA_EXPECT_HELP_NAME, CTA_EXPECT_CLASS = 2, 6, 9
+CTA_EXPECT_MASTER, CTA_EXPECT_TUPLE, CTA_EXPECT_HELP_NAME, CTA_EXPECT_CLASS = 1, 2, 6, 9
 
 HEADER = struct.Struct("=IHHII")
 ATTRIBUTE = struct.Struct("=HH")
@@ -397,6 +406,30 @@ def expectation_helper(data, offset, length):
         errors="replace")
 
 
+def master_get_request(data, offset, length):
+    """The request that reads the master entry of the expectation
+    data[offset:offset+length] (CTA_EXPECT_MASTER holds its original tuple)."""
+    return _first_attribute_request(CT_GET, NLM_F_REQUEST, CTA_EXPECT_MASTER, data,
+                                    offset, length)
+
+
+def sequence_update_request(data, offset, length):
+    """The update that gives the dumped entry's sequence adjustment to its copy
+    elsewhere, or None if it has none. A helper that rewrites a segment to
+    another length (the ftp helper's PORT with SNAT) shifts the connection's
+    sequence numbers from then on, and the kernel raises no event for it: a
+    copy without the shift forwards the next segments unshifted, and the
+    connection stalls."""
+    found = _attributes(data, offset + HEADER.size + 4, offset + length)
+    if CTA_SEQ_ADJ_ORIG not in found and CTA_SEQ_ADJ_REPLY not in found:
+        return None
+    payload = bytes(data[offset + HEADER.size:offset + HEADER.size + 4]) + b"".join(
+        nested(kind, bytes(data[slice(*found[kind])]))
+        for kind in (CTA_TUPLE_ORIG, CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY)
+        if kind in found)
+    return message(CT_NEW, UPDATE_FLAGS, payload)
+
+
 def expectation_get_request(data, offset, length):
     """The request that reads the expectation data[offset:offset+length] as the
     kernel holds it now, by its tuple."""
@@ -490,19 +523,27 @@ def _first_attribute_request(kind, flags, key, data, offset, length):
 
 def check_requests(data):
     """How many creates and deletes data holds; MalformedMessage unless it is
-    nothing but creates and deletes of conntrack entries and expectations: a
-    receiver writes what a peer sent into its kernel, and takes no other kind of
-    request."""
+    nothing but creates and deletes of conntrack entries and expectations, and
+    updates of an entry's sequence adjustment: a receiver writes what a peer
+    sent into its kernel, and takes no other kind of request."""
     creates = deletes = 0
-    for _offset, length, kind, flags in split_messages(data):
+    for offset, length, kind, flags in split_messages(data):
         if kind in (CT_NEW, EXP_NEW) and flags == CREATE_FLAGS:
             creates += 1
         elif kind in (CT_DELETE, EXP_DELETE) and flags == DELETE_FLAGS:
             deletes += 1
+        elif kind == CT_NEW and flags == UPDATE_FLAGS:
+            updated = {kind for kind, _ in _attribute_list(
+                data, offset + HEADER.size + 4, offset + length)}
+            if not updated <= SEQUENCE_UPDATE_ATTRIBUTES:
+                raise MalformedMessage(
+                    f"an update of attributes {sorted(updated)}: only sequence "
+                    "adjustments are accepted")
         else:
             raise MalformedMessage(f"request type {kind:#x} flags {flags:#x}: only "
                                    "creates and deletes of conntrack entries and "
-                                   "expectations are accepted")
+                                   "expectations, and updates of sequence "
+                                   "adjustments, are accepted")
     return creates, deletes
 
 

@@ -1,31 +1,37 @@
 """Mapping sync: what conntrackd 1.4.7 replicates wrongly, sent by the primary's
-daemon to its backups' daemons: translated ports of protocols other than TCP
-and UDP, and expectations of a helper's classes other than the first.
+daemon to its backups' daemons, as the primary's kernel holds it.
 
-conntrackd's sync messages carry a NAT'ed entry's translated port for TCP and
-UDP only (ctnetlink.NAT_PORTS_REPLICATED). A ping session whose ICMP identifier
-source NAT changed (two inside hosts pinging with the same identifier through
-one address), or an SCTP association whose port it changed, is injected on the
-backup with whatever mapping the backup's kernel picks; after a failover its
-packets leave with an identifier or port the far end has never seen. And
-conntrackd injects every expectation in class 0, while a SIP call's media
-expectations are of the helper's audio class: the backup's kernel, which keeps
-one expectation of class 0 per call, ends up with one of the call's four, and
-RTP that starts after a failover finds none.
+- Translated ports of protocols other than TCP and UDP: conntrackd's sync
+  messages carry a NAT'ed entry's translated port for those two only
+  (ctnetlink.NAT_PORTS_REPLICATED). A ping session whose ICMP identifier source
+  NAT changed (two inside hosts pinging with the same identifier through one
+  address), or an SCTP association whose port it changed, is injected on the
+  backup with whatever mapping the backup's kernel picks; after a failover its
+  packets leave with an identifier or port the far end has never seen.
+- Expectations: conntrackd injects every expectation in class 0, while a SIP
+  call's media expectations are of the helper's audio class (the backup's
+  kernel keeps one expectation of class 0 per call: one of the call's four),
+  and an active-mode FTP data connection did not get through its copy of the
+  expectation on the new primary (measured; the primary's version works).
+- Sequence adjustments: the ftp helper's rewrite of PORT with SNAT changes the
+  segment's length, so the kernel shifts the control connection's sequence
+  numbers from then on, and raises no event for it; a copy without the shift
+  forwards the next segments unshifted, and the session stalls.
 
-The primary's daemon listens for new-entry events of those protocols only (a
-BPF filter on the event socket, ctnetlink.event_filter: the rest of the table
-never wakes it), and notes each entry whose port or identifier was translated;
-and for new expectations, each of a class other than 0 (of the helpers
-[conntrackd] expectation_helpers names). It sends each backup's daemon such an
-entry or expectation as the kernel holds it at the time
-of sending (read again by its original tuple: a new entry's state moves on, and
-one that ended is not sent), as a delete and a create carrying the full mapping
-(ctnetlink.replace_requests), over the table listener's stream
-(table_transfer.py). Each entry is sent twice, at once and again RESEND_AFTER
-later: the backup's conntrackd replaces an entry that exists when its own copy
-of the event arrives (external_inject.c: EEXIST, delete, create), and that copy
-can come after the first send.
+The primary's daemon listens for new-entry events of the protocols concerned
+only, and for new expectations (a BPF filter on the event socket,
+ctnetlink.event_filter: TCP and UDP never wake it). It notes each entry whose
+port or identifier was translated, and each expectation of the helpers
+[conntrackd] expectation_helpers names together with its master entry. It then
+sends each backup's daemon these as its kernel holds them at the time of
+sending (read again by their tuple: state moves on, and what ended is not
+sent): an entry or expectation as a delete and a create
+(ctnetlink.replace_requests), a master as an update of its sequence adjustment
+(ctnetlink.sequence_update_request), over the table listener's stream
+(table_transfer.py). Each is sent twice, at once and again RESEND_AFTER later:
+the backup's conntrackd replaces what exists when its own copy of the event
+arrives (external_inject.c: EEXIST, delete, create), and that copy can come
+after the first send.
 """
 
 import ctypes
@@ -105,12 +111,14 @@ class MappingListener:
                         and ctnetlink.create_request(chunk, offset, length,
                                                      self.selection) is not None):
                     requests.append(ctnetlink.get_request(chunk, offset, length))
-                elif (kind == ctnetlink.EXP_NEW
-                      and ctnetlink.expectation_class(chunk, offset, length)
-                      and helper_chosen(ctnetlink.expectation_helper(
-                          chunk, offset, length), self.helpers)):
-                    requests.append(ctnetlink.expectation_get_request(
-                        chunk, offset, length))
+                elif kind == ctnetlink.EXP_NEW and helper_chosen(
+                        ctnetlink.expectation_helper(chunk, offset, length),
+                        self.helpers):
+                    # The master first: the sequence shift of the segment that
+                    # announced the expectation, then the expectation itself.
+                    requests += [ctnetlink.master_get_request(chunk, offset, length),
+                                 ctnetlink.expectation_get_request(chunk, offset,
+                                                                   length)]
 
     def close(self):
         self.socket.close()
@@ -136,6 +144,13 @@ def current_replacements(namespace, reads, selection):
             answer = netlink.recv(RECEIVE_CHUNK)
             for offset, length, kind, _flags in ctnetlink.split_messages(answer):
                 # Else NLMSG_ERROR: ENOENT, it has ended.
+                if kind == ctnetlink.CT_NEW and not ctnetlink.port_remapped(
+                        answer, offset, length):
+                    # An expectation's master: its sequence shift, if any.
+                    update = ctnetlink.sequence_update_request(answer, offset, length)
+                    if update is not None:
+                        replacements.append(update)
+                    continue
                 if kind == ctnetlink.CT_NEW:
                     create = ctnetlink.create_request(answer, offset, length, selection)
                 elif kind == ctnetlink.EXP_NEW:

@@ -406,9 +406,12 @@ failover_opts = [
         "port or ICMP identifier source NAT remapped, for every replicated "
         "protocol but TCP and UDP (ICMP, ICMPv6, SCTP, DCCP): conntrackd 1.4.7 "
         "replicates translated ports of TCP and UDP only, and the backup's "
-        "kernel would pick another one; and each new expectation of a helper "
-        "class other than the first (a SIP call's media), which conntrackd "
-        "injects in class 0, where the kernel keeps one per call.",
+        "kernel would pick another one; and each new expectation of the "
+        "expectation_helpers, which conntrackd injects in class 0 (a SIP "
+        "call's media lost) and without what an active-mode FTP data "
+        "connection needs, together with the sequence shift the ftp helper's "
+        "rewrite of PORT gives its control connection (no conntrack event "
+        "reports it).",
     ),
     cfg.IntOpt(
         "history_size",

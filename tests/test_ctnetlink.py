@@ -436,3 +436,43 @@ def test_an_expectation_is_replaced_by_its_tuple_then_created_as_it_is():
 def test_an_event_filter_for_too_many_protocols_is_refused():
     with pytest.raises(ValueError, match="not 100"):
         ct.event_filter(set(range(100)))
+
+
+def entry_with_sequence_shift():
+    """An FTP control connection's entry after a rewritten PORT: the kernel
+    dumps its shift in CTA_SEQ_ADJ_ORIG (correction position, offsets)."""
+    entry = snat_entry(protocol=6)
+    shift = ct.nested(ct.CTA_SEQ_ADJ_ORIG, ct.attribute(1, struct.pack("!I", 1000)),
+                      ct.attribute(2, struct.pack("!I", 0)),
+                      ct.attribute(3, struct.pack("!I", 2)))
+    body = entry[ct.HEADER.size:] + shift
+    return ct.HEADER.pack(ct.HEADER.size + len(body), ct.CT_NEW, 0, 0, 0) + body
+
+
+def test_a_sequence_shift_becomes_an_update_of_the_shift_alone():
+    entry = entry_with_sequence_shift()
+    update = ct.sequence_update_request(entry, 0, len(entry))
+    assert struct.unpack_from("=HH", update, 4) == (ct.CT_NEW, ct.UPDATE_FLAGS)
+    sent = top_attributes(update)
+    original = top_attributes(entry)
+    assert sent == {ct.CTA_TUPLE_ORIG: original[ct.CTA_TUPLE_ORIG],
+                    ct.CTA_SEQ_ADJ_ORIG: original[ct.CTA_SEQ_ADJ_ORIG]}
+    assert ct.check_requests(update) == (0, 0)
+    plain = snat_entry()
+    assert ct.sequence_update_request(plain, 0, len(plain)) is None
+
+
+def test_an_update_of_anything_but_the_sequence_shift_is_refused():
+    entry = snat_entry()
+    update = ct.HEADER.pack(len(entry), ct.CT_NEW, ct.UPDATE_FLAGS, 0, 0) + entry[
+        ct.HEADER.size:]
+    with pytest.raises(ct.MalformedMessage, match="only sequence adjustments"):
+        ct.check_requests(update)
+
+
+def test_an_expectations_master_is_read_by_its_original_tuple():
+    event = expectation_event()
+    read = ct.master_get_request(event, 0, len(event))
+    assert struct.unpack_from("=HH", read, 4) == (ct.CT_GET, ct.NLM_F_REQUEST)
+    assert top_attributes(read) == {
+        ct.CTA_TUPLE_ORIG: top_attributes(event)[ct.CTA_EXPECT_MASTER]}

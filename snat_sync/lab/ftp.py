@@ -7,7 +7,7 @@
 The router gives the control connections (port 21) the kernel's ftp helper, which
 watches PASV replies and PORT commands, expects the data connection they announce
 and, with SNAT, rewrites the client's address in PORT to the gateway's. The client
-runs three sessions, each from its own address, in two phases around a failover:
+runs four sessions, each from its own address, in two phases around a failover:
 
 - running-passive, running-active: a paced download (`RETR paced-BLOCKS-MS`) that
   starts before the failover and is still running when it happens; it must arrive
@@ -15,9 +15,12 @@ runs three sessions, each from its own address, in two phases around a failover:
 - pending-passive: PASV is sent before the failover, so the primary holds the
   expectation; the data connection opens after it (on the new primary), and a
   second download then announces a fresh data connection to the new primary's
-  helper. (No active-mode session does this: see README, the helper's rewrite of
-  PORT changes the control connection's sequence numbers, which the kernel never
-  reports, so no replica knows them.)
+  helper.
+- pending-active: the same with PORT: the server opens the data connection
+  announced before the failover after it, through the new primary. The helper's
+  rewrite of PORT (the client's address to the gateway's) changes the length of
+  the control connection's segments, so the primary shifts its sequence numbers
+  from then on, and the new primary must shift them the same way.
 
 Phase one ends by writing --ready-file; phase two starts once --go-file exists.
 The server is just enough FTP for Python's ftplib: USER, PASS, TYPE, PASV, PORT,
@@ -41,7 +44,7 @@ BLOCK_SIZE = 4096
 SMALL_FILE = "paced-4-0"
 # The running downloads: 1 MB in 4 KB blocks, one every 25 ms: 6.4 s of transfer.
 RUNNING_FILE = "paced-256-25"
-SESSIONS = ("running-passive", "running-active", "pending-passive")
+SESSIONS = ("running-passive", "running-active", "pending-passive", "pending-active")
 # A surviving connection resumes at TCP's retransmission 3.0 or 6.2 s after the
 # crash; one that waits longer than this is dead.
 DATA_TIMEOUT = 10.0
@@ -265,12 +268,29 @@ def passive_connection(ftp, client_address):
     return connect
 
 
-def pending_download(ftp, transfer, connect, started):
-    """RETR over the passive data connection announced in phase one."""
+def active_connection(ftp, client_address):
+    """PORT now; returns the function that accepts the data connection the server
+    opens to it once asked to RETR."""
+    listener = socket.create_server((client_address, 0))
+    listener.settimeout(PHASE_TWO_TIMEOUT)
+    ftp.sendport(client_address, listener.getsockname()[1])
+
+    def accept():
+        with listener:
+            connection, _ = listener.accept()
+        connection.settimeout(DATA_TIMEOUT)
+        return connection
+    return accept
+
+
+def pending_download(ftp, transfer, open_data, started, passive):
+    """RETR over the data connection announced in phase one: connected to before
+    RETR (passive) or accepted after it (active)."""
     def run():
-        connection = connect()
+        connection = open_data() if passive else None
         ftp.putcmd(f"RETR {SMALL_FILE}")
         ftp.getresp()  # 150
+        connection = connection or open_data()
         finish(transfer, ftp, SMALL_FILE, read_all(connection, transfer), started)
     guarded(transfer, run)
 
@@ -294,12 +314,14 @@ def run_client(server, addresses, ready_file, go_file, go_timeout):
             transfers.append(transfer)
             threads.append(threading.Thread(target=download, args=(
                 controls[session], transfer, RUNNING_FILE, passive, started)))
-    if "pending-passive" in controls:
-        try:
-            openers["pending-passive"] = passive_connection(
-                controls["pending-passive"], sessions["pending-passive"])
-        except (OSError, EOFError, ftplib.Error, ValueError) as error:
-            failures["pending-passive"] = f"PASV: {type(error).__name__}: {error}"
+    for session, announce, command in (
+            ("pending-passive", passive_connection, "PASV"),
+            ("pending-active", active_connection, "PORT")):
+        if session in controls:
+            try:
+                openers[session] = announce(controls[session], sessions[session])
+            except (OSError, EOFError, ftplib.Error, ValueError) as error:
+                failures[session] = f"{command}: {type(error).__name__}: {error}"
     for thread in threads:
         thread.start()
     time.sleep(0.5)  # the running downloads' first blocks are under way
@@ -307,16 +329,18 @@ def run_client(server, addresses, ready_file, go_file, go_timeout):
     deadline = time.monotonic() + go_timeout
     while not pathlib.Path(go_file).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    if "pending-passive" in openers:
-        ftp = controls["pending-passive"]
+    for session, passive in (("pending-passive", True), ("pending-active", False)):
+        if session not in openers:
+            continue
+        ftp = controls[session]
         ftp.timeout = PHASE_TWO_TIMEOUT
         ftp.sock.settimeout(PHASE_TWO_TIMEOUT)
-        announced = Transfer("pending-passive", "data connection announced before")
+        announced = Transfer(session, "data connection announced before")
         transfers.append(announced)
-        pending_download(ftp, announced, openers["pending-passive"], started)
-        fresh = Transfer("pending-passive", "data connection announced after")
+        pending_download(ftp, announced, openers[session], started, passive)
+        fresh = Transfer(session, "data connection announced after")
         transfers.append(fresh)
-        download(ftp, fresh, SMALL_FILE, True, started)
+        download(ftp, fresh, SMALL_FILE, passive, started)
     for thread in threads:
         thread.join(timeout=60)
     for ftp in controls.values():

@@ -3,9 +3,10 @@ the kernel's helpers, and SCTP.
 
 One lab, one crash of the primary, flows of every kind across it:
 
-- FTP (`ftp`): two downloads running at the crash (passive and active mode), and a
-  passive session whose data connection was announced (PASV) before the crash and
-  opens after it, then a fresh PASV and download on the new primary;
+- FTP (`ftp`): two downloads running at the crash (passive and active mode), and
+  a passive and an active session whose data connection was announced (PASV,
+  PORT) before the crash and opens after it, then a fresh one and a download on
+  the new primary;
 - SIP (`sip`): a call set up before the crash, whose RTP starts after it;
 - SCTP (`sctp`): two associations from two client addresses sharing a port.
 
@@ -30,7 +31,7 @@ from snat_sync.lab import sctp
 from snat_sync.lab import sip
 from snat_sync.lab import topology as lab_module
 
-FTP_ADDRESSES = lab_module.CLIENT_ADDRESSES[:3]
+FTP_ADDRESSES = (*lab_module.CLIENT_ADDRESSES[:3], lab_module.CLIENT_ADDRESSES[6])
 SIP_ADDRESS = lab_module.CLIENT_ADDRESSES[3]
 SCTP_ADDRESSES = lab_module.CLIENT_ADDRESSES[4:6]
 # The SIP and SCTP clients run this long; the crash comes about 1 s after every
