@@ -51,12 +51,19 @@ recorded (JSON): r2's conntrackd RSS (in the table too) and the nf_conntrack sla
 (active objects x object size, a global figure: others' namespaces count too)
 before and after the idle entries were loaded, the new primary's transition steps.
 
+--burst N turns every scenario into a crash right after a burst: instead of idle
+entries loaded before the flows, N are loaded into r1 (`conntrack -R`, at full
+speed) while the flows run, --crash-after s after they start, and r1 fails the
+moment the load ends (r2's table size then is recorded): the replica is still
+behind, and the flows must survive on what it holds.
+
 A scenario that fails prints its error in its row and the run goes on.
 
     python3 bench/warm_standby.py [--idle 0,200000,1000000]
         [--failures switchover,crash] [--modes warm,cold,no-sync] [--repeat N]
         [--json FILE]
         [--crash-after 6] [--run-after-crash 10] [--extra-run-per-100k 2]
+        [--burst 1000000]
 """
 
 import argparse
@@ -177,7 +184,10 @@ def run_one(workdir, mode, idle, failure, arguments, say):
     settings = demo.ScenarioSettings(
         crash_after=arguments.crash_after, run_after_crash=run_after_crash,
         idle_entries=idle, failure=failure, snat_sync_arguments=snat_sync_arguments,
-        replication_timeout=replication_timeout(idle))
+        replication_timeout=replication_timeout(idle),
+        burst_entries=arguments.burst,
+        # conntrack -R loads some 37,000 entries a second here; twice that time.
+        burst_budget=10 + arguments.burst / 18_000 if arguments.burst else 0.0)
     prefix = f"ssb-{secrets.token_hex(3)}"
     sampler = Sampler(prefix, say)
     started = time.monotonic()
@@ -199,6 +209,8 @@ def run_one(workdir, mode, idle, failure, arguments, say):
             idle_replicated_s=result.idle_replication_seconds,
             new_primary_kernel_entries=result.new_primary_kernel_entries,
             failure_at_s=result.failure_at,
+            burst_load_s=result.burst_load_seconds,
+            backup_entries_at_failure=result.backup_entries_at_failure,
             dead_before_failure=[flow.flow_id for flow in result.dead_before_failure()],
             **transition_facts(result))
         if summary.udp_alive:
@@ -288,6 +300,9 @@ def main():
     parser.add_argument("--extra-run-per-100k", type=float, default=2.0,
                         help="seconds added to --run-after-crash per 100,000 idle "
                              "entries (default 2)")
+    parser.add_argument("--burst", type=int, default=0,
+                        help="entries loaded into r1 while the flows run, the "
+                             "failure right after the load (use with --idle 0)")
     parser.add_argument("--json", help="write every scenario's figures to this file")
     arguments = parser.parse_args()
     sizes = arguments.idle
@@ -308,7 +323,7 @@ def main():
     previous = signal.signal(signal.SIGTERM, common._raise_interrupt)
     results = []
     try:
-        with common.kernel_limits_for(max(sizes), say) as limits:
+        with common.kernel_limits_for(max(*sizes, arguments.burst), say) as limits:
             say(f"kernel limits for the run: {json.dumps(limits)}")
             for number, (mode, idle, failure) in enumerate(plan):
                 say(f"[{number + 1}/{len(plan)}] {mode}, {idle:,} idle entries, "

@@ -64,10 +64,15 @@ class ScenarioSettings:
     # "crash": r1's node dies (crash_primary); "switchover": r1's keepalived is
     # stopped, as an operator does for maintenance (switch_over).
     failure: str = "crash"
+    # A burst: idle SNAT entries loaded into r1's table while the flows run, after
+    # crash_after; the failure follows the load at once. burst_budget is how long
+    # the load may take (the flows run that much longer).
+    burst_entries: int = 0
+    burst_budget: float = 0.0
 
     @property
     def client_duration(self):
-        return self.crash_after + self.run_after_crash
+        return self.crash_after + self.burst_budget + self.run_after_crash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +88,9 @@ class ScenarioResult:
     new_primary_kernel_entries: int | None = None
     # When r1 failed, in seconds since the flows started (the flows' own clock).
     failure_at: float | None = None
+    # With a burst: how long r1's load took, and r2's table size at the failure.
+    burst_load_seconds: float | None = None
+    backup_entries_at_failure: int | None = None
 
     @property
     def last_transition(self):
@@ -309,11 +317,25 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
             say(f"{idle_loaded} idle SNAT entries loaded on r1"
                 + (f", all on r2 after {replication_seconds:.1f} s"
                    if with_snat_sync else ""))
+        r1, r2 = lab.routers[:2]
+        burst_file = burst_seconds = backup_at_failure = None
+        if settings.burst_entries:
+            burst_file = lab_module.write_idle_entries(r1, settings.burst_entries,
+                                                       workdir)
         server = start_server(lab, workdir, settings.client_duration + 10)
         client = start_client(lab, workdir, settings)
         say(f"{settings.flows} TCP + {settings.flows} UDP flows running; "
-            f"crashing r1 in {settings.crash_after:.0f} s")
+            f"crashing r1 in {settings.crash_after:.0f} s"
+            + (f", after a burst of {settings.burst_entries} entries" if burst_file
+               else ""))
         time.sleep(settings.crash_after)
+        if burst_file is not None:
+            loading = time.monotonic()
+            lab_module.load_entry_file(r1, burst_file)
+            burst_seconds = time.monotonic() - loading
+            backup_at_failure = lab_module.conntrack_count(r2)
+            say(f"burst loaded on r1 in {burst_seconds:.1f} s; r2 holds "
+                f"{backup_at_failure} entries")
         failed_at = time.time()  # the wall clock, as the client's started_at
         failover_seconds = FAILURES[settings.failure](lab)
         say(f"r1 {'crashed' if settings.failure == 'crash' else 'stepped down'}; "
@@ -342,6 +364,8 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
         idle_replication_seconds=replication_seconds,
         new_primary_kernel_entries=new_primary_kernel_entries,
         failure_at=failed_at - client_report["started_at"],
+        burst_load_seconds=burst_seconds,
+        backup_entries_at_failure=backup_at_failure,
     )
 
 

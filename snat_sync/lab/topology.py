@@ -867,11 +867,27 @@ def load_idle_entries(router, count, workdir):
     """
     if count <= 0:
         return 0
+    path = write_idle_entries(router, count, workdir)
+    before = idle_entry_count(router)
+    load_entry_file(router, path)
+    return idle_entry_count(router) - before
+
+
+def write_idle_entries(router, count, workdir):
+    """The file of `count` idle SNAT entries for router, as `conntrack -R` reads it."""
     path = pathlib.Path(workdir) / f"idle-entries-{router.name}.txt"
     path.write_text("".join(idle_entry(index) + "\n" for index in range(count)))
-    before = idle_entry_count(router)
+    return path
+
+
+def load_entry_file(router, path):
     run(["conntrack", "-R", str(path)], namespace=router.namespace, check=False)
-    return idle_entry_count(router) - before
+
+
+def conntrack_count(router):
+    """The router's kernel table size (nf_conntrack_count), read at once."""
+    return int(run(["sysctl", "-n", "net.netfilter.nf_conntrack_count"],
+                   namespace=router.namespace).stdout)
 
 
 def idle_entry_count(router):
