@@ -139,7 +139,7 @@ def measure(tcp, icmp):
             reads = listener.read()
             read_seconds = time.monotonic() - started
             started = time.monotonic()
-            replacements = mapping_sync.current_replacements(namespace, reads, selection)
+            replacements = mapping_sync.current_corrections(namespace, reads, selection)
             replace_seconds = time.monotonic() - started
         finally:
             listener.close()

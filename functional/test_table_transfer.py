@@ -293,7 +293,7 @@ def test_a_remapped_ping_replaces_the_backups_copy_with_the_primarys_mapping(lab
         create_entry(r1, 1, 78, 78)
         reads = read_soon(listener)
     assert len(reads) == 1
-    replacements = mapping_sync.current_replacements(r1.namespace, reads, selection)
+    replacements = mapping_sync.current_corrections(r1.namespace, reads, selection)
     assert len(replacements) == 1
     backup = ListeningDaemon(lab, r2, is_primary=False)
     try:
@@ -315,7 +315,7 @@ def test_an_entry_that_ended_before_the_send_is_not_sent(lab):
     assert len(reads) == 1
     lab_module.run(["conntrack", "-D", "-p", "icmp", "-s", PING_CLIENT],
                    namespace=r1.namespace)
-    assert mapping_sync.current_replacements(r1.namespace, reads, selection) == []
+    assert mapping_sync.current_corrections(r1.namespace, reads, selection) == []
 
 
 def test_the_table_transfer_carries_a_remapped_ping_identifier(lab):

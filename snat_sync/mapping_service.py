@@ -92,7 +92,7 @@ def send_to_peers(spec, files, peers, port, selection, reads):
     is the primary (run on the pool); how many peers took them."""
     if not table_service.is_primary(spec, files):
         return 0
-    requests = mapping_sync.current_replacements(spec.namespace, reads, selection)
+    requests = mapping_sync.current_corrections(spec.namespace, reads, selection)
     if not requests:
         return 0
     taken = 0

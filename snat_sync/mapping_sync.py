@@ -106,22 +106,44 @@ class MappingListener:
                             "gave the backups")
                 continue
             for offset, length, kind, _flags in ctnetlink.split_messages(chunk):
-                if (kind == ctnetlink.CT_NEW
-                        and ctnetlink.port_remapped(chunk, offset, length)
-                        and ctnetlink.create_request(chunk, offset, length,
-                                                     self.selection) is not None):
-                    requests.append(ctnetlink.get_request(chunk, offset, length))
-                elif kind == ctnetlink.EXP_NEW and helper_chosen(
-                        ctnetlink.expectation_helper(chunk, offset, length),
-                        self.helpers):
-                    # The master first: the sequence shift of the segment that
-                    # announced the expectation, then the expectation itself.
-                    requests += [ctnetlink.master_get_request(chunk, offset, length),
-                                 ctnetlink.expectation_get_request(chunk, offset,
-                                                                   length)]
+                requests += reads_for_event(chunk, offset, length, kind,
+                                            self.selection, self.helpers)
 
     def close(self):
         self.socket.close()
+
+
+def reads_for_event(data, offset, length, kind, selection, helpers):
+    """The read requests an event data[offset:offset+length] calls for: a new
+    entry whose translated port conntrackd does not carry, read again; a new
+    expectation of a chosen helper, its master (for the sequence shift of the
+    segment that announced it) then itself; nothing for the rest."""
+    if kind == ctnetlink.CT_NEW:
+        if (ctnetlink.port_remapped(data, offset, length)
+                and ctnetlink.create_request(data, offset, length, selection)
+                is not None):
+            return [ctnetlink.get_request(data, offset, length)]
+    elif kind == ctnetlink.EXP_NEW and helper_chosen(
+            ctnetlink.expectation_helper(data, offset, length), helpers):
+        return [ctnetlink.master_get_request(data, offset, length),
+                ctnetlink.expectation_get_request(data, offset, length)]
+    return []
+
+
+def correction_for(data, offset, length, kind, selection):
+    """What a backup is sent for the kernel's answer data[offset:offset+length] to
+    a read: an entry with a translated port, or an expectation, replaced whole;
+    an expectation's master, its sequence shift (None if it has none, or the
+    entry or expectation has ended: the answer is then an error)."""
+    if kind == ctnetlink.CT_NEW:
+        if not ctnetlink.port_remapped(data, offset, length):
+            return ctnetlink.sequence_update_request(data, offset, length)
+        create = ctnetlink.create_request(data, offset, length, selection)
+    elif kind == ctnetlink.EXP_NEW:
+        create = ctnetlink.expectation_create_request(data, offset, length)
+    else:
+        return None
+    return None if create is None else ctnetlink.replace_requests(create)
 
 
 def _attach_filter(netlink, program):
@@ -133,35 +155,23 @@ def _attach_filter(netlink, program):
     netlink.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-def current_replacements(namespace, reads, selection):
-    """The replace requests of the entries and expectations reads name, as the
-    namespace's kernel holds them now; those that have ended are left out."""
+def current_corrections(namespace, reads, selection):
+    """The corrections (correction_for) of the entries and expectations reads
+    name, as the namespace's kernel holds them now; those that have ended are
+    left out."""
     netlink = table_transfer.netlink_socket(namespace)
-    replacements = []
+    corrections = []
     try:
         for read in dict.fromkeys(reads):
             netlink.send(read)
             answer = netlink.recv(RECEIVE_CHUNK)
             for offset, length, kind, _flags in ctnetlink.split_messages(answer):
-                # Else NLMSG_ERROR: ENOENT, it has ended.
-                if kind == ctnetlink.CT_NEW and not ctnetlink.port_remapped(
-                        answer, offset, length):
-                    # An expectation's master: its sequence shift, if any.
-                    update = ctnetlink.sequence_update_request(answer, offset, length)
-                    if update is not None:
-                        replacements.append(update)
-                    continue
-                if kind == ctnetlink.CT_NEW:
-                    create = ctnetlink.create_request(answer, offset, length, selection)
-                elif kind == ctnetlink.EXP_NEW:
-                    create = ctnetlink.expectation_create_request(answer, offset, length)
-                else:
-                    continue
-                if create is not None:
-                    replacements.append(ctnetlink.replace_requests(create))
+                correction = correction_for(answer, offset, length, kind, selection)
+                if correction is not None:
+                    corrections.append(correction)
     finally:
         netlink.close()
-    return replacements
+    return corrections
 
 
 def send(spec, peer, port, requests):

@@ -2,8 +2,13 @@
 runs, when the entries it reports are sent and to whom, and what a sender does
 that is not the primary."""
 
-import pytest
+import struct
 
+import pytest
+from test_ctnetlink import echo_entry, entry_with_sequence_shift, expectation_event
+from test_ctnetlink import snat_entry
+
+from snat_sync import ctnetlink
 from snat_sync import mapping_service
 from snat_sync import namespace
 from snat_sync import mapping_sync
@@ -116,7 +121,7 @@ def test_peers_are_the_listed_ones_then_the_learned_ones():
 
 def test_a_node_that_is_not_the_primary_sends_nothing(tracked, monkeypatch):
     monkeypatch.setattr(table_service, "is_primary", lambda spec, files: False)
-    monkeypatch.setattr(mapping_sync, "current_replacements",
+    monkeypatch.setattr(mapping_sync, "current_corrections",
                         lambda *arguments: pytest.fail("read the table"))
     assert mapping_service.send_to_peers(SPEC, tracked.files, ("169.254.192.2",),
                                          4787, None, [b"read"]) == 0
@@ -125,7 +130,7 @@ def test_a_node_that_is_not_the_primary_sends_nothing(tracked, monkeypatch):
 def test_a_peer_that_refuses_is_logged_and_the_others_still_get_them(
         tracked, monkeypatch, caplog):
     monkeypatch.setattr(table_service, "is_primary", lambda spec, files: True)
-    monkeypatch.setattr(mapping_sync, "current_replacements",
+    monkeypatch.setattr(mapping_sync, "current_corrections",
                         lambda namespace, reads, selection: [b"replace"])
     sent = []
 
@@ -141,3 +146,51 @@ def test_a_peer_that_refuses_is_logged_and_the_others_still_get_them(
         [b"read"]) == 1
     assert sent == [("169.254.192.3", 4787, [b"replace"])]
     assert "wrongly not sent to 169.254.192.2: refused" in caplog.text
+
+
+# -- what an event calls for, and what a backup is sent (mapping_sync) --------------
+
+SELECTION = ctnetlink.Selection.of(["TCP", "UDP", "ICMP", "SCTP"], ["127.0.0.0/8"])
+
+
+def answer(message):
+    """A message as the kernel's answer to a read (no NLM_F_MULTI)."""
+    return message[:6] + b"\0\0" + message[8:]
+
+
+def test_a_remapped_ping_is_read_again_and_an_unremapped_one_is_not():
+    remapped, plain = echo_entry(77, 1077), echo_entry(78, 78)
+    assert mapping_sync.reads_for_event(remapped, 0, len(remapped), ctnetlink.CT_NEW,
+                                        SELECTION, ["all"]) == [
+        ctnetlink.get_request(remapped, 0, len(remapped))]
+    assert mapping_sync.reads_for_event(plain, 0, len(plain), ctnetlink.CT_NEW,
+                                        SELECTION, ["all"]) == []
+
+
+def test_an_expectation_calls_for_its_master_then_itself_if_its_helper_is_synced():
+    event = expectation_event(b"ftp", 0)
+    assert mapping_sync.reads_for_event(event, 0, len(event), ctnetlink.EXP_NEW,
+                                        SELECTION, ["all"]) == [
+        ctnetlink.master_get_request(event, 0, len(event)),
+        ctnetlink.expectation_get_request(event, 0, len(event))]
+    assert mapping_sync.reads_for_event(event, 0, len(event), ctnetlink.EXP_NEW,
+                                        SELECTION, ["sip"]) == []
+
+
+def test_the_backup_gets_replacements_and_sequence_shifts_and_nothing_else():
+    remapped = answer(echo_entry(77, 1077))
+    master = answer(entry_with_sequence_shift())
+    unshifted = answer(snat_entry())
+    expectation = answer(expectation_event())
+
+    def correction(data):
+        kind = struct.unpack_from("=H", data, 4)[0]
+        return mapping_sync.correction_for(data, 0, len(data), kind, SELECTION)
+
+    assert ctnetlink.check_requests(correction(remapped)) == (1, 1)
+    assert correction(master) == ctnetlink.sequence_update_request(master, 0,
+                                                                   len(master))
+    assert correction(unshifted) is None
+    assert ctnetlink.check_requests(correction(expectation)) == (1, 1)
+    ended = ctnetlink.message(ctnetlink.NLMSG_ERROR, 0, struct.pack("=i", -2) + b"\0" * 16)
+    assert correction(ended) is None
