@@ -1,8 +1,9 @@
 """The daemon's mapping service (mapping_sync.py): one filtered new-entry event
 socket per router, in the router's namespace, polled in the daemon's selector.
-The entries it reports are read again and sent to the router's peers on the
-thread pool, once at once and once RESEND_AFTER later, while this node is the
-primary (table_service.is_primary). Like the table listener, the socket follows its
+On the primary (table_service.is_primary) the entries it reports are read again
+and sent to the router's peers on the thread pool, once at once and once
+RESEND_AFTER later; on a backup its events (of what its conntrackd injects) are
+drained unread. Like the table listener, the socket follows its
 namespace, and it runs only where the table listener does: a warm standby with
 table transfer, whose backups take the mappings on that listener.
 """
@@ -54,8 +55,12 @@ class MappingService:
         tracked.mapping_sends = []
 
     def on_event(self, router_id, tracked):
+        """Note what the events call for, on the primary; a backup's events are
+        of the entries its own conntrackd injects (many, on a busy router), and
+        are drained without being parsed."""
         try:
-            reads = tracked.mapping_listener.read()
+            primary = table_service.is_primary(tracked.spec, tracked.files)
+            reads = tracked.mapping_listener.read(wanted=primary)
         except Exception as error:  # netlink errors, or a message we cannot read
             LOG.error("router %s: reading new-entry events failed: %s", router_id,
                       error)

@@ -87,11 +87,12 @@ class MappingListener:
     def fileno(self):
         return self.socket.fileno()
 
-    def read(self):
+    def read(self, wanted=True):
         """The read requests of the new entries waiting whose translated port
-        conntrackd does not carry, and of the new expectations it would inject
-        in the wrong class. Lost events (the socket overran) are logged: those
-        keep what conntrackd gives the backups."""
+        conntrackd does not carry, and of the new expectations. Lost events (the
+        socket overran) are logged: those keep what conntrackd gives the
+        backups. Not wanted (this node is not the primary, and the events are of
+        what its conntrackd injected), they are drained unread."""
         requests = []
         while True:
             try:
@@ -101,9 +102,12 @@ class MappingListener:
             except OSError as error:
                 if error.errno != errno.ENOBUFS:
                     raise
-                LOG.warning("new-entry events were lost (the event socket overran): "
-                            "some entries and expectations keep what conntrackd "
-                            "gave the backups")
+                if wanted:
+                    LOG.warning("new-entry events were lost (the event socket "
+                                "overran): some entries and expectations keep what "
+                                "conntrackd gave the backups")
+                continue
+            if not wanted:
                 continue
             for offset, length, kind, _flags in ctnetlink.split_messages(chunk):
                 requests += reads_for_event(chunk, offset, length, kind,

@@ -26,9 +26,14 @@ class FakeListener:
 
     def __init__(self, batches):
         self.batches = list(batches)
+        self.unread = 0
 
-    def read(self):
-        return self.batches.pop(0)
+    def read(self, wanted=True):
+        batch = self.batches.pop(0)
+        if wanted:
+            return batch
+        self.unread += len(batch)
+        return []
 
     def fileno(self):
         return 99
@@ -95,7 +100,17 @@ def test_with_the_defaults_the_listener_is_opened(conf, tracked, monkeypatch):
     assert (tracked.mapping_listener, tracked.mapping_namespace) == ("listener", 1)
 
 
-def test_each_entry_is_sent_at_once_and_again_later(service, tracked, conf):
+def test_a_backups_events_are_drained_unread(service, tracked, monkeypatch):
+    monkeypatch.setattr(table_service, "is_primary", lambda spec, files: False)
+    tracked.mapping_listener = FakeListener([[b"read-a"]])
+    service.on_event("r1", tracked)
+    assert tracked.mapping_listener.unread == 1
+    assert tracked.mapping_sends == []
+
+
+def test_each_entry_is_sent_at_once_and_again_later(service, tracked, conf,
+                                                    monkeypatch):
+    monkeypatch.setattr(table_service, "is_primary", lambda spec, files: True)
     tracked.mapping_listener = FakeListener([[b"read-a", b"read-b"], []])
     service.on_event("r1", tracked)
     service.on_event("r1", tracked)  # nothing new
