@@ -181,21 +181,10 @@ def current_corrections(namespace, reads, selection):
 def send(spec, peer, port, requests):
     """Put the entries of requests in place on the backup whose daemon is at
     peer:port; TransferFailed if it refused or did not confirm."""
-    stream = table_transfer.stream_socket(spec)
-    try:
-        stream.settimeout(table_transfer.CONNECT_TIMEOUT)
-        stream.bind((str(spec.local_address), 0))
-        stream.connect((peer, port))
-        stream.settimeout(table_transfer.IDLE_TIMEOUT)
-        stream.sendall(f"{table_transfer.MAPPINGS_GREETING} {spec.router_id}\n".encode())
-        reader = table_transfer.Reader(stream)
-        answer = reader.line()
-        if answer != "OK":
-            raise table_transfer.TransferFailed(f"refused: {answer}")
-        table_transfer.send_frames(stream, requests)
-        stream.sendall(table_transfer.FRAME.pack(0))
+    with table_transfer.open_session(spec, peer, port,
+                                     table_transfer.MAPPINGS_GREETING) as reader:
+        table_transfer.send_frames(reader.stream, requests)
+        reader.stream.sendall(table_transfer.FRAME.pack(0))
         answer = reader.line()
         if answer != "DONE":
             raise table_transfer.TransferFailed(f"not confirmed: {answer}")
-    finally:
-        stream.close()

@@ -151,17 +151,23 @@ def fetch(spec, peer, port):
                           round(time.monotonic() - started, 3))
 
 
-@contextlib.contextmanager
 def open_stream(spec, peer, port):
     """The table stream from the daemon at peer:port, once it said OK, as a
     Reader; TransferFailed if it refused."""
+    return open_session(spec, peer, port, GREETING)
+
+
+@contextlib.contextmanager
+def open_session(spec, peer, port, greeting):
+    """A stream to the daemon at peer:port that answered OK to greeting (for this
+    router), as a Reader (its socket: .stream); TransferFailed if it refused."""
     stream = stream_socket(spec)
     try:
         stream.settimeout(CONNECT_TIMEOUT)
         stream.bind((str(spec.local_address), 0))
         stream.connect((peer, port))
         stream.settimeout(IDLE_TIMEOUT)
-        stream.sendall(f"{GREETING} {spec.router_id}\n".encode())
+        stream.sendall(f"{greeting} {spec.router_id}\n".encode())
         reader = Reader(stream)
         answer = reader.line()
         if answer != "OK":
