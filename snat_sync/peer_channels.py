@@ -27,20 +27,14 @@ class PeerChannels:
 
     def ensure(self, router_id, tracked, spec):
         """Open the router's channel in its namespace as it is now, if need be."""
-        inode = namespace.namespace_inode(spec.namespace)
-        if (tracked.channel is not None and tracked.channel_namespace == inode
-                and not _interface_replaced(tracked.channel, spec)):
-            return
-        self.close(tracked)
-        if inode is None:
-            return
+        if tracked.channel is not None and _interface_replaced(tracked.channel, spec):
+            self.close(tracked)
         port = reports_module.report_port(self.conf.health.base_port, spec.vrid)
-        channel = namespace_sockets.open_registered(
-            self.selector, "report", router_id,
+        tracked.channel, tracked.channel_namespace = namespace_sockets.follow_namespace(
+            self.selector, "report", router_id, spec.namespace,
+            (tracked.channel, tracked.channel_namespace),
             f"the report socket on {spec.local_address} port {port} in namespace "
             f"{spec.namespace}", lambda: self._open(spec, port))
-        if channel is not None:
-            tracked.channel, tracked.channel_namespace = channel, inode
 
     def _open(self, spec, port):
         link = None if spec.peer_addresses else namespace.ha_link(spec)
