@@ -15,6 +15,7 @@ from snat_sync import mapping_sync
 from snat_sync import namespace_sockets
 from snat_sync import reports as reports_module
 from snat_sync import table_service
+from snat_sync import table_transfer
 
 # The daemon's rooms log as the daemon did before it was split into them.
 LOG = logging.getLogger("snat_sync.daemon")
@@ -33,10 +34,9 @@ class MappingService:
 
     def ensure(self, router_id, tracked, spec):
         """Listen in the router's namespace as it is now, if need be."""
-        failover = self.conf.failover
         conntrackd = self.conf.conntrackd
         followed = mapping_sync.protocols_to_follow(conntrackd.protocols)
-        if not (failover.table_transfer and failover.standby_mode == "warm"
+        if not (table_transfer.in_use(self.conf)
                 and (followed or conntrackd.expectation_helpers)):
             self.close(tracked)
             return
@@ -104,7 +104,7 @@ def send_to_peers(spec, files, peers, port, selection, reads):
     for peer in peers:
         try:
             mapping_sync.send(spec, peer, port, requests)
-        except (mapping_sync.table_transfer.TransferFailed, OSError) as error:
+        except (table_transfer.TransferFailed, OSError) as error:
             LOG.warning("router %s: %d entries or expectations that conntrackd "
                         "replicates wrongly not sent to %s: %s", spec.router_id,
                         len(requests), peer, error)

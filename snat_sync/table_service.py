@@ -40,7 +40,7 @@ class TableService:
 
     def ensure(self, router_id, tracked, spec):
         """Listen in the router's namespace as it is now, if need be."""
-        if not self.conf.failover.table_transfer or self.conf.failover.standby_mode != "warm":
+        if not table_transfer.in_use(self.conf):
             self.close(tracked)
             return
         port = reports_module.report_port(self.conf.health.base_port, spec.vrid)

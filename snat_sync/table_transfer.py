@@ -95,10 +95,17 @@ class TransferResult:
 # -- the backup's side -------------------------------------------------------------
 
 
+def in_use(options):
+    """Whether the nodes' daemons transfer tables (and so take the primary's
+    corrections, mapping_sync.py): warm standby with [failover] table_transfer.
+    A cold backup's replica belongs in conntrackd's cache."""
+    return options.failover.table_transfer and options.failover.standby_mode == "warm"
+
+
 def request_table(daemon, options, resync_request):
     """A warm backup's resync: the primary's table loaded from its daemon, or, when
     none delivers it whole, conntrackd's resync request (resync_request, -n)."""
-    if not (options.failover.table_transfer and options.failover.standby_mode == "warm"):
+    if not in_use(options):
         daemon.control(*resync_request, timeout=options.conntrackd.control_timeout)
         return None
     router_id = daemon.files.directory.name
