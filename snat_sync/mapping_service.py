@@ -57,9 +57,12 @@ class MappingService:
     def on_event(self, router_id, tracked):
         """Note what the events call for, on the primary; a backup's events are
         of the entries its own conntrackd injects (many, on a busy router), and
-        are drained without being parsed."""
+        are drained without being parsed. This runs in the daemon's loop, so the
+        role comes from the last transition's record, not from a netlink request
+        in the namespace; the send (send_to_peers, on the pool) asks the
+        namespace before anything leaves."""
         try:
-            primary = table_service.is_primary(tracked.spec, tracked.files)
+            primary = table_service.became_primary(tracked.files)
             reads = tracked.mapping_listener.read(wanted=primary)
         except Exception as error:  # netlink errors, or a message we cannot read
             LOG.error("router %s: reading new-entry events failed: %s", router_id,

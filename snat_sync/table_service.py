@@ -90,5 +90,11 @@ def is_primary(spec, files):
     if spec.primary_address is not None:
         return bool(namespace.holds_address(spec.namespace, spec.ha_interface,
                                             spec.primary_address))
+    return became_primary(files)
+
+
+def became_primary(files):
+    """Whether the router's last transition was to primary and succeeded: read
+    from its record, without asking the namespace."""
     record = statedir.read_json(files.last_transition) or {}
     return record.get("role") == Role.PRIMARY.value and record.get("outcome") == "done"

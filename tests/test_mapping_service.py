@@ -101,7 +101,7 @@ def test_with_the_defaults_the_listener_is_opened(conf, tracked, monkeypatch):
 
 
 def test_a_backups_events_are_drained_unread(service, tracked, monkeypatch):
-    monkeypatch.setattr(table_service, "is_primary", lambda spec, files: False)
+    monkeypatch.setattr(table_service, "became_primary", lambda files: False)
     tracked.mapping_listener = FakeListener([[b"read-a"]])
     service.on_event("r1", tracked)
     assert tracked.mapping_listener.unread == 1
@@ -110,7 +110,7 @@ def test_a_backups_events_are_drained_unread(service, tracked, monkeypatch):
 
 def test_each_entry_is_sent_at_once_and_again_later(service, tracked, conf,
                                                     monkeypatch):
-    monkeypatch.setattr(table_service, "is_primary", lambda spec, files: True)
+    monkeypatch.setattr(table_service, "became_primary", lambda files: True)
     tracked.mapping_listener = FakeListener([[b"read-a", b"read-b"], []])
     service.on_event("r1", tracked)
     service.on_event("r1", tracked)  # nothing new
