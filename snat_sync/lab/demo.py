@@ -333,7 +333,7 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
             loading = time.monotonic()
             lab_module.load_entry_file(r1, burst_file)
             burst_seconds = time.monotonic() - loading
-            backup_at_failure = lab_module.conntrack_count(r2)
+            backup_at_failure = lab_module.kernel_entry_count(r2)
             say(f"burst loaded on r1 in {burst_seconds:.1f} s; r2 holds "
                 f"{backup_at_failure} entries")
         failed_at = time.time()  # the wall clock, as the client's started_at
@@ -345,13 +345,13 @@ def run_scenario(workdir, with_snat_sync, settings=ScenarioSettings(), prefix=No
         stop_server(server, workdir / "server.log")
         new_primary_status = new_primary_kernel_entries = None
         if with_snat_sync:
-            r2_state = node_state_path(workdir, lab.routers[1])
+            r2_state = node_state_path(workdir, r2)
             # The takeover reads the table into conntrackd's cache (-R): about
             # 1 s per 100,000 entries, after the data plane is live.
             wait_for_role(r2_state, lab.router_id, "primary",
                           timeout=15 + settings.idle_entries / 20_000)
             new_primary_status = lab_module.snat_sync_status(r2_state, lab.router_id)[0]
-            new_primary_kernel_entries = lab_module.kernel_entry_count(lab.routers[1])
+            new_primary_kernel_entries = lab_module.kernel_entry_count(r2)
     results, client_report = read_flow_results(workdir)
     return ScenarioResult(
         name=scenario_name(with_snat_sync),

@@ -884,12 +884,6 @@ def load_entry_file(router, path):
     run(["conntrack", "-R", str(path)], namespace=router.namespace, check=False)
 
 
-def conntrack_count(router):
-    """The router's kernel table size (nf_conntrack_count), read at once."""
-    return int(run(["sysctl", "-n", "net.netfilter.nf_conntrack_count"],
-                   namespace=router.namespace).stdout)
-
-
 def idle_entry_count(router):
     """How many idle entries (see idle_entry) the router's kernel table holds."""
     listed = run(["conntrack", "-L", "-s", IDLE_CLIENT_NETWORK],
