@@ -73,7 +73,6 @@ HEADER = struct.Struct("=IHHII")
 ATTRIBUTE = struct.Struct("=HH")
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "ICMP": 1, "IPv6-ICMP": 58, "SCTP": 132,
                     "DCCP": 33, "UDPLITE": 136, "GRE": 47}
-ICMP_PROTOCOLS = frozenset({1, 58})
 # The protocols whose translated port conntrackd 1.4.7 replicates: its sync
 # messages carry NAT ports for TCP and UDP only (src/build.c), so the backup's
 # kernel picks a port (an ICMP identifier) of its own for a remapped entry of
@@ -384,17 +383,6 @@ def replace_requests(create):
         return _first_attribute_request(EXP_DELETE, DELETE_FLAGS, CTA_EXPECT_TUPLE,
                                         create, 0, len(create)) + create
     return delete_request(create, 0, len(create)) + create
-
-
-def expectation_class(data, offset, length):
-    """The class of the expectation (event or dump) data[offset:offset+length]:
-    conntrackd 1.4.7's injection creates every expectation in class 0, so a
-    helper's other classes (SIP's media) are lost on the backup, where the
-    kernel keeps but one expectation of class 0 per call."""
-    found = _attributes(data, offset + HEADER.size + 4, offset + length)
-    if CTA_EXPECT_CLASS not in found:
-        return 0
-    return int.from_bytes(data[slice(*found[CTA_EXPECT_CLASS])], "big")
 
 
 def expectation_helper(data, offset, length):

@@ -409,12 +409,9 @@ def test_every_expectation_event_passes_the_filter_whatever_its_protocol():
     assert run_classic_bpf(ct.event_filter(set()), echo_entry(77, 1077)) == 0
 
 
-def test_an_expectation_tells_its_class_and_helper():
+def test_an_expectation_tells_its_helper():
     event = expectation_event(b"sip", 1)
-    assert ct.expectation_class(event, 0, len(event)) == 1
     assert ct.expectation_helper(event, 0, len(event)) == "sip"
-    ftp = expectation_event(b"ftp", 0)
-    assert ct.expectation_class(ftp, 0, len(ftp)) == 0
 
 
 def test_an_expectation_is_replaced_by_its_tuple_then_created_as_it_is():
