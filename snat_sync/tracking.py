@@ -40,7 +40,7 @@ class Tracked:
     table_namespace: int | None = None
     mapping_listener: object = None
     mapping_namespace: int | None = None
-    # (when, [replace requests]): the mapping service's sends still to come
+    # (when, [read requests]): the mapping service's sends still to come
     mapping_sends: list = dataclasses.field(default_factory=list)
     peer_reports: dict = dataclasses.field(default_factory=dict)
     health: health_check.HealthState = health_check.HealthState()
