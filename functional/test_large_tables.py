@@ -29,10 +29,10 @@ LIVE_FLOWS = 16
 IDLE_CLIENT_PREFIX = "src=10.200.0."  # lab_module.idle_entry's client addresses
 
 
-def standby_config(tmp_path, standby_mode):
+def standby_config(tmp_path, standby_mode, extra=""):
     config = tmp_path / f"{standby_mode}.conf"
     config.write_text(f"[failover]\nstandby_mode = {standby_mode}\n"
-                      "[metrics]\nlisten_port = 0\n")
+                      "[metrics]\nlisten_port = 0\n" + extra)
     config.chmod(0o600)
     return config
 
@@ -83,9 +83,12 @@ def test_events_lost_on_the_primary_still_replicate(lab, tmp_path, state_paths,
     must fit its resend queue: r2 ends up with every entry, in its replica where
     its standby mode keeps it (warm: its kernel table; cold: its external cache).
 
-    That the overrun happened is asserted first (conntrackd's own netlink counters):
-    with a larger event buffer this would be a plain replication test."""
-    config = standby_config(tmp_path, standby_mode)
+    That the overrun happened is asserted first (conntrackd's own netlink counters).
+    The buffer is set to 64 MB (about 52,000 events): the default, 512 MB, holds
+    all 200,000 events and this would be a plain replication test."""
+    config = standby_config(tmp_path, standby_mode,
+                            "[conntrackd]\nnetlink_buffer_size = 67108864\n"
+                            "netlink_buffer_max_size = 134217728\n")
     demo.start_routers(lab, tmp_path, True, demo.ScenarioSettings(
         snat_sync_arguments=("--config-file", str(config))))
     r1 = lab.routers[0]
