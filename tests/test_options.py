@@ -24,7 +24,7 @@ def test_defaults(conf, state_path):
     assert conf.conntrackd.protocols == ["TCP", "UDP", "ICMP", "IPv6-ICMP", "SCTP",
                                          "DCCP"]
     assert conf.conntrackd.expectation_helpers == ["all"]
-    assert conf.conntrackd.hash_size == 12289
+    assert conf.conntrackd.hash_size == 65536
     assert conf.conntrackd.hash_limit == 0
     assert conf.conntrackd.scheduler == "other"
     assert conf.failover.resync_on_backup is True
@@ -204,5 +204,5 @@ def test_sample_config_is_up_to_date(tmp_path):
     assert output.read_text() == committed, (
         "etc/snat-sync.conf.sample is stale; regenerate it with: oslo-config-generator "
         "--config-file etc/oslo-config-generator/snat-sync.conf")
-    assert "[conntrackd]" in committed and "#hash_size = 12289" in committed
+    assert "[conntrackd]" in committed and "#hash_size = 65536" in committed
     assert "#reset_window_guard = true" in committed

@@ -245,14 +245,14 @@ def test_hash_limit_is_at_least_twice_nf_conntrack_max(
                                  NamespaceFacts(HA_NETWORK, nf_conntrack_max))
     general = parse_blocks(text)["General"]["_lines"]
     assert f"HashLimit {expected}" in general
-    assert "HashSize 12289" in general
+    assert "HashSize 65536" in general
 
 
 def test_hash_size_comes_from_the_options(make_conf, write_config):
     conf = make_conf(write_config("[conntrackd]\nhash_size = 32768\n"))
     general = parse_blocks(render_config(conf, make_spec())[0])["General"]["_lines"]
     assert "HashSize 32768" in general
-    assert "HashSize 12289" not in general
+    assert "HashSize 65536" not in general
 
 
 def test_no_scheduler_section_by_default(conf):
