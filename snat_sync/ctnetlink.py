@@ -364,15 +364,24 @@ def port_remapped(data, offset, length):
     """Whether the entry data[offset:offset+length] (dumped, or a new-entry event)
     has a translated port or ICMP identifier that conntrackd's replication does
     not carry (NAT_PORTS_REPLICATED)."""
+    return remapped_original(data, offset, length) is not None
+
+
+def remapped_original(data, offset, length):
+    """The original tuple of the entry data[offset:offset+length] if its port or
+    ICMP identifier was translated and conntrackd's replication does not carry
+    it (port_remapped), else None."""
     found = _attributes(data, offset + HEADER.size + 4, offset + length)
     if CTA_TUPLE_ORIG not in found or CTA_TUPLE_REPLY not in found:
         raise MalformedMessage("entry without both tuples")
     original = endpoints(data, *found[CTA_TUPLE_ORIG])
     if original.protocol in NAT_PORTS_REPLICATED:
-        return False
+        return None
     reply = endpoints(data, *found[CTA_TUPLE_REPLY])
-    return (reply.destination_port, reply.source_port, reply.identifier) != (
-        original.source_port, original.destination_port, original.identifier)
+    if (reply.destination_port, reply.source_port, reply.identifier) == (
+            original.source_port, original.destination_port, original.identifier):
+        return None
+    return original
 
 
 def replace_requests(create):
@@ -521,7 +530,7 @@ def check_requests(data):
         elif kind in (CT_DELETE, EXP_DELETE) and flags == DELETE_FLAGS:
             deletes += 1
         elif kind == CT_NEW and flags == UPDATE_FLAGS:
-            updated = {kind for kind, _ in _attribute_list(
+            updated = {attribute_kind for attribute_kind, _ in _attribute_list(
                 data, offset + HEADER.size + 4, offset + length)}
             if not updated <= SEQUENCE_UPDATE_ATTRIBUTES:
                 raise MalformedMessage(

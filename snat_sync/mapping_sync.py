@@ -53,9 +53,8 @@ RECEIVE_CHUNK = 1 << 16
 def protocols_to_follow(protocol_names):
     """The protocol numbers of [conntrackd] protocols whose translated port
     conntrackd does not replicate."""
-    return frozenset(ctnetlink.PROTOCOL_NUMBERS[name] for name in protocol_names
-                     if ctnetlink.PROTOCOL_NUMBERS[name]
-                     not in ctnetlink.NAT_PORTS_REPLICATED)
+    return (frozenset(ctnetlink.PROTOCOL_NUMBERS[name] for name in protocol_names)
+            - ctnetlink.NAT_PORTS_REPLICATED)
 
 
 def helper_chosen(helper, helpers):
@@ -123,9 +122,8 @@ def reads_for_event(data, offset, length, kind, selection, helpers):
     expectation of a chosen helper, its master (for the sequence shift of the
     segment that announced it) then itself; nothing for the rest."""
     if kind == ctnetlink.CT_NEW:
-        if (ctnetlink.port_remapped(data, offset, length)
-                and ctnetlink.create_request(data, offset, length, selection)
-                is not None):
+        original = ctnetlink.remapped_original(data, offset, length)
+        if original is not None and selection.accepts(original):
             return [ctnetlink.get_request(data, offset, length)]
     elif kind == ctnetlink.EXP_NEW and helper_chosen(
             ctnetlink.expectation_helper(data, offset, length), helpers):
