@@ -45,6 +45,9 @@ SMALL_FILE = "paced-4-0"
 # The running downloads: 1 MB in 4 KB blocks, one every 25 ms: 6.4 s of transfer.
 RUNNING_FILE = "paced-256-25"
 SESSIONS = ("running-passive", "running-active", "pending-passive", "pending-active")
+# The sessions whose data connection is announced before the failover, and
+# whether in passive mode.
+PENDING_SESSIONS = (("pending-passive", True), ("pending-active", False))
 # A surviving connection resumes at TCP's retransmission 3.0 or 6.2 s after the
 # crash; one that waits longer than this is dead.
 DATA_TIMEOUT = 10.0
@@ -314,9 +317,9 @@ def run_client(server, addresses, ready_file, go_file, go_timeout):
             transfers.append(transfer)
             threads.append(threading.Thread(target=download, args=(
                 controls[session], transfer, RUNNING_FILE, passive, started)))
-    for session, announce, command in (
-            ("pending-passive", passive_connection, "PASV"),
-            ("pending-active", active_connection, "PORT")):
+    for session, passive in PENDING_SESSIONS:
+        announce, command = ((passive_connection, "PASV") if passive
+                             else (active_connection, "PORT"))
         if session in controls:
             try:
                 openers[session] = announce(controls[session], sessions[session])
@@ -329,7 +332,7 @@ def run_client(server, addresses, ready_file, go_file, go_timeout):
     deadline = time.monotonic() + go_timeout
     while not pathlib.Path(go_file).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    for session, passive in (("pending-passive", True), ("pending-active", False)):
+    for session, passive in PENDING_SESSIONS:
         if session not in openers:
             continue
         ftp = controls[session]
